@@ -1,0 +1,31 @@
+# Development entry points. `make demo` and `make test` are the README's quick start.
+#
+# The virtual environment installs torch through constraints/cpu.txt so a CPU machine
+# gets the CPU wheel; on a GPU machine pass TORCH_CONSTRAINTS=/dev/null (or your own
+# pin) to keep the CUDA build you already have.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_CONSTRAINTS ?= constraints/cpu.txt
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.zeroplan-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2
+	$(BIN)/zeroplan validate examples/zero3_bf16.yaml --world-size 4 --set train_micro_batch_size_per_gpu=2
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,1 @@
+"""Optuna search over short profiled runs of the real runtime, one subprocess per trial."""

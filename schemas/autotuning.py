@@ -1,0 +1,124 @@
+"""`autotuning` block: zeroplan's search settings and per-knob ranges.
+
+A knob is a dotted config key the tuner may choose. It becomes a search dimension when the
+config gives it as "auto", or when `autotuning.space` gives it a range:
+
+    "space": {"zero_optimization.stage": {"choices": [1, 2, 3]},
+              "train_micro_batch_size_per_gpu": {"low": 1, "high": 64, "log": true}}
+"""
+
+from typing import Any
+
+from pydantic import model_validator
+
+from .errors import Problem, raise_problems
+from .types import Flag, Positive, StrictModel, choice, count, real
+
+TUNABLE: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "int",
+    "gradient_accumulation_steps": "int",
+    "zero_optimization.stage": "int",
+    "zero_optimization.offload_optimizer.device": "device",
+    "zero_optimization.offload_param.device": "device",
+    "zero_optimization.reduce_bucket_size": "int",
+    "zero_optimization.allgather_bucket_size": "int",
+    "zero_optimization.stage3_prefetch_bucket_size": "int",
+    "zero_optimization.overlap_comm": "bool",
+    "parallel.dp": "int",
+    "parallel.tp": "int",
+    "parallel.pp": "int",
+}
+"""Knobs the tuner can search, by dotted key, with the kind of value each takes."""
+
+_DEVICES = {"none", "cpu", "nvme"}
+
+
+class KnobRange(StrictModel):
+    """Either `choices` or an interval `low`..`high` (optionally log-spaced, or stepped)."""
+
+    choices: list[Any] | None = None
+    low: real() | None = None
+    high: real() | None = None
+    log: Flag = False
+    step: real(gt=0) | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "KnobRange":
+        problems = []
+        has_interval = self.low is not None or self.high is not None
+        if self.choices is not None and has_interval:
+            problems.append(Problem("", "give either choices or low/high, not both"))
+        elif self.choices is not None and not self.choices:
+            problems.append(Problem("choices", "must list at least one value", given=[]))
+        elif self.choices is None and (self.low is None or self.high is None):
+            problems.append(Problem("", "needs choices, or both low and high"))
+        elif self.choices is None and self.low > self.high:
+            problems.append(Problem("low", f"low ({self.low:g}) > high ({self.high:g})", given=self.low))
+        elif self.log and self.choices is None and self.low <= 0:
+            problems.append(Problem("low", "a log range needs low > 0", given=self.low))
+        raise_problems(problems)
+        return self
+
+
+def _knob_problems(path: str, kind: str, knob: KnobRange) -> list[Problem]:
+    where = f"space.{path}"
+    if kind == "bool":
+        if knob.choices is None or any(not isinstance(c, bool) for c in knob.choices):
+            return [Problem(where, "takes choices of true/false", given=knob.choices)]
+    elif kind == "device":
+        if knob.choices is None or any(c not in _DEVICES for c in knob.choices):
+            return [Problem(where, "takes choices among 'none', 'cpu', 'nvme'", given=knob.choices)]
+    elif knob.choices is not None:
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in knob.choices):
+            return [Problem(where, "takes choices of non-negative integers", given=knob.choices)]
+    elif knob.low != int(knob.low) or knob.high != int(knob.high) or knob.low < 0:
+        return [Problem(where, "takes integer bounds >= 0", given=[knob.low, knob.high])]
+    return []
+
+
+class AutotuningConfig(StrictModel):
+    enabled: Flag = False
+    """Informational: `zeroplan autotune` tunes whether or not this is set."""
+    metric: choice("throughput", "latency", "memory") = "throughput"
+    """What the tuner optimises: samples/s (max), step time (min) or peak memory (min)."""
+    max_trials: Positive = 20
+    """Trials to run at most (pruned and skipped trials count)."""
+    time_budget_s: real(gt=0) | None = None
+    """Wall-clock budget in seconds for the whole study; None means no limit."""
+    warmup_steps: count(ge=0) = 2
+    """Steps run before timing starts in each trial."""
+    measured_steps: Positive = 5
+    """Timed steps per trial."""
+    trial_timeout_s: real(gt=0) = 600.0
+    """A trial running longer than this is killed and recorded as failed."""
+    sampler: choice("tpe", "random", "grid") = "tpe"
+    """Optuna sampler."""
+    pruner: choice("median", "hyperband", "none") = "median"
+    """Optuna pruner that stops hopeless trials from their reported step times."""
+    storage: str | None = None
+    """Optuna storage URL; None means a SQLite file in results_dir (shared DBs scale out)."""
+    study_name: str | None = None
+    """Study name; None derives one from the config hash."""
+    results_dir: str = "autotuning_results"
+    """Directory for the study database, trial logs and the best plan."""
+    overwrite: Flag = False
+    """Start a fresh study instead of resuming one of the same name."""
+    memory_safety_margin: real(ge=0, le=0.9) = 0.1
+    """Fraction of device memory the memory model must leave free for a candidate to run."""
+    seed: count(ge=0) | None = None
+    """Sampler seed, for reproducible searches."""
+    space: dict[str, KnobRange] = {}
+    """Ranges by dotted knob key; see `TUNABLE` for the knobs."""
+
+    @model_validator(mode="after")
+    def _knobs(self) -> "AutotuningConfig":
+        problems = []
+        for path, knob in self.space.items():
+            kind = TUNABLE.get(path)
+            if kind is None:
+                problems.append(Problem(f"space.{path}", "is not a tunable knob",
+                                        suggestion="tunable: " + ", ".join(TUNABLE)))
+            else:
+                problems += _knob_problems(path, kind, knob)
+        raise_problems(problems)
+        return self

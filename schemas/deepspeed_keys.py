@@ -1,0 +1,149 @@
+"""DeepSpeed keys zeroplan accepts without using, and deprecated keys it remaps.
+
+Real `ds_config.json` files carry blocks for features zeroplan does not implement
+(compression, elasticity, ...). Rejecting them would make those files unusable, and
+ignoring them silently is what DeepSpeed does with typos. So they are named here, removed
+before validation, and each produces one notice. Anything not named here and not in the
+schema is an error.
+
+Deprecated spellings (`cpu_offload`, `bfloat16`, ...) are rewritten to the current keys
+with a notice; when both spellings are given, that is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .errors import Problem
+
+RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
+    (): frozenset({
+        "amp", "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+        "dump_state", "memory_breakdown", "seq_parallel_communication_data_type", "sparse_attention",
+        "pipeline", "progressive_layer_drop", "eigenvalue", "quantize_training", "compression_training",
+        "data_efficiency", "curriculum_learning", "elasticity", "hybrid_engine", "data_types", "nebula",
+        "dataloader_drop_last", "disable_allgather", "weight_quantization", "compile", "timers",
+        "graph_harvesting", "torch_autocast", "use_data_before_expert_parallel_", "zenflow",
+        "checkpoint_parallel_write_pipeline", "load_universal_checkpoint", "fp8",
+    }),
+    ("zero_optimization",): frozenset({
+        "legacy_stage1", "zero_hpz_partition_size", "zero_quantized_weights",
+        "zero_quantized_nontrainable_weights", "zero_quantized_gradients", "mics_shard_size",
+        "mics_hierarchical_params_gather", "memory_efficient_linear", "pipeline_loading_checkpoint",
+        "override_module_apply", "use_multi_rank_bucket_allreduce", "zeropp_loco_param",
+        "log_trace_cache_warnings", "module_granularity_threshold", "use_all_reduce_for_fetch_params",
+        "stage3_use_all_reduce_for_fetch_params", "stage3_module_granularity_threshold",
+        "reduce_scatter_dtype", "prefetch_sharded_params",
+    }),
+    ("bf16",): frozenset({"check_grad_overflow", "bf16_master_weights_and_grads", "bf16_optimizer_states"}),
+    ("checkpoint",): frozenset({"writer"}),
+    ("autotuning",): frozenset({
+        "fast", "exps_dir", "start_profile_step", "end_profile_step", "metric_path", "arg_mappings",
+        "model_info", "model_info_path", "max_train_batch_size", "min_train_batch_size",
+        "max_train_micro_batch_size_per_gpu", "min_train_micro_batch_size_per_gpu",
+        "num_tuning_micro_batch_sizes", "tuner_type", "tuner_early_stopping", "mp_size",
+    }),
+}
+"""Keys DeepSpeed defines that zeroplan does not use, by the path of the block holding them."""
+
+_HINTS = {
+    ("autotuning",): "zeroplan's tuner reads autotuning.space and the other keys in its schema",
+}
+
+
+def _dotted(path: tuple[str, ...], key: str) -> str:
+    return ".".join((*path, key))
+
+
+def _block(data: dict, path: tuple[str, ...]) -> dict | None:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def drop_recognised(data: dict, notices: list[str]) -> None:
+    """Remove recognised-but-unused DeepSpeed keys from `data`, one notice each."""
+    for path, keys in RECOGNISED_UNUSED.items():
+        block = _block(data, path)
+        if block is None:
+            continue
+        for key in sorted(keys & block.keys()):
+            del block[key]
+            hint = _HINTS.get(path, "it is accepted for compatibility and has no effect")
+            notices.append(f"recognised DeepSpeed key '{_dotted(path, key)}' is not used by zeroplan; {hint}")
+
+
+def _rename(path: tuple[str, ...], old: str, new: str) -> Callable[[dict, list[str], list[Problem]], None]:
+    def remap(data: dict, notices: list[str], problems: list[Problem]) -> None:
+        block = _block(data, path)
+        if block is None or old not in block:
+            return
+        if new in block:
+            problems.append(Problem(_dotted(path, old), f"deprecated spelling of '{_dotted(path, new)}', "
+                                    "which is also given", given=block[old], suggestion=f"remove '{old}'"))
+            return
+        block[new] = block.pop(old)
+        notices.append(f"deprecated key '{_dotted(path, old)}' read as '{_dotted(path, new)}'")
+
+    return remap
+
+
+def _zero_as_bool(data: dict, notices: list[str], problems: list[Problem]) -> None:
+    value = data.get("zero_optimization")
+    if isinstance(value, bool):
+        data["zero_optimization"] = {"stage": 1 if value else 0}
+        notices.append(f"deprecated 'zero_optimization: {str(value).lower()}' read as "
+                       f"'zero_optimization.stage: {1 if value else 0}'")
+
+
+def _move_into(field: str, target: str, key: str, convert: Callable[[Any], Any]):
+    """zero_optimization.<field> (old flat key) -> zero_optimization.<target>.<key>."""
+
+    def remap(data: dict, notices: list[str], problems: list[Problem]) -> None:
+        zero = _block(data, ("zero_optimization",))
+        if zero is None or field not in zero:
+            return
+        value = zero.pop(field)
+        sub = zero.setdefault(target, {})
+        if not isinstance(sub, dict):
+            return  # the schema reports the wrong type of the target block
+        if key in sub:
+            problems.append(Problem(f"zero_optimization.{field}",
+                                    f"deprecated; conflicts with zero_optimization.{target}.{key}, which is given",
+                                    given=value, suggestion=f"remove '{field}'"))
+            return
+        sub[key] = convert(value)
+        notices.append(f"deprecated key 'zero_optimization.{field}' read as "
+                       f"'zero_optimization.{target}.{key}: {sub[key]!r}'")
+
+    return remap
+
+
+def _device(value: Any) -> Any:
+    return ("cpu" if value else "none") if isinstance(value, bool) else value
+
+
+DEPRECATIONS = (
+    _rename((), "bfloat16", "bf16"),
+    _zero_as_bool,
+    _move_into("cpu_offload", "offload_optimizer", "device", _device),
+    _move_into("cpu_offload_params", "offload_param", "device", _device),
+    _move_into("cpu_offload_use_pin_memory", "offload_optimizer", "pin_memory", lambda v: v),
+    _rename(("zero_optimization",), "stage3_gather_fp16_weights_on_model_save",
+            "stage3_gather_16bit_weights_on_model_save"),
+    _rename(("aio",), "thread_count", "intra_op_parallelism"),
+    _rename(("autotuning",), "tuner_num_trials", "max_trials"),
+)
+
+
+def normalise(data: dict) -> tuple[list[str], list[Problem]]:
+    """Rewrite deprecated keys and drop recognised-unused ones, in place.
+
+    Returns the notices to show and any problems (two spellings of one key).
+    """
+    notices: list[str] = []
+    problems: list[Problem] = []
+    for remap in DEPRECATIONS:
+        remap(data, notices, problems)
+    drop_recognised(data, notices)
+    return notices, problems

@@ -1,0 +1,111 @@
+"""Monitoring and profiling blocks: tensorboard, csv_monitor, wandb, comms_logger, flops_profiler.
+
+Key names and defaults follow DeepSpeed's monitor and profiler configs.
+"""
+
+from .types import Flag, Positive, StrictModel, choice
+
+
+class TensorboardConfig(StrictModel):
+    enabled: Flag = False
+    output_path: str = ""
+    """Directory for event files; "" means the working directory."""
+    job_name: str = "DeepSpeedJobName"
+
+
+class CsvMonitorConfig(StrictModel):
+    enabled: Flag = False
+    output_path: str = ""
+    """Directory for CSV files; "" means the working directory."""
+    job_name: str = "DeepSpeedJobName"
+
+
+class WandbConfig(StrictModel):
+    enabled: Flag = False
+    project: str = "deepspeed"
+    group: str | None = None
+    team: str | None = None
+
+
+class CometConfig(StrictModel):
+    enabled: Flag = False
+    project: str | None = None
+    workspace: str | None = None
+    experiment_name: str | None = None
+    experiment_key: str | None = None
+    api_key: str | None = None
+    mode: str | None = None
+    online: Flag | None = None
+    samples_log_interval: Positive = 100
+
+
+class CommsLoggerConfig(StrictModel):
+    enabled: Flag = False
+    verbose: Flag = False
+    """Log every collective as it runs."""
+    prof_all: Flag = True
+    """Profile every collective (else only those in prof_ops)."""
+    debug: Flag = False
+    """Name the calling function with each collective."""
+    prof_ops: list[str] = []
+    """Collectives to profile when prof_all is false."""
+
+
+class FlopsProfilerConfig(StrictModel):
+    enabled: Flag = False
+    recompute_fwd_factor: float = 0.0
+    """Extra forward passes per step from activation checkpointing (0.0 none, 1.0 full)."""
+    profile_step: Positive = 1
+    """Optimizer step at which to profile."""
+    module_depth: int = -1
+    """Depth of the module tree to report; -1 for all."""
+    top_modules: Positive = 1
+    """Modules listed per depth, by cost."""
+    detailed: Flag = True
+    output_file: str | None = None
+    """File for the report; None prints it."""
+
+
+class ActivationCheckpointingConfig(StrictModel):
+    partition_activations: Flag = False
+    """Shard checkpointed activations across model-parallel ranks."""
+    cpu_checkpointing: Flag = False
+    """Move checkpointed activations to host memory."""
+    contiguous_memory_optimization: Flag = False
+    """Copy checkpoints into one contiguous buffer."""
+    number_checkpoints: Positive | None = None
+    """Checkpoints per model (for contiguous buffers); None lets the model decide."""
+    synchronize_checkpoint_boundary: Flag = False
+    """Synchronise the device at each checkpoint boundary (debugging)."""
+    profile: Flag = False
+    """Time the checkpointed forward and recompute."""
+
+
+class CheckpointConfig(StrictModel):
+    tag_validation: choice("Ignore", "Warn", "Fail") = "Warn"
+    """Check that all ranks save under the same tag: Ignore, Warn or Fail."""
+    load_universal: Flag = False
+    """Load a DeepSpeed universal checkpoint."""
+    use_node_local_storage: Flag = False
+    """Each node writes its own checkpoint files to local disk."""
+    parallel_write: dict = {}
+    """DeepSpeed's pipeline-stage parallel write options; recorded as given."""
+
+
+class AioConfig(StrictModel):
+    """Asynchronous I/O settings for NVMe offload (DeepSpeed's `aio` block)."""
+
+    block_size: Positive = 1_048_576
+    """Bytes per I/O request."""
+    queue_depth: Positive = 8
+    """Requests in flight."""
+    intra_op_parallelism: Positive = 1
+    """I/O threads per operation (DeepSpeed's older name: thread_count)."""
+    single_submit: Flag = False
+    """Submit requests one at a time rather than in batches."""
+    overlap_events: Flag = True
+    """Overlap request submission and completion."""
+    use_gds: Flag = False
+    """GPUDirect Storage; not used by zeroplan."""
+
+

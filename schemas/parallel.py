@@ -1,0 +1,58 @@
+"""`parallel` block (zeroplan's dp/tp/pp degrees) and DeepSpeed's `tensor_parallel`.
+
+The product of the three degrees is the world size. A degree left out is derived: dp from
+the world size once tp and pp are known, tp and pp default to 1. "auto" hands the choice to
+compile (cost model) or autotune (measurement).
+"""
+
+from .errors import ConfigError, Problem
+from .types import AutoPositive, StrictModel, choice, is_auto
+
+
+class PipelineConfig(StrictModel):
+    schedule: choice("1f1b", "gpipe") = "1f1b"
+    """Pipeline schedule: 1F1B (less activation memory) or GPipe (all forwards, then all backwards)."""
+    micro_batches: AutoPositive | None = None
+    """Micro-batches per step through the pipeline; None means the gradient-accumulation count."""
+
+
+class ParallelConfig(StrictModel):
+    dp: AutoPositive | None = None
+    """Data-parallel degree; None derives world_size / (tp * pp)."""
+    tp: AutoPositive | None = None
+    """Tensor-parallel degree; None means 1 (or tensor_parallel.autotp_size when given)."""
+    pp: AutoPositive | None = None
+    """Pipeline-parallel degree; None means 1."""
+    pipeline: PipelineConfig = PipelineConfig()
+
+
+class TensorParallelConfig(StrictModel):
+    """DeepSpeed's AutoTP block; `autotp_size` is read as zeroplan's `parallel.tp`."""
+
+    autotp_size: AutoPositive | None = None
+    """Tensor-parallel degree (DeepSpeed AutoTP)."""
+
+
+def derive_degrees(parallel: ParallelConfig, tp_alias, *, world_size: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) for `world_size`, or ConfigError echoing the numbers.
+
+    `tp_alias` is DeepSpeed's tensor_parallel.autotp_size (used when parallel.tp is not given).
+    Raises ConfigError when a degree is "auto" (compile or autotune decides it) or when the
+    degrees do not multiply to the world size.
+    """
+    tp = parallel.tp if parallel.tp is not None else tp_alias
+    values = {"dp": parallel.dp, "tp": tp, "pp": parallel.pp}
+    auto = [k for k, v in values.items() if is_auto(v)]
+    if auto:
+        raise ConfigError(Problem(f"parallel.{auto[0]}", "is 'auto': it is decided by compile or autotune",
+                                  suggestion="give a number to check the batch for a world size"))
+    tp, pp = tp or 1, parallel.pp or 1
+    if world_size % (tp * pp):
+        raise ConfigError(Problem("parallel.tp", f"tp({tp}) * pp({pp}) = {tp * pp} does not divide "
+                                  f"world_size({world_size})", suggestion="change parallel.tp, parallel.pp or the process count"))
+    dp = parallel.dp if parallel.dp is not None else world_size // (tp * pp)
+    if dp * tp * pp != world_size:
+        raise ConfigError(Problem("parallel.dp", f"dp({dp}) * tp({tp}) * pp({pp}) = {dp * tp * pp} != "
+                                  f"world_size({world_size})", given=dp,
+                                  suggestion="change parallel.dp or the process count (or leave dp out to derive it)"))
+    return dp, tp, pp
