@@ -1,4 +1,4 @@
-"""zeroplan's typed inputs: the training config (DeepSpeed key names) and its errors.
+"""zeroplan's typed data: the training config (DeepSpeed key names), model spec, Plan, errors.
 
 Importing this package never imports torch, so validation answers instantly.
 """
@@ -8,7 +8,9 @@ from .config import TrainConfig
 from .errors import ConfigError, ConfigWarning, Problem
 from .jsonschema import train_config_schema
 from .loader import load_config, validate_config
+from .model import MODEL_PRESETS, ModelSpec
 from .parallel import derive_degrees
+from .plan import PLAN_VERSION, Plan
 from .sources import apply_overrides, read_config_file
 from .types import AUTO, Auto, is_auto
 
@@ -16,6 +18,10 @@ __all__ = [
     "AUTO",
     "Auto",
     "BatchPlan",
+    "MODEL_PRESETS",
+    "ModelSpec",
+    "PLAN_VERSION",
+    "Plan",
     "ConfigError",
     "ConfigWarning",
     "Problem",

@@ -1,0 +1,252 @@
+"""The Plan: what `compiler.compile` emits and the runtime reads. Data, not behaviour.
+
+Every field is concrete (nothing "auto"), the model is frozen, and it round-trips through
+JSON exactly. The runtime reads only the Plan, never the config, and never changes it;
+builders take the slice they need (`plan.zero`, `plan.precision`, ...), keyword-only.
+
+Bump `PLAN_VERSION` when a field changes meaning or is removed; readers refuse a plan of
+another version with a message that says which versions they read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .batch import BatchPlan
+from .errors import ConfigError, Problem
+
+PLAN_VERSION = 1
+
+Device = Literal["none", "cpu", "nvme"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldPlan(_Frozen):
+    nnodes: int = Field(ge=1)
+    nproc_per_node: int = Field(ge=1)
+    world_size: int = Field(ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Accelerator kind; cpu runs on gloo, cuda on NCCL, through the same code path."""
+    backend: Literal["gloo", "nccl"] = "gloo"
+
+    @model_validator(mode="after")
+    def _product(self) -> "WorldPlan":
+        if self.nnodes * self.nproc_per_node != self.world_size:
+            raise ValueError(f"nnodes({self.nnodes}) * nproc_per_node({self.nproc_per_node}) "
+                             f"!= world_size({self.world_size})")
+        return self
+
+
+class ParallelPlan(_Frozen):
+    """Degrees; rank layout is tp fastest, then dp, then pp (Megatron's order)."""
+
+    dp: int = Field(ge=1)
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pipeline_micro_batches: int = Field(default=1, ge=1)
+    """Micro-batches per step through the pipeline (the accumulation count when pp > 1)."""
+
+
+class ZeroPlan(_Frozen):
+    """ZeRO settings. Sizes count elements, as in DeepSpeed."""
+
+    stage: Literal[0, 1, 2, 3]
+    reduce_bucket_size: int = Field(ge=1)
+    """Elements per gradient reduction bucket."""
+    allgather_bucket_size: int = Field(ge=1)
+    """Elements per all-gather of updated parameters (stages 1-2)."""
+    overlap_comm: bool
+    """Launch gradient collectives asynchronously during backward."""
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    prefetch_bucket_size: int = Field(ge=0)
+    """Stage 3: elements fetched ahead of use."""
+    param_persistence_threshold: int = Field(ge=0)
+    """Stage 3: parameters with fewer elements stay whole on every rank."""
+    model_persistence_threshold: int = Field(ge=0)
+    max_live_parameters: int = Field(ge=0)
+    max_reuse_distance: int = Field(ge=0)
+    sub_group_size: int = Field(ge=1)
+    """Elements per optimizer-step tile (the NVMe swap unit)."""
+    gather_16bit_weights_on_model_save: bool = False
+
+
+class OffloadTarget(_Frozen):
+    device: Device = "none"
+    nvme_path: str | None = None
+    pin_memory: bool = False
+    buffer_count: int = Field(default=4, ge=1)
+    buffer_size: int = Field(default=100_000_000, ge=1)
+    """Elements per swap buffer."""
+    ratio: float = Field(default=1.0, ge=0, le=1)
+    """Fraction offloaded (optimizer, stage 3 only)."""
+    max_in_cpu: int = Field(default=1_000_000_000, ge=0)
+    """Elements kept in host memory when parameters swap to NVMe."""
+
+
+class OffloadPlan(_Frozen):
+    optimizer: OffloadTarget = OffloadTarget()
+    param: OffloadTarget = OffloadTarget()
+
+
+class LossScalePlan(_Frozen):
+    """fp16 loss scaling with DeepSpeed's semantics; disabled for fp32 and bf16."""
+
+    enabled: bool = False
+    dynamic: bool = True
+    static_scale: float = Field(default=1.0, gt=0)
+    initial_scale_power: int = 16
+    window: int = Field(default=1000, ge=1)
+    hysteresis: int = Field(default=2, ge=1)
+    consecutive_hysteresis: bool = False
+    min_scale: float = Field(default=1.0, gt=0)
+
+
+class PrecisionPlan(_Frozen):
+    param_dtype: Dtype = "fp32"
+    """Dtype of the parameters and activations the model computes with."""
+    reduce_dtype: Dtype = "fp32"
+    """Dtype of gradient collectives."""
+    master_dtype: Literal["fp32"] = "fp32"
+    """Dtype of the optimizer's master weights and states."""
+    loss_scaling: LossScalePlan = LossScalePlan()
+
+
+class OptimizerPlan(_Frozen):
+    type: Literal["Adam", "AdamW", "SGD"] = "AdamW"
+    lr: float = Field(default=1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    decoupled_weight_decay: bool = True
+    """AdamW semantics (True) or L2 added to the gradient (False; torch.optim.Adam)."""
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    gradient_clipping: float = Field(default=0.0, ge=0)
+    """Global gradient-norm clip; 0 disables."""
+    gradient_predivide_factor: float = Field(default=1.0, gt=0)
+    prescale_gradients: bool = False
+
+
+class SchedulerPlan(_Frozen):
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle"]
+    params: dict[str, float | int | str | bool | None]
+    """Every parameter concrete, DeepSpeed's names (see schemas.optim.SCHEDULER_DEFAULTS)."""
+
+
+class KernelsPlan(_Frozen):
+    optimizer: Literal["cpu_adam", "torch_fused", "torch_foreach", "cuda_fused"] = "torch_foreach"
+
+
+class ActivationCheckpointingPlan(_Frozen):
+    enabled: bool = False
+    cpu_checkpointing: bool = False
+    partition_activations: bool = False
+    number_checkpoints: int | None = None
+
+
+class LoggingPlan(_Frozen):
+    steps_per_print: int = Field(default=10, ge=1)
+    wall_clock_breakdown: bool = False
+    comms_logger: bool = False
+
+
+class Estimates(_Frozen):
+    """The compiler's predictions, kept with the plan so a run can be compared with them."""
+
+    memory_per_rank: dict[str, int] = {}
+    """Device bytes per rank by category (parameters, gradients, optimizer_states, ...)."""
+    host_bytes_per_node: int = 0
+    nvme_bytes_per_node: int = 0
+    comm_bytes_per_step: dict[str, int] = {}
+    """Bytes sent per rank per step, by collective and parallel dimension."""
+    comm_messages_per_step: dict[str, int] = {}
+    predicted_step_time_s: float = 0.0
+    step_time_breakdown_s: dict[str, float] = {}
+
+
+class Provenance(_Frozen):
+    config_hash: str = ""
+    """sha256 of the canonical config JSON the plan was compiled from."""
+    zeroplan_version: str = ""
+    model: str = ""
+    cluster: str = ""
+    resolved_auto: dict[str, str] = {}
+    """Dotted config keys that were "auto", with how each was decided."""
+    study_name: str | None = None
+    trial_number: int | None = None
+    measured_samples_per_s: float | None = None
+
+
+class Plan(_Frozen):
+    plan_version: Literal[1] = PLAN_VERSION
+    world: WorldPlan
+    parallel: ParallelPlan
+    batch: BatchPlan
+    zero: ZeroPlan
+    offload: OffloadPlan = OffloadPlan()
+    precision: PrecisionPlan = PrecisionPlan()
+    optimizer: OptimizerPlan = OptimizerPlan()
+    scheduler: SchedulerPlan | None = None
+    kernels: KernelsPlan = KernelsPlan()
+    activation_checkpointing: ActivationCheckpointingPlan = ActivationCheckpointingPlan()
+    logging: LoggingPlan = LoggingPlan()
+    estimates: Estimates = Estimates()
+    provenance: Provenance = Provenance()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        p, w, b = self.parallel, self.world, self.batch
+        if p.dp * p.tp * p.pp != w.world_size:
+            raise ValueError(f"dp({p.dp}) * tp({p.tp}) * pp({p.pp}) != world_size({w.world_size})")
+        if b.micro_batch_size * b.gradient_accumulation_steps * p.dp != b.global_batch_size:
+            raise ValueError(f"batch {b.global_batch_size} != micro {b.micro_batch_size} x accumulation "
+                             f"{b.gradient_accumulation_steps} x dp {p.dp}")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a temp file in the same directory, fsync, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file, or ConfigError naming the file and what is wrong."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(Problem("", f"cannot read plan: {e.strerror}"), source=str(path)) from e
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            problems = [Problem(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
+            if any(p.path == "plan_version" for p in problems):
+                problems = [Problem("plan_version", f"this zeroplan reads plan version {PLAN_VERSION}",
+                                    suggestion="recompile the plan with `zeroplan compile`")]
+            raise ConfigError(problems, source=str(path)) from e
