@@ -10,13 +10,12 @@ another version with a message that says which versions they read.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .atomic import atomic_write_text
 from .batch import BatchPlan
 from .errors import ConfigError, Problem
 
@@ -219,20 +218,8 @@ class Plan(_Frozen):
         return self.model_dump_json(indent=2)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temp file in the same directory, fsync, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (temp file, fsync, rename): never a half-written plan."""
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

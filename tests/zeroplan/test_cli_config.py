@@ -86,5 +86,6 @@ def test_schema_prints_and_writes_json_schema(tmp_path):
 
 
 def test_schema_to_an_unwritable_place_exits_2(tmp_path):
-    run = zeroplan("schema", "-o", str(tmp_path / "no" / "such" / "dir" / "s.json"))
+    (tmp_path / "a_file").write_text("")
+    run = zeroplan("schema", "-o", str(tmp_path / "a_file" / "s.json"))
     assert run.returncode == 2 and "cannot write" in run.stderr
