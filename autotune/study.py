@@ -85,9 +85,15 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
 
 
+HEARTBEAT_S = 10
+"""A running trial beats this often; one silent for 3 beats (its tuner was killed) is marked
+failed by the next worker, so a resumed study does not wait on it forever."""
+
+
 def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """Create the study, or load it when it exists (resume)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(storage=storage, study_name=name, directions=list(directions),
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
+    return optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
                                sampler=sampler, pruner=pruner, load_if_exists=True)

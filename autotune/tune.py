@@ -93,11 +93,27 @@ def predicted_peak(plan: Plan) -> int:
     return sum(plan.estimates.memory_per_rank.values())
 
 
+Launcher = Callable[[Path, int], list[str]]
+"""(plan path, steps) -> the command line of one trial; it writes step reports to $ZEROPLAN_METRICS."""
+
+
+def train_command(model_name: str) -> Launcher:
+    """The default launcher: `zeroplan train PLAN --model NAME --steps N` (torchrun inside)."""
+
+    def command(plan_path: Path, steps: int) -> list[str]:
+        return [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--model", model_name,
+                "--steps", str(steps)]
+
+    return command
+
+
 class Tuner:
     """Holds what every trial needs; `objective` is what Optuna calls."""
 
-    def __init__(self, *, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings):
+    def __init__(self, *, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
+                 launcher: Launcher | None = None):
         self.data, self.model, self.cluster, self.settings = data, model, cluster, settings
+        self.launcher = launcher or train_command(settings.model_name)
         self.world_size = settings.nnodes * settings.nproc_per_node
         self.config: TrainConfig = validate_config(json.loads(json.dumps(data)), world_size=None)
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
@@ -146,9 +162,7 @@ class Tuner:
     def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
         workdir = self.settings.out_dir / "trials" / f"trial-{trial.number:04d}"
         plan_path = plan.save(workdir / "plan.json")
-        steps = self.settings.warmup_steps + self.settings.measured_steps
-        command = [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--model",
-                   self.settings.model_name, "--steps", str(steps)]
+        command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps)
         single = len(OBJECTIVES[self.settings.objective]) == 1
         return run_trial(command=command, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
                          on_step=self._pruning_callback(trial) if single else (lambda _: False))
@@ -215,9 +229,9 @@ class Tuner:
 
 
 def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
-         callbacks: list[Callable] | None = None) -> TuneResult:
+         callbacks: list[Callable] | None = None, launcher: Launcher | None = None) -> TuneResult:
     """Run (or resume) the study and write the best plan; see the module docstring."""
-    tuner = Tuner(data=data, model=model, cluster=cluster, settings=settings)
+    tuner = Tuner(data=data, model=model, cluster=cluster, settings=settings, launcher=launcher)
     if not tuner.dims:
         raise ConfigError("nothing to tune: no knob is 'auto' and autotuning.space is empty; "
                           "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
