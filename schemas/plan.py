@@ -174,6 +174,12 @@ class Estimates(_Frozen):
     comm_messages_per_step: dict[str, int] = {}
     predicted_step_time_s: float = 0.0
     step_time_breakdown_s: dict[str, float] = {}
+    memory_limit_per_rank: int = 0
+    """Bytes one rank may use on the cluster compiled for (0: unknown)."""
+    host_memory_per_node: int = 0
+    """Host bytes of one node on the cluster compiled for (0: unknown)."""
+    warnings: tuple[str, ...] = ()
+    """What the compiler found questionable but not wrong (does not fit, slow layout, ...)."""
 
 
 class Provenance(_Frozen):
