@@ -94,7 +94,8 @@ def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
     warnings += fit_warnings(memory, cluster=cluster)
     estimates = Estimates(
         memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
-        nvme_bytes_per_node=memory.nvme_per_node, comm_bytes_per_step=sent, comm_messages_per_step=calls,
+        nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,
+        comm_bytes_per_step=sent, comm_messages_per_step=calls,
         predicted_step_time_s=sum(breakdown.values()), step_time_breakdown_s=breakdown,
         memory_limit_per_rank=cluster.memory_per_rank(), host_memory_per_node=cluster.host_memory_bytes,
         warnings=tuple(warnings))

@@ -169,6 +169,8 @@ class Estimates(_Frozen):
     """Device bytes per rank by category (parameters, gradients, optimizer_states, ...)."""
     host_bytes_per_node: int = 0
     nvme_bytes_per_node: int = 0
+    host_memory_per_rank: dict[str, int] = {}
+    """Host bytes per rank by category: offloaded state, checkpointed activations, swap buffers."""
     comm_bytes_per_step: dict[str, int] = {}
     """Bytes sent per rank per step, by collective and parallel dimension."""
     comm_messages_per_step: dict[str, int] = {}
