@@ -113,8 +113,9 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     embedding = 1 if shape.index == 0 else 0  # the vocab-split embedding sums its partial outputs
     fwd_calls = m * (forward_per_layer * shape.layers + embedding)
     bwd_calls = m * 2 * shape.layers
-    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * ring_bytes("all_reduce", activation, t), fwd_calls),
-            Collective("tp", "all_reduce", "backward", t, bwd_calls * ring_bytes("all_reduce", activation, t), bwd_calls)]
+    per_call = ring_bytes("all_reduce", activation, t)
+    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call, fwd_calls),
+            Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls)]
 
 
 def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
@@ -139,7 +140,8 @@ def stage_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[C
 
 def comm_volume(plan: Plan, model: ModelSpec) -> list[Collective]:
     """Collectives per step of the rank that sends the most (the busiest pipeline stage)."""
-    per_stage = [stage_collectives(plan, model, s) for s in stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp)]
+    shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp)
+    per_stage = [stage_collectives(plan, model, s) for s in shapes]
     return max(per_stage, key=lambda cs: sum(c.bytes for c in cs))
 
 

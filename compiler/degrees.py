@@ -36,7 +36,8 @@ def resolve_degrees(config: TrainConfig, *, nnodes: int, nproc_per_node: int) ->
     return dp, tp, pp
 
 
-def degree_problems(*, dp: int, tp: int, pp: int, stage: int, model: ModelSpec, tp_key: str = "parallel.tp") -> list[Problem]:
+def degree_problems(*, dp: int, tp: int, pp: int, stage: int, model: ModelSpec,
+                    tp_key: str = "parallel.tp") -> list[Problem]:
     """Why these degrees cannot split this model (empty when they can)."""
     problems = []
     name = model.name

@@ -37,7 +37,8 @@ def _parallel_plan(config: TrainConfig, *, dp: int, tp: int, pp: int, accum: int
         problems.append(Problem("parallel.pipeline.micro_batches",
                                 f"micro_batches({micro_batches}) != gradient_accumulation_steps({accum}): a pipeline "
                                 "step runs every accumulated micro-batch through the stages",
-                                given=micro_batches, suggestion="remove parallel.pipeline.micro_batches or make them equal"))
+                                given=micro_batches,
+                                suggestion="remove parallel.pipeline.micro_batches or make them equal"))
     plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule,
                         pipeline_micro_batches=micro_batches if pp > 1 else 1)
     return plan, problems
@@ -72,7 +73,8 @@ def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:
         notes.append(f"does not fit: {memory.device_total / GiB:.2f} GiB predicted per rank > {limit / GiB:.2f} GiB "
                      f"available; raise zero_optimization.stage, offload, enable activation_checkpointing or "
                      f"lower train_micro_batch_size_per_gpu")
-    host_needed = memory.host_per_node + (memory.device_total * cluster.nproc_per_node if cluster.device == "cpu" else 0)
+    shared = memory.device_total * cluster.nproc_per_node if cluster.device == "cpu" else 0  # cpu ranks use host memory
+    host_needed = memory.host_per_node + shared
     if memory.host_per_node and host_needed > cluster.host_memory_bytes:
         notes.append(f"host memory does not fit: {host_needed / GiB:.2f} GiB predicted per node > "
                      f"{cluster.host_memory_bytes / GiB:.2f} GiB; offload to nvme or use more nodes")

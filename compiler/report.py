@@ -55,7 +55,8 @@ def derived_rows(plan: Plan, config: TrainConfig) -> list[tuple[str, str, str]]:
         _degrees_row(plan, config),
         ("batch", f"global {b.global_batch_size} = micro {b.micro_batch_size} x accumulation "
                   f"{b.gradient_accumulation_steps} x dp {plan.parallel.dp}",
-         f"train_batch_size {_tag('train_batch_size', b.derived)}, micro {_tag('train_micro_batch_size_per_gpu', b.derived)}, "
+         f"train_batch_size {_tag('train_batch_size', b.derived)}, "
+         f"micro {_tag('train_micro_batch_size_per_gpu', b.derived)}, "
          f"accumulation {_tag('gradient_accumulation_steps', b.derived)}"),
         ("precision", f"{plan.precision.param_dtype} params, {plan.precision.reduce_dtype} reductions, fp32 masters",
          "fp16/bf16 blocks" + ("; dynamic loss scaling" if plan.precision.loss_scaling.enabled else "")),

@@ -26,8 +26,9 @@ from .plan_builder import build_plan, fit_warnings
 
 GiB = 1 << 30
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-MAX_CANDIDATES = 20_000
-"""More combinations than this is a search for `zeroplan autotune`, not for compile."""
+MAX_CANDIDATES = 5_000
+"""More combinations than this is a search for `zeroplan autotune`, not for compile (each
+candidate is a full compile, about 2 ms)."""
 _DEGREES = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parallel.pp")
 
 

@@ -66,8 +66,8 @@ def precision_plan(config: TrainConfig) -> PrecisionPlan:
 
 
 def optimizer_plan(config: TrainConfig) -> OptimizerPlan:
-    common = dict(gradient_clipping=config.gradient_clipping, gradient_predivide_factor=config.gradient_predivide_factor,
-                  prescale_gradients=config.prescale_gradients)
+    common = dict(gradient_clipping=config.gradient_clipping, prescale_gradients=config.prescale_gradients,
+                  gradient_predivide_factor=config.gradient_predivide_factor)
     if config.optimizer is None:
         return OptimizerPlan(type="AdamW", lr=DEFAULT_LR, **common)
     kind, p = config.optimizer.type, config.optimizer.params

@@ -92,7 +92,8 @@ def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
             head = head_tensors(model, tp=tp, pp=pp)
             tensors += head
             units.append(sum(head))
-        shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors), units=tuple(units)))
+        shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors),
+                                 units=tuple(units)))
     return shapes
 
 

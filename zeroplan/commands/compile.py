@@ -46,8 +46,8 @@ def compile_plan(
     calib = Calibration.load(calibration) if calibration is not None else None
     plan = compile(cfg, spec, machines, nnodes=nnodes, nproc_per_node=nproc_per_node, resolve_auto=resolve_auto,
                    calibration=calib)
-    written = emit(plan, config=cfg, model=spec, cluster=machines.with_shape(nnodes=nnodes, nproc_per_node=nproc_per_node),
-                   out=out, source=str(config))
+    shaped = machines.with_shape(nnodes=nnodes, nproc_per_node=nproc_per_node)
+    written = emit(plan, config=cfg, model=spec, cluster=shaped, out=out, source=str(config))
     est = plan.estimates
     typer.echo(f"plan: {plan.world.world_size} rank(s), dp {plan.parallel.dp} x tp {plan.parallel.tp} x pp "
                f"{plan.parallel.pp}, ZeRO stage {plan.zero.stage}, batch {plan.batch.global_batch_size}")

@@ -24,7 +24,8 @@ def probe(
 ) -> None:
     """Measure matmul, memory, collective and disk rates; write them as a cluster spec."""
     if not path.is_dir():
-        raise ConfigError(Problem("--path", "is not a directory", given=str(path), suggestion="give an existing directory"))
+        raise ConfigError(Problem("--path", "is not a directory", given=str(path),
+                                  suggestion="give an existing directory"))
     from zeroplan.compiler.emit import write_atomic
     from zeroplan.runtime.probe import probe_cluster  # imports torch: only this command pays for it
 
