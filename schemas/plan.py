@@ -168,11 +168,19 @@ class Estimates(_Frozen):
     """Device bytes per rank by category (parameters, gradients, optimizer_states, ...)."""
     host_bytes_per_node: int = 0
     nvme_bytes_per_node: int = 0
+    host_memory_per_rank: dict[str, int] = {}
+    """Host bytes per rank by category: offloaded state, checkpointed activations, swap buffers."""
     comm_bytes_per_step: dict[str, int] = {}
     """Bytes sent per rank per step, by collective and parallel dimension."""
     comm_messages_per_step: dict[str, int] = {}
     predicted_step_time_s: float = 0.0
     step_time_breakdown_s: dict[str, float] = {}
+    memory_limit_per_rank: int = 0
+    """Bytes one rank may use on the cluster compiled for (0: unknown)."""
+    host_memory_per_node: int = 0
+    """Host bytes of one node on the cluster compiled for (0: unknown)."""
+    warnings: tuple[str, ...] = ()
+    """What the compiler found questionable but not wrong (does not fit, slow layout, ...)."""
 
 
 class Provenance(_Frozen):

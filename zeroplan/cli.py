@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import config
+from zeroplan.commands import compile, config, probe
 
 COMMANDS = {
     "validate": config.validate,
     "schema": config.schema,
+    "compile": compile.compile_plan,
+    "estimate": compile.estimate,
+    "probe": probe.probe,
 }
 
 app = typer.Typer(
