@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import compile, config, probe
+from zeroplan.commands import compile, config, probe, tune
 
 COMMANDS = {
     "validate": config.validate,
@@ -15,6 +15,8 @@ COMMANDS = {
     "compile": compile.compile_plan,
     "estimate": compile.estimate,
     "probe": probe.probe,
+    "autotune": tune.autotune,
+    "report": tune.report,
 }
 
 app = typer.Typer(
