@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -94,6 +95,8 @@ def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: o
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """Create the study, or load it when it exists (resume)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
+    with warnings.catch_warnings():  # heartbeats are marked experimental since Optuna 2.9; we rely on them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
     return optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
                                sampler=sampler, pruner=pruner, load_if_exists=True)

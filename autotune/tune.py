@@ -90,7 +90,15 @@ def plan_key(plan: Plan) -> str:
 
 
 def predicted_peak(plan: Plan) -> int:
-    return sum(plan.estimates.memory_per_rank.values())
+    """Predicted peak bytes per rank of the memory the rank is limited by.
+
+    On a CPU "device" the host is the device, so host-resident categories (offloaded states)
+    count against the same budget; on an accelerator they are checked per node instead.
+    """
+    device = sum(plan.estimates.memory_per_rank.values())
+    if plan.world.device == "cpu":
+        device += sum(plan.estimates.host_memory_per_rank.values())
+    return device
 
 
 Launcher = Callable[[Path, int], list[str]]
@@ -126,11 +134,20 @@ class Tuner:
                                 nproc_per_node=self.settings.nproc_per_node, resolve_auto=True)
         except ConfigError as e:
             return Candidate(params, reason="; ".join(p.render() for p in e.problems))
-        budget = plan.estimates.memory_limit_per_rank * (1 - self.settings.memory_safety_margin)
-        peak = predicted_peak(plan)
+        return Candidate(params, plan, self._memory_reason(plan))
+
+    def _memory_reason(self, plan: Plan) -> str:
+        """Why the memory model says the plan will not fit, or ""."""
+        keep = 1 - self.settings.memory_safety_margin
+        est = plan.estimates
+        budget, peak = est.memory_limit_per_rank * keep, predicted_peak(plan)
         if budget and peak > budget:
-            return Candidate(params, plan, f"predicted {peak / GIB:.1f} GiB/rank > {budget / GIB:.1f} GiB budget")
-        return Candidate(params, plan)
+            return f"predicted {peak / GIB:.1f} GiB/rank > {budget / GIB:.1f} GiB budget"
+        host_budget = est.host_memory_per_node * keep
+        if plan.world.device != "cpu" and host_budget and est.host_bytes_per_node > host_budget:
+            return (f"predicted host memory {est.host_bytes_per_node / GIB:.1f} GiB/node > "
+                    f"{host_budget / GIB:.1f} GiB budget")
+        return ""
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cand = self.candidate(suggest(trial, self.dims, config=self.config))
