@@ -126,7 +126,7 @@ class NativeExtension:
             build_dir.mkdir(parents=True, exist_ok=True)
             return self._build(module_name, build_dir)
         except Exception as e:  # a broken toolchain fails in many ways; none may crash training
-            self.error = _one_line(e)
+            self.error = f"building it failed: {_one_line(e)}"
             log.debug("building %s failed", self.name, exc_info=True)
             return None
 
