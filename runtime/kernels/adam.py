@@ -122,7 +122,8 @@ def cpu_simd_paths() -> tuple[str, ...]:
     return tuple(module.simd_paths()) if module is not None else ()
 
 
-def _cpu_adam(param, grad, exp_avg, exp_avg_sq, bf16_out, hyper, threads, simd) -> None:
+def _cpu_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, bf16_out: Tensor | None,
+              hyper: dict, threads: int | None, simd: str) -> None:
     if param.device.type != "cpu":
         raise ValueError(f"param: kernel 'cpu_adam' needs CPU tensors, got {param.device}")
     if threads is None:
@@ -140,7 +141,8 @@ def _cpu_adam(param, grad, exp_avg, exp_avg_sq, bf16_out, hyper, threads, simd) 
                      hyper["decoupled"], hyper["bias_correction"], hyper["grad_scale"], threads, simd)
 
 
-def _check_tensors(*, param, grad, exp_avg, exp_avg_sq, bf16_out) -> None:
+def _check_tensors(*, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                   bf16_out: Tensor | None) -> None:
     """Flat-buffer contract: same shape and device, fp32 (bf16 for the copy), contiguous."""
     named = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if bf16_out is not None:
@@ -159,7 +161,8 @@ def _check_tensors(*, param, grad, exp_avg, exp_avg_sq, bf16_out) -> None:
             raise ValueError(f"{name}: on {t.device} but param is on {param.device}")
 
 
-def _check_hyper(*, step, lr, beta1, beta2, eps, weight_decay, grad_scale) -> None:
+def _check_hyper(*, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 grad_scale: float) -> None:
     """The ranges torch.optim.Adam checks, plus a 1-based integer step and a finite grad_scale."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step: must be an int >= 1 (1-based, as torch.optim counts), got {step!r}")
