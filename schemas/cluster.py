@@ -32,7 +32,7 @@ LOCAL_CLUSTER_FILE = "cluster.json"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class ClusterRates(_Frozen):

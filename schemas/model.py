@@ -22,7 +22,7 @@ from .errors import ConfigError, Problem
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str
     architecture: Literal["gpt", "llama"] = "gpt"

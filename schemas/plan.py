@@ -26,7 +26,7 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class WorldPlan(_Frozen):
