@@ -99,7 +99,7 @@ def loss_of(out):
 
 
 # -- rank workers ------------------------------------------------------------------------------
-def train_case(case: dict, steps: int = STEPS) -> dict | None:
+def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
     """Train `case` on this rank; rank 0 returns the consolidated fp32 parameters and losses."""
     rank = dist.get_rank()
     engine = initialize(build(case["model"]), plan=case_plan(case))
@@ -111,18 +111,32 @@ def train_case(case: dict, steps: int = STEPS) -> dict | None:
             engine.step()
             losses.append(float(loss.detach()))
     full = engine.full_state_dict()
+    published = _published_gap(engine, full) if case["stage"] < 3 else 0.0
     engine.close()
-    return {"params": full, "losses": losses} if rank == 0 else None
+    return {"params": full, "losses": losses, "published_gap": published} if rank == 0 else None
 
 
-def train_cases(cases: list[dict]) -> dict:
-    """Every case in turn; per case the result or the traceback (rank 0 reports)."""
+def _published_gap(engine, full: dict) -> float:
+    """Largest |model parameter - master rounded to the training dtype| (stages 0-2 keep them whole)."""
+    gap = 0.0
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            gap = max(gap, (p.detach().float() - full[name].to(p.dtype).float()).abs().max().item())
+    return gap
+
+
+def run_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
+    """Run (id, worker function name, kwargs) jobs in one spawn; per job the result or the
+    traceback, so one failing case names itself and the others still report."""
+    import rt_jobs
+
     out = {}
-    for case in cases:
+    for job_id, fn, kwargs in jobs:
+        target = globals().get(fn) or getattr(rt_jobs, fn)
         try:
-            out[case["id"]] = train_case(case)
+            out[job_id] = target(**kwargs)
         except Exception:
-            out[case["id"]] = "error on rank %d:\n%s" % (dist.get_rank(), traceback.format_exc())
+            out[job_id] = "error on rank %d:\n%s" % (dist.get_rank(), traceback.format_exc())
     return out
 
 
