@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# Newer torch names the flat-tensor collectives *_single and deprecates the older names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass
 class CommsLogger:
@@ -57,7 +61,7 @@ class Collectives:
         if self.size == 1:
             out.copy_(inp)
             return None
-        return dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=async_op)
+        return _reduce_scatter_flat(out, inp, group=self.group, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, *, async_op: bool = False):
         """Concatenate every rank's `inp` (equal sizes: shards are padded) into `out`, rank-major."""
@@ -65,7 +69,7 @@ class Collectives:
         if self.size == 1:
             out.copy_(inp)
             return None
-        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+        return _all_gather_flat(out, inp, group=self.group, async_op=async_op)
 
     def broadcast(self, tensor: torch.Tensor, *, src: int = 0) -> None:
         self.logger.record("broadcast", tensor)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import config
+from zeroplan.commands import config, train
 
 COMMANDS = {
     "validate": config.validate,
     "schema": config.schema,
+    "train": train.train,
 }
 
 app = typer.Typer(
