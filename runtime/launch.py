@@ -9,6 +9,7 @@ process itself when the plan has one rank.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,10 +40,21 @@ def command(*, plan: Plan, target: list[str], module: bool) -> list[str]:
 
 
 def launch(*, plan_path: Path, target: list[str], module: bool, env: dict | None = None) -> int:
-    """Run the training processes to completion; their exit status."""
+    """Run the training processes to completion; their exit status.
+
+    SIGTERM and SIGINT are passed on to the launcher, which stops its ranks: a tuner that kills
+    a trial leaves no orphaned training processes.
+    """
     plan = Plan.load(plan_path)
     argv = command(plan=plan, target=target, module=module)
     child_env = {**os.environ, **(env or {}), PLAN_ENV: str(Path(plan_path).resolve())}
     if plan.world.device == "cpu":
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.world.nproc_per_node)))
-    return subprocess.run(argv, env=child_env, check=False).returncode
+    child = subprocess.Popen(argv, env=child_env)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

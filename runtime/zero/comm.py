@@ -68,7 +68,7 @@ class BucketReducer:
         self.grad_shard, self.source = grad_shard, source
         self.buckets = layout.buckets(bucket_size, reverse=True)
         self._bucket_of = {i: b for b, (s, e) in enumerate(self.buckets) for i in range(s, e)}
-        self._pending: list[tuple[object, torch.Tensor, int, int]] = []
+        self._pending: list[tuple[object, torch.Tensor, torch.Tensor, int, int]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -106,7 +106,7 @@ class BucketReducer:
         else:
             out = buf.view(-1)
             work = self.coll.all_reduce(out, async_op=self.overlap)
-        self._pending.append((work, out, offset, length))
+        self._pending.append((work, buf, out, offset, length))  # buf stays alive until waited
         if not self.overlap:
             self.wait()
 
@@ -117,7 +117,7 @@ class BucketReducer:
     def wait(self) -> None:
         """Wait for launched collectives; add their averaged results into the gradient shard."""
         scale = self.predivide / self.coll.size
-        for work, out, offset, length in self._pending:
+        for work, _buf, out, offset, length in self._pending:
             if work is not None:
                 work.wait()
             target = self.grad_shard[offset:offset + length]

@@ -172,3 +172,38 @@ def test_world_without_launcher_is_a_clear_error():
     with pytest.raises(ConfigError, match="data parallelism only"):
         init_distributed(world=WorldPlan(nnodes=1, nproc_per_node=2, world_size=2),
                          parallel=ParallelPlan(dp=1, tp=2))
+
+
+# -- the optimizer interface a native kernel plugs into ------------------------------------------
+def _python_adam_step(*, param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled,
+                      grad_scale=1.0, bf16_out=None):
+    """The kernel contract (zeroplan.runtime.kernels.adam_step), written out in torch."""
+    grad = grad / grad_scale
+    if decoupled:
+        param.mul_(1 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * param
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_kernel_adam_interface_matches_torch_adam(decoupled):
+    from zeroplan.runtime.optim import KernelAdam, TorchAdam
+    from zeroplan.schemas.plan import OptimizerPlan
+
+    plan = OptimizerPlan(type="AdamW" if decoupled else "Adam", lr=1e-2, weight_decay=0.1,
+                         decoupled_weight_decay=decoupled)
+    torch.manual_seed(0)
+    start = torch.randn(37)
+    a, b = start.clone(), start.clone()
+    torch_adam = TorchAdam(fused=False, plan=plan, numel=37, device=torch.device("cpu"))
+    kernel = KernelAdam(adam_step=_python_adam_step, plan=plan, numel=37, device=torch.device("cpu"))
+    for _ in range(3):
+        grad = torch.randn(37)
+        torch_adam.step(param=a, grad=grad, lr=1e-2)
+        kernel.step(param=b, grad=grad, lr=1e-2)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert set(torch_adam.state_tensors()) == set(kernel.state_tensors())
