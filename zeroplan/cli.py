@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import compile, config, probe, tune
+from zeroplan.commands import compile, config, probe, train, tune
 
 COMMANDS = {
     "validate": config.validate,
@@ -17,6 +17,7 @@ COMMANDS = {
     "probe": probe.probe,
     "autotune": tune.autotune,
     "report": tune.report,
+    "train": train.train,
 }
 
 app = typer.Typer(

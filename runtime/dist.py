@@ -1,0 +1,83 @@
+"""Process groups for a run: torch.distributed set up from the torchrun environment.
+
+One object, `ProcessGroups`, carries every group the runtime uses and is passed down
+explicitly; nothing here is module-global. The runtime is data parallel only for now
+(tp = pp = 1); the dp group is the whole world.
+
+Set-up rules:
+- torch.distributed already initialised (a test harness, a user script): use it as it is.
+- torchrun's variables present (RANK, WORLD_SIZE, MASTER_ADDR, ...): `init_process_group`
+  from the environment, gloo on CPU and NCCL on CUDA, as the plan says.
+- neither, and the plan has one process: a one-rank group over an in-memory store, so a
+  plain `python train.py` works without a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.plan import ParallelPlan, WorldPlan
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    """The groups and coordinates of this process."""
+
+    rank: int
+    world_size: int
+    dp_group: dist.ProcessGroup
+    """Data-parallel group: gradients are reduced and ZeRO state is sharded over it."""
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    owns_init: bool
+    """True when `init_distributed` created the default group (so `close` destroys it)."""
+
+    def close(self) -> None:
+        if self.owns_init and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGroups:
+    """Initialise (or adopt) torch.distributed for `world`; check it matches the plan."""
+    if parallel.tp != 1 or parallel.pp != 1:
+        raise ConfigError(Problem("parallel", f"the runtime runs data parallelism only, but the plan has "
+                                  f"tp({parallel.tp}) and pp({parallel.pp})",
+                                  suggestion="compile the plan with tp = pp = 1"))
+    owns = False
+    if not dist.is_initialized():
+        owns = True
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=world.backend)
+        elif world.world_size == 1:
+            dist.init_process_group(backend=world.backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            raise ConfigError(Problem("world.world_size", f"the plan needs {world.world_size} processes but "
+                                      "no launcher environment (RANK, WORLD_SIZE) was found",
+                                      suggestion=f"run under `zeroplan train` or torchrun --nproc-per-node "
+                                      f"{world.nproc_per_node}"))
+    size = dist.get_world_size()
+    if size != world.world_size:
+        raise ConfigError(Problem("world.world_size", f"the plan is for world_size({world.world_size}) but "
+                                  f"{size} processes were launched",
+                                  suggestion="launch as many processes as the plan says, or recompile it"))
+    rank = dist.get_rank()
+    device = _device(world)
+    return ProcessGroups(rank=rank, world_size=size, dp_group=dist.group.WORLD, dp_rank=rank, dp_size=size,
+                         device=device, owns_init=owns)
+
+
+def _device(world: WorldPlan) -> torch.device:
+    if world.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(Problem("world.device", "the plan asks for cuda but torch sees no GPU",
+                                  suggestion="compile the plan for device cpu, or run on a GPU machine"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)

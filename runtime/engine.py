@@ -1,0 +1,277 @@
+"""The Engine: forward, backward and step of one model under a Plan, DeepSpeed's loop.
+
+    for batch in data:
+        loss = engine(**batch)      # the model's forward, in the training dtype
+        engine.backward(loss)        # scaled by 1/accumulation (and the fp16 loss scale)
+        engine.step()                # optimizer step at the accumulation boundary only
+
+Step phases at the boundary: 1. the ZeRO stage has reduced the gradients into each rank's fp32
+shard during backward; 2. fp16: an inf/nan on any rank (all_reduce MAX) skips the step on all
+and lowers the loss scale; 3. the global gradient norm is all-reduced from the shards' squared
+norms, and the shard is unscaled and clipped in one multiply (torch's clip_grad_norm_
+coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard; 5. the stage
+publishes the new weights to the model (all-gather for stages 1-3); 6. the schedule advances.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zeroplan.schemas.plan import Plan
+
+from . import checkpoint
+from .comm import Collectives
+from .dist import ProcessGroups
+from .metrics import StepMeter, peak_memory
+from .optim import FlatOptimizer
+from .precision import LossScaler
+from .rng import get_rng_state, set_rng_state
+from .schedulers import Schedule
+from .zero import ZeroStage
+
+
+class Engine:
+    """Built by `zeroplan.runtime.initialize`; `__init__` only stores."""
+
+    def __init__(self, *, model: nn.Module, plan: Plan, groups: ProcessGroups, coll: Collectives,
+                 zero: ZeroStage, optimizer: FlatOptimizer, schedule: Schedule, scaler: LossScaler,
+                 param_dtype: torch.dtype):
+        self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
+        self.zero, self.optimizer, self.schedule, self.scaler = zero, optimizer, schedule, scaler
+        self.param_dtype = param_dtype
+        self.device = groups.device
+        self.accumulation = plan.batch.gradient_accumulation_steps
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self.last_comms: dict = {}
+        self.meter = StepMeter(device=groups.device, global_batch_size=plan.batch.global_batch_size)
+
+    # -- the loop --------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """The model's forward; floating-point inputs are cast to the training dtype."""
+        if self.micro_steps % self.accumulation == 0:
+            self.meter.begin()
+            self.coll.logger.reset()
+        args, kwargs = _cast_floats((args, kwargs), self.param_dtype)
+        self.meter.count_tokens(_tokens((args, kwargs)) * self.groups.dp_size)
+        with self.zero.forward_context():
+            return self.module(*args, **kwargs)
+
+    forward = __call__
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.accumulation == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss`, averaged over the accumulation steps; gradients reduced as they come."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"backward needs the scalar loss tensor, got {type(loss).__name__}"
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        scale = self.scaler.loss_scale / self.accumulation
+        self.zero.begin_backward(boundary=self.is_gradient_accumulation_boundary())
+        (loss.float() * scale).backward()
+        self.zero.end_backward()
+
+    def step(self) -> None:
+        """End a micro-step; at the accumulation boundary, step the optimizer."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        self._optimizer_step()
+        self.global_steps += 1
+        self.meter.end()
+        self.last_comms = self.coll.logger.snapshot()
+
+    def _optimizer_step(self) -> None:
+        grad = self.zero.grad
+        if self.scaler.check_overflow:
+            overflow = self.coll.any_true(not bool(torch.isfinite(grad).all()), device=self.device)
+            if overflow:
+                self.skipped_steps += 1
+                self.scaler.update_scale(True)
+                self.zero.zero_grad()
+                return
+        inv_scale = 1.0 / self.scaler.loss_scale
+        norm = self._grad_norm() * inv_scale
+        self.last_grad_norm = norm
+        coef = inv_scale
+        clip = self.plan.optimizer.gradient_clipping
+        if clip > 0 and norm + 1e-6 > clip:
+            coef *= clip / (norm + 1e-6)
+        if coef != 1.0:
+            grad.mul_(coef)
+        self.optimizer.step(param=self.zero.master, grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
+        self.zero.publish()
+        self.schedule.step()
+        self.scaler.update_scale(False)
+        self.zero.zero_grad()
+
+    def _grad_norm(self) -> float:
+        sq = self.zero.grad.double().pow(2).sum().float().reshape(1)
+        if not self.zero.grad_norm_replicated:
+            self.coll.sum_scalar(sq)
+        return float(sq.sqrt().item())
+
+    def train_batch(self, data_iter: Iterator) -> torch.Tensor:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; the mean loss."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(self.accumulation):
+            out = _call(self, next(data_iter))
+            loss = _loss_of(out)
+            self.backward(loss)
+            self.step()
+            total += loss.detach().float()
+        return total / self.accumulation
+
+    # -- state -----------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in fp32 on every rank, keyed like the model's state_dict (a collective)."""
+        fulls = self.zero.full_parameters()
+        out = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            index = self.zero.layout.index_of(t)
+            if index is not None:
+                out[name] = fulls[index].view(self.zero.layout.slots[index].shape)
+            elif isinstance(t, nn.Parameter):
+                out[name] = t.detach().float().clone()
+            else:
+                out[name] = t.detach().clone()
+        return out
+
+    def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None) -> Path:
+        """Save this rank's shard and state (every rank calls it); returns the checkpoint directory."""
+        if self.micro_steps % self.accumulation:
+            raise RuntimeError("save_checkpoint inside a gradient-accumulation window would lose the "
+                               "accumulated gradients; save after engine.step() at a boundary")
+        tag = tag or f"global_step{self.global_steps}"
+        _check_loadable(client_state or {})
+        tensors = {"master": self.zero.master, **{f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()},
+                   **{f"module.{k}": v for k, v in self._local_tensors().items()}}
+        state = {"schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": get_rng_state(self.device), "client_state": client_state or {},
+                 "counters": [self.global_steps, self.micro_steps, self.skipped_steps]}
+        return checkpoint.save(directory=save_dir, tag=tag, rank=self.groups.rank, tensors=tensors, state=state,
+                               meta=self._meta(), barrier=lambda: dist.barrier(self.groups.dp_group))
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict:
+        """Restore everything `save_checkpoint` wrote; returns the client state."""
+        path = checkpoint.resolve(load_dir, tag)
+        meta, tensors, state = checkpoint.load(path=path, rank=self.groups.rank)
+        mine = self._meta()
+        for key in ("world_size", "stage", "slots"):
+            if meta.get(key) != mine[key]:
+                raise checkpoint.CheckpointError(
+                    f"{path}: saved with {key}={_short(meta.get(key))}, this run has {_short(mine[key])}; "
+                    "resume with the same world size, ZeRO stage and model")
+        self.zero.master.copy_(tensors["master"])
+        self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+        for name, t in self._local_tensors().items():
+            t.copy_(tensors[f"module.{name}"])
+        self.zero.publish()
+        self.zero.zero_grad()
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], self.device)
+        self.global_steps, self.micro_steps, self.skipped_steps = state["counters"]
+        return state["client_state"]
+
+    def _local_tensors(self) -> dict[str, torch.Tensor]:
+        """Buffers and frozen parameters: whole on every rank, outside the ZeRO shards."""
+        out = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if self.zero.layout.index_of(t) is None:
+                out[name] = t.data if isinstance(t, nn.Parameter) else t
+        return out
+
+    def _meta(self) -> dict:
+        return {"world_size": self.groups.dp_size, "stage": self.zero.stage, "global_steps": self.global_steps,
+                "param_dtype": str(self.param_dtype).replace("torch.", ""),
+                "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
+
+    # -- measurements ------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Last step's time and throughput, this rank's peak memory, last step's communication."""
+        out = {"rank": self.groups.rank, "global_steps": self.global_steps, "skipped_steps": self.skipped_steps,
+               **self.meter.summary(), **peak_memory(self.device), "comms": self.last_comms}
+        if self.scaler.check_overflow:
+            out["loss_scale"] = self.scaler.loss_scale
+        if self.last_grad_norm is not None:
+            out["grad_norm"] = self.last_grad_norm
+        return out
+
+    def get_lr(self) -> float:
+        return self.schedule.lr()
+
+    def close(self) -> None:
+        """Remove the hooks; destroy the process group if `initialize` created it."""
+        self.zero.close()
+        self.groups.close()
+
+
+def _cast_floats(obj, dtype: torch.dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _cast_floats(v, dtype)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def _tokens(obj) -> int:
+    """Tokens in a micro-batch: the elements of its first 2-D integer tensor (ids), else 0."""
+    stack = [obj]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if not item.is_floating_point() and item.dim() == 2:
+                return item.numel()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return 0
+
+
+def _call(engine: Engine, batch):
+    if isinstance(batch, Mapping):
+        return engine(**batch)
+    if isinstance(batch, (list, tuple)):
+        return engine(*batch)
+    return engine(batch)
+
+
+def _loss_of(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"train_batch needs the model to return the loss (a tensor, a dict with 'loss', "
+                    f"or a tuple starting with it), got {type(out).__name__}")
+
+
+def _check_loadable(client_state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(client_state, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise TypeError("client_state must hold only tensors, numbers, strings, lists and dicts (checkpoints "
+                        f"are read back without unpickling objects): {e}") from e
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."

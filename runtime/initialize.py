@@ -1,0 +1,71 @@
+"""`initialize(model, plan=...)`: build the Engine for a model from a Plan.
+
+Each part gets only its slice of the plan, keyword-only: the process groups from
+`plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, the optimizer from
+`plan.optimizer`/`plan.kernels`, the schedule from `plan.scheduler`, the loss scaler from
+`plan.precision`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zeroplan.schemas import ConfigError, Plan, Problem
+
+from .comm import Collectives, CommsLogger
+from .dist import init_distributed
+from .engine import Engine
+from .optim import build_optimizer
+from .precision import DTYPES, build_loss_scaler
+from .schedulers import build_schedule
+from .zero import build_zero
+
+PLAN_ENV = "ZEROPLAN_PLAN"
+"""Environment variable `zeroplan train PLAN -- script.py` sets to the plan's path."""
+
+
+def resolve_plan(plan: Plan | str | Path | None) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if plan is None:
+        path = os.environ.get(PLAN_ENV)
+        if not path:
+            raise ConfigError(Problem("plan", "no plan given and $ZEROPLAN_PLAN is not set",
+                                      suggestion="pass plan=PATH, or launch with `zeroplan train PLAN -- script.py`"))
+        plan = path
+    return Plan.load(plan)
+
+
+def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None) -> Engine:
+    """Shard `model` as `plan` says and return the Engine that trains it.
+
+    Initialises torch.distributed from the torchrun environment when it is not yet (gloo on
+    CPU, NCCL on CUDA; one process needs no launcher). Every rank's parameters and buffers are
+    made equal to rank 0's first.
+    """
+    plan = resolve_plan(plan)
+    if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
+        raise ConfigError(Problem("offload", "this runtime does not offload yet",
+                                  suggestion="compile the plan with offload_optimizer/offload_param device none"))
+    groups = init_distributed(world=plan.world, parallel=plan.parallel)
+    coll = Collectives(group=groups.dp_group, logger=CommsLogger())
+    model.to(groups.device)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            coll.broadcast(t.data, src=0)
+    precision = plan.precision
+    param_dtype = DTYPES[precision.param_dtype]
+    zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
+                      reduce_dtype=DTYPES[precision.reduce_dtype],
+                      predivide=plan.optimizer.gradient_predivide_factor)
+    optimizer = build_optimizer(optimizer=plan.optimizer, kernels=plan.kernels, numel=zero.layout.numel,
+                                device=groups.device)
+    schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
+    scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
+    coll.logger.reset()
+    return Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
+                  schedule=schedule, scaler=scaler, param_dtype=param_dtype)

@@ -1,0 +1,81 @@
+"""The built-in GPT decoder, built from a `ModelSpec` (architecture "gpt").
+
+Learned position embeddings; pre-LN blocks (LayerNorm with bias, fused qkv Linear(h, 3h) and
+out-projection Linear(h, h), MLP Linear(h, ffn) + GELU + Linear(ffn, h), all with biases); a
+final LayerNorm; the LM head tied to the token embedding (GPT-2, Radford et al. 2019). Its
+parameter count is exactly `spec.total_params` (tests check it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroplan.schemas import ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.heads = spec.heads
+        self.qkv = nn.Linear(spec.hidden, 3 * spec.hidden)
+        self.proj = nn.Linear(spec.hidden, spec.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.hidden)
+        self.attn = Attention(spec)
+        self.ln2 = nn.LayerNorm(spec.hidden)
+        self.fc = nn.Linear(spec.hidden, spec.ffn)
+        self.out = nn.Linear(spec.ffn, spec.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.architecture != "gpt" or spec.kv_heads not in (None, spec.heads):
+            raise ValueError(f"the built-in model is a GPT; spec {spec.name!r} is {spec.architecture} "
+                             f"(kv_heads={spec.kv_heads}); use a gpt preset: tiny, small, medium")
+        self.spec = spec
+        self.wte = nn.Embedding(spec.vocab, spec.hidden)
+        self.wpe = nn.Embedding(spec.seq_len, spec.hidden)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.layers))
+        self.ln_f = nn.LayerNorm(spec.hidden)
+        self.lm_head = nn.Linear(spec.hidden, spec.vocab, bias=False)
+        if spec.tied_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab], or the mean next-token cross-entropy when `labels` is given."""
+        t = input_ids.shape[1]
+        if t > self.spec.seq_len:
+            raise ValueError(f"sequence length {t} exceeds the model's seq_len {self.spec.seq_len}")
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))

@@ -1,0 +1,133 @@
+"""Train the built-in GPT on synthetic Markov-chain data under a plan; run under torchrun
+(or plainly for one process) by `zeroplan train`.
+
+    python -m zeroplan.runtime.train --plan plan.json --model tiny --steps 50 --metrics m.jsonl
+
+Rank 0 shows a progress bar (loss, samples/s, peak memory), prints a line every
+`logging.steps_per_print` steps, and writes one JSON line per step to --metrics, then a
+summary line with every rank's peak memory and the mean step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zeroplan.schemas import ConfigError, ModelSpec, Plan
+
+from .initialize import initialize
+from .models import GPT, MarkovChainData
+
+MIB = 2 ** 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m zeroplan.runtime.train", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", required=True, type=Path, help="plan.json from `zeroplan compile`")
+    p.add_argument("--model", default="tiny", help="gpt preset (tiny, small, medium) or a ModelSpec JSON")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--metrics", type=Path, default=None, help="write per-step metrics as JSON lines here")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    plan = Plan.load(args.plan)
+    spec = ModelSpec.load(args.model)
+    torch.manual_seed(args.seed)
+    engine = initialize(GPT(spec), plan=plan)
+    groups, batch = engine.groups, plan.batch
+    data = MarkovChainData(vocab=spec.vocab, seq_len=spec.seq_len, seed=args.seed).iterate(
+        global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+        dp=groups.dp_size, dp_rank=groups.dp_rank)
+    rank0 = groups.rank == 0
+    out = args.metrics.open("w") if (rank0 and args.metrics) else None
+    losses, started = [], time.perf_counter()
+    with _progress(enabled=rank0, total=args.steps) as bar:
+        for step in range(args.steps):
+            loss = engine.train_batch(data)
+            engine.coll.all_reduce(loss)  # after the step's metrics snapshot: not counted in its comms
+            losses.append(float(loss) / groups.dp_size)
+            line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics()}
+            if out:
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+            if rank0:
+                bar(line)
+                if (step + 1) % plan.logging.steps_per_print == 0 or step + 1 == args.steps:
+                    print(_text(line, args.steps), flush=True)
+    summary = _summary(engine, losses, wall=time.perf_counter() - started, spec=spec)
+    if out:
+        out.write(json.dumps(summary) + "\n")
+        out.close()
+    if rank0:
+        print(json.dumps(summary), flush=True)
+    engine.close()
+    return summary
+
+
+def _summary(engine, losses: list[float], *, wall: float, spec: ModelSpec) -> dict:
+    peak = torch.tensor([engine.metrics()["peak_rss_bytes"]], dtype=torch.float64)
+    peaks = [torch.zeros_like(peak) for _ in range(engine.groups.dp_size)]
+    torch.distributed.all_gather(peaks, peak, group=engine.groups.dp_group)
+    times = engine.meter.times[1:] or engine.meter.times  # the first step includes warm-up
+    mean = sum(times) / len(times)
+    return {"summary": True, "model": spec.name, "stage": engine.plan.zero.stage,
+            "world_size": engine.groups.world_size, "dtype": engine.plan.precision.param_dtype,
+            "steps": len(losses), "loss_start": losses[0], "loss_end": losses[-1],
+            "mean_step_time_s": mean, "samples_per_s": engine.plan.batch.global_batch_size / mean,
+            "tokens_per_s": engine.plan.batch.global_batch_size * spec.seq_len / mean,
+            "peak_rss_bytes_per_rank": [int(p.item()) for p in peaks], "wall_s": wall,
+            "comms_per_step": engine.last_comms}
+
+
+def _text(line: dict, total: int) -> str:
+    return (f"step {line['step']}/{total}  loss {line['loss']:.4f}  lr {line['lr']:.3g}  "
+            f"{line.get('samples_per_s', 0):.1f} samples/s  peak {line['peak_rss_bytes'] / MIB:.0f} MiB")
+
+
+class _progress:
+    """A rich progress bar on rank 0 (on a terminal); a no-op elsewhere."""
+
+    def __init__(self, *, enabled: bool, total: int):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda line: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self.progress.__enter__()
+        task = self.progress.add_task("train", total=self.total, info="")
+
+        def update(line: dict) -> None:
+            info = (f"loss {line['loss']:.3f}  {line.get('samples_per_s', 0):.1f} samples/s  "
+                    f"{line['peak_rss_bytes'] / MIB:.0f} MiB")
+            self.progress.update(task, advance=1, info=info)
+        return update
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

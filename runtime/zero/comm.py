@@ -1,0 +1,159 @@
+"""The collectives of ZeRO: bucketed gradient reduction and parameter gathering.
+
+Buffers of a run of slots are rank-major, [W, sum of chunks] (see layout.py), so
+- reduce-scatter of a gradient bucket hands each rank its contiguous shard slice, and
+- all-gather of a shard slice returns every rank's chunks of the run, to be cut back into
+  whole parameters.
+
+`BucketReducer` phases (ZeRO paper, arXiv:1910.02054, section 5; PyTorch DDP's in-order
+bucket launch, arXiv:2006.15704, section 4.2):
+  1. a parameter's post-accumulate-grad hook marks it ready; buckets are launched strictly in
+     their fixed order, each as soon as it and every earlier bucket are ready, so all ranks
+     issue the same collectives in the same order even when some parameters got no gradient;
+  2. `flush` (end of backward) launches the buckets still waiting, with zeros for parameters
+     that got no gradient on this rank;
+  3. `wait` (before the optimizer step) waits for asynchronous collectives (`overlap_comm`)
+     and adds each result, averaged over ranks, into the fp32 gradient shard.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..comm import Collectives
+from .layout import ShardLayout
+
+
+def write_rows(region: torch.Tensor, flat: torch.Tensor | None) -> None:
+    """Write a flat tensor into a [W, chunk] strided region row-major; zero the padding."""
+    if flat is None:
+        region.zero_()
+        return
+    world, chunk = region.shape
+    n = flat.numel()
+    full = n // chunk
+    if full:
+        region[:full].copy_(flat[: full * chunk].view(full, chunk))
+    rest = n - full * chunk
+    if full < world:
+        if rest:
+            region[full, :rest].copy_(flat[full * chunk:])
+        region[full, rest:].zero_()
+        region[full + 1:].zero_()
+
+
+def read_rows(region: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `write_rows`: the first `numel` elements of a [W, chunk] region, row-major."""
+    return region.reshape(-1)[:numel]
+
+
+class BucketReducer:
+    """Reduces gradients of a layout's slots over the dp group in fixed-order buckets.
+
+    `source(i)` returns slot i's local gradient (any dtype, None if it got none) and is called
+    when the bucket is launched; `scatter` chooses reduce-scatter (stages 1-3: the result is the
+    shard slice) or all-reduce (stage 0, W = 1 layout: the result is the whole bucket);
+    `accumulate` adds results into the gradient shard (stages 2-3 reduce every micro-batch)
+    instead of assigning them (stages 0-1 reduce once, at the accumulation boundary).
+    """
+
+    def __init__(self, *, layout: ShardLayout, coll: Collectives, bucket_size: int, reduce_dtype: torch.dtype,
+                 scatter: bool, overlap: bool, predivide: float, grad_shard: torch.Tensor, accumulate: bool,
+                 source: Callable[[int], torch.Tensor | None]):
+        self.layout, self.coll, self.scatter, self.overlap = layout, coll, scatter, overlap
+        self.accumulate = accumulate
+        self.reduce_dtype, self.predivide = reduce_dtype, predivide
+        self.grad_shard, self.source = grad_shard, source
+        self.buckets = layout.buckets(bucket_size, reverse=True)
+        self._bucket_of = {i: b for b, (s, e) in enumerate(self.buckets) for i in range(s, e)}
+        self._pending: list[tuple[object, torch.Tensor, torch.Tensor, int, int]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._missing = [e - s for s, e in self.buckets]
+        self._seen: set[int] = set()
+        self._next = 0
+
+    def mark_ready(self, index: int) -> None:
+        if index in self._seen:
+            return
+        self._seen.add(index)
+        self._missing[self._bucket_of[index]] -= 1
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._launch(self._next)
+            self._next += 1
+
+    def flush(self) -> None:
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, b: int) -> None:
+        start, end = self.buckets[b]
+        offset, length = self.layout.span(start, end)
+        world = self.layout.world
+        buf = torch.empty(world, length, dtype=self.reduce_dtype, device=self.grad_shard.device)
+        for slot in self.layout.slots[start:end]:
+            o = slot.offset - offset
+            write_rows(buf[:, o:o + slot.chunk], self._flat(slot.index))
+        if self.predivide != 1.0:
+            buf.div_(self.predivide)
+        if self.scatter:
+            out = torch.empty(length, dtype=self.reduce_dtype, device=buf.device)
+            work = self.coll.reduce_scatter(out, buf.view(-1), async_op=self.overlap)
+        else:
+            out = buf.view(-1)
+            work = self.coll.all_reduce(out, async_op=self.overlap)
+        self._pending.append((work, buf, out, offset, length))  # buf stays alive until waited
+        if not self.overlap:
+            self.wait()
+
+    def _flat(self, index: int) -> torch.Tensor | None:
+        grad = self.source(index)
+        return None if grad is None else grad.reshape(-1)
+
+    def wait(self) -> None:
+        """Wait for launched collectives; add their averaged results into the gradient shard."""
+        scale = self.predivide / self.coll.size
+        for work, _buf, out, offset, length in self._pending:
+            if work is not None:
+                work.wait()
+            target = self.grad_shard[offset:offset + length]
+            if self.accumulate:
+                target.add_(out.to(target.dtype), alpha=scale)
+            else:
+                torch.mul(out.to(target.dtype), scale, out=target)
+        self._pending.clear()
+
+
+class GatherHandle:
+    """An all-gather of slots [start, end) in flight; `finish` writes whole parameters."""
+
+    def __init__(self, *, layout: ShardLayout, start: int, end: int, out: torch.Tensor, work):
+        self.layout, self.start, self.end, self.out, self.work = layout, start, end, out, work
+
+    def finish(self, write: Callable[[int, torch.Tensor], None]) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        offset, length = self.layout.span(self.start, self.end)
+        rows = self.out.view(self.layout.world, length)
+        for slot in self.layout.slots[self.start:self.end]:
+            o = slot.offset - offset
+            write(slot.index, read_rows(rows[:, o:o + slot.chunk], slot.numel).view(slot.shape))
+
+
+def gather_slots(*, layout: ShardLayout, coll: Collectives, shard: torch.Tensor, start: int, end: int,
+                 async_op: bool) -> GatherHandle:
+    """Launch the all-gather of this rank's shard slice for slots [start, end)."""
+    offset, length = layout.span(start, end)
+    out = torch.empty(layout.world * length, dtype=shard.dtype, device=shard.device)
+    work = coll.all_gather(out, shard[offset:offset + length], async_op=async_op)
+    return GatherHandle(layout=layout, start=start, end=end, out=out, work=work)
+
+
+def gather_groups(layout: ShardLayout, max_elements: int) -> list[tuple[int, int]]:
+    """Consecutive slot ranges of at most `max_elements` gathered elements, in order."""
+    return layout.buckets(max_elements, reverse=False)

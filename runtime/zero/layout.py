@@ -1,0 +1,99 @@
+"""Where every trainable parameter lives in a rank's flat shard.
+
+Each parameter is flattened, padded to a multiple of the shard world W and cut into W equal
+chunks; rank r owns chunk r of every parameter, and its shard is those chunks concatenated in
+parameter order. The padding (< W elements per parameter) is what lets gloo, whose
+all-gather needs equal sizes, gather any run of consecutive parameters in one call, and lets
+any run be reduce-scattered with one `reduce_scatter_tensor`: a run's buffer is laid out
+rank-major, [W, sum of chunks], so rank r's part is exactly its contiguous shard slice.
+
+With W = 1 (ZeRO stage 0) the shard is the whole flat parameter vector, unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter in the layout."""
+
+    index: int
+    name: str
+    shape: torch.Size
+    numel: int
+    chunk: int
+    """Elements of this parameter per rank (ceil(numel / W))."""
+    offset: int
+    """Where this rank's chunk starts in the shard."""
+
+
+class ShardLayout:
+    """Slots of `params` (name, parameter) for shard world `world`; the order is given."""
+
+    def __init__(self, *, params: list[tuple[str, nn.Parameter]], world: int):
+        self.world = world
+        self.params = [p for _, p in params]
+        slots, offset = [], 0
+        for i, (name, p) in enumerate(params):
+            chunk = -(-p.numel() // world)
+            slots.append(Slot(index=i, name=name, shape=p.shape, numel=p.numel(), chunk=chunk, offset=offset))
+            offset += chunk
+        self.slots: list[Slot] = slots
+        self.numel = offset
+        """Elements per rank's shard."""
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def index_of(self, param: nn.Parameter) -> int | None:
+        return self._index.get(id(param))
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """(offset, length) in the shard of slots [start, end)."""
+        first, last = self.slots[start], self.slots[end - 1]
+        return first.offset, last.offset + last.chunk - first.offset
+
+    def runs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Maximal runs [start, end) of consecutive slot indices, for one collective each."""
+        out: list[tuple[int, int]] = []
+        for i in sorted(set(indices)):
+            if out and out[-1][1] == i:
+                out[-1] = (out[-1][0], i + 1)
+            else:
+                out.append((i, i + 1))
+        return out
+
+    def chunk_of(self, flat_full: torch.Tensor, slot: Slot, rank: int) -> torch.Tensor:
+        """Rank `rank`'s chunk of a full flat parameter (zero-padded at the end)."""
+        lo = rank * slot.chunk
+        hi = min(lo + slot.chunk, slot.numel)
+        out = flat_full.new_zeros(slot.chunk)
+        if hi > lo:
+            out[: hi - lo] = flat_full[lo:hi]
+        return out
+
+    def buckets(self, max_elements: int, *, reverse: bool) -> list[tuple[int, int]]:
+        """Consecutive slot ranges of at most `max_elements` padded elements (one slot at least).
+
+        Sizes count all ranks' elements (W x chunk), as DeepSpeed's bucket sizes count the
+        unsharded gradient. `reverse` lists them from the last parameter, the order backward
+        produces gradients in.
+        """
+        order = range(len(self.slots) - 1, -1, -1) if reverse else range(len(self.slots))
+        groups: list[list[int]] = []
+        size = 0
+        for i in order:
+            n = self.slots[i].chunk * self.world
+            if groups and size + n <= max_elements:
+                groups[-1].append(i)
+                size += n
+            else:
+                groups.append([i])
+                size = n
+        return [(min(g), max(g) + 1) for g in groups]

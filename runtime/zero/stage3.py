@@ -1,0 +1,204 @@
+"""ZeRO stage 3: parameters partitioned too (ZeRO paper, arXiv:1910.02054, P_os+g+p).
+
+Each rank keeps only its chunk of every parameter (in the parameters' dtype, `pshard`; the
+fp32 master itself when training in fp32). A module's own parameters are gathered whole just
+before they are used and released right after:
+
+  forward   pre-hook: all_gather the module's parameters (waiting on a prefetch if one is in
+            flight), then prefetch the next modules of the recorded forward order, async, up
+            to `prefetch_bucket_size` elements; post-hook: release them (data swapped for a
+            placeholder, see below).
+  backward  autograd's saved-tensor hooks record a partitioned parameter (or a view of one)
+            as (parameter, view geometry) instead of keeping the gathered storage alive; when
+            backward unpacks it, the module's parameters are gathered again (prefetching the
+            modules before it in forward order). A parameter is released as soon as its
+            gradient is accumulated (post-accumulate-grad hook), after the gradient is handed
+            to the bucketed reduce-scatter of stage 2.
+  step      the fp32 master shard is updated in place; parameters under
+            `param_persistence_threshold` elements stay whole on every rank and are
+            all-gathered after the step, like stage 1-2 parameters.
+
+A released parameter keeps its shape: its data is one NaN expanded to the shape (stride 0),
+because autograd lays out a gradient after the parameter it accumulates into
+(AccumulateGrad's layout contract), and some parameters are never gathered in backward
+(an embedding's backward needs only its indices). A parameter read while released, e.g.
+outside the forward of a module that owns it, therefore reads NaN rather than stale values.
+
+Every rank must run the same modules in the same order (as in DeepSpeed): gathers are
+collectives. Frozen parameters stay whole on every rank.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .base import ZeroStage
+from .comm import GatherHandle, gather_groups, gather_slots
+from .stage12 import Stage2
+
+
+class Stage3(Stage2):
+    stage = 3
+
+    def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], pshard: torch.Tensor,
+                 prefetch_bucket_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        """Module -> slot indices of its own partitioned parameters."""
+        self.persistent = persistent
+        self.pshard = pshard
+        self.prefetch_bucket_size = prefetch_bucket_size
+        self._home = {}
+        for module, slots in units.items():
+            for i in slots:
+                self._home.setdefault(i, module)
+        nan = torch.full((1,), float("nan"), dtype=pshard.dtype, device=pshard.device)
+        self._released = [nan.expand(slot.shape) for slot in self.layout.slots]
+        self._gathered: set[int] = set(persistent)
+        self._inflight: dict[int, GatherHandle] = {}
+        self._users: dict[int, int] = defaultdict(int)
+        self._trace: list[nn.Module] = []
+        self._recording = True
+        self._cursor = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+    def attach(self) -> None:
+        super().attach()
+        for module in self.units:
+            self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
+            self._hooks.append(module.register_forward_hook(self._post_forward))
+        for i in range(len(self.layout)):
+            self._release(i)
+
+    # -- gather / release --------------------------------------------------------------------
+    def _install(self, index: int, full: torch.Tensor) -> None:
+        self.layout.params[index].data = full
+        self._gathered.add(index)
+
+    def _launch(self, module: nn.Module, *, async_op: bool) -> None:
+        need = [i for i in self.units[module] if i not in self._gathered and i not in self._inflight]
+        for start, end in self.layout.runs(need):
+            handle = gather_slots(layout=self.layout, coll=self.coll, shard=self.pshard, start=start, end=end,
+                                  async_op=async_op)
+            for i in range(start, end):
+                self._inflight[i] = handle
+
+    def _complete(self, indices) -> None:
+        for i in indices:
+            handle = self._inflight.get(i)
+            if handle is not None:
+                handle.finish(self._install)
+                for j in range(handle.start, handle.end):
+                    self._inflight.pop(j, None)
+
+    def _ensure(self, module: nn.Module) -> None:
+        self._launch(module, async_op=False)
+        self._complete(self.units[module])
+
+    def _release(self, index: int) -> None:
+        if index in self.persistent or self._users[index] > 0 or index not in self._gathered:
+            return
+        self.layout.params[index].data = self._released[index]
+        self._gathered.discard(index)
+
+    def _prefetch(self, order: list[nn.Module]) -> None:
+        budget = self.prefetch_bucket_size
+        for module in order:
+            if budget <= 0:
+                return
+            need = [i for i in self.units[module] if i not in self._gathered and i not in self._inflight]
+            if need:
+                self._launch(module, async_op=True)
+                budget -= sum(self.layout.slots[i].numel for i in need)
+
+    # -- forward hooks ---------------------------------------------------------------------
+    def forward_context(self):
+        self._cursor = 0
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pre_forward(self, module: nn.Module, args) -> None:
+        if self._recording:
+            self._trace.append(module)
+        for i in self.units[module]:
+            self._users[i] += 1
+        self._ensure(module)
+        if not self._recording and self.prefetch_bucket_size > 0:
+            self._prefetch(self._trace[self._cursor + 1:])
+        self._cursor += 1
+
+    def _post_forward(self, module: nn.Module, args, output) -> None:
+        for i in self.units[module]:
+            self._users[i] -= 1
+            self._release(i)
+
+    # -- backward: saved tensors and gradients -----------------------------------------------
+    def _pack(self, tensor: torch.Tensor):
+        index = self.layout.index_of(tensor)
+        if index is None and tensor._base is not None:
+            index = self.layout.index_of(tensor._base)
+        if index is None or index in self.persistent:
+            return tensor
+        param = self.layout.params[index]
+        return (index, tensor.size(), tensor.stride(), tensor.storage_offset() - param.storage_offset())
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        index, size, stride, offset = packed
+        if index not in self._gathered:
+            module = self._home[index]
+            self._ensure(module)
+            if self.prefetch_bucket_size > 0 and module in self._trace:
+                at = len(self._trace) - 1 - self._trace[::-1].index(module)
+                self._prefetch(self._trace[:at][::-1])
+        param = self.layout.params[index]
+        return param.detach().as_strided(size, stride, param.storage_offset() + offset)
+
+    def on_grad(self, index: int, param: torch.Tensor) -> None:
+        self.reducer.mark_ready(index)
+        self._release(index)
+
+    def end_backward(self) -> None:
+        super().end_backward()
+        self._recording = False
+        self.release_all()
+
+    def release_all(self) -> None:
+        """Finish prefetches still in flight (they are collectives) and release everything."""
+        self._complete(list(self._inflight))
+        for i in list(self._gathered):
+            self._release(i)
+
+    # -- step ------------------------------------------------------------------------------
+    def publish(self) -> None:
+        self.release_all()
+        if self.pshard is not self.master:
+            self.pshard.copy_(self.master)
+        if self.persistent:
+            ranges = [r for s, e in self.layout.runs(sorted(self.persistent))
+                      for r in _split(gather_groups(self.layout, self.allgather_bucket_size), s, e)]
+            self.gather_into_model(ranges)
+
+    def param_shard(self) -> torch.Tensor:
+        return self.pshard
+
+
+def _split(groups: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) cut at the boundaries of `groups`."""
+    out = []
+    for s, e in groups:
+        lo, hi = max(s, start), min(e, end)
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def is_persistent(numel: int, threshold: int) -> bool:
+    """Kept whole on every rank: fewer elements than `param_persistence_threshold`."""
+    return numel < threshold
+
+
+__all__ = ["Stage3", "is_persistent", "ZeroStage"]

@@ -1,0 +1,136 @@
+"""Rank workers for checkpoints, buckets, fp16 scaling and metrics (run through rt_cases.run_jobs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from zeroplan.runtime import checkpoint, initialize
+from zeroplan.schemas.plan import LossScalePlan
+
+from rt_cases import build, case_plan, loss_of, micro_batch
+from rt_plans import make_plan
+
+
+def _train(engine, case: dict, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        for k in range(case["accum"]):
+            loss = loss_of(engine(**micro_batch(case, step, dist.get_rank(), k)))
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def checkpoint_roundtrip(*, case: dict, directory: str) -> dict | None:
+    """Train 4 steps straight; and 2 steps, save, load into a fresh engine, 2 more steps."""
+    plan = case_plan(case)
+    first = initialize(build(case["model"]), plan=plan)
+    _train(first, case, range(2))
+    first.save_checkpoint(directory, client_state={"epoch": 3, "note": "x", "t": torch.arange(3)})
+    rng_after_save = torch.rand(3)
+    straight = _train(first, case, range(2, 4))
+    want = first.full_state_dict()
+    first.close()
+
+    torch.manual_seed(999)
+    second = initialize(build(case["model"]), plan=plan)
+    client = second.load_checkpoint(directory)
+    rng_after_load = torch.rand(3)
+    resumed = _train(second, case, range(second.global_steps, 4))
+    got = second.full_state_dict()
+    steps = second.global_steps
+    second.close()
+    if dist.get_rank():
+        return None
+    diff = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    return {"diff": diff, "client": client, "steps": steps, "losses": (straight, resumed),
+            "rng_equal": bool(torch.equal(rng_after_save, rng_after_load))}
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def interrupted_save(*, case: dict, directory: str) -> dict | None:
+    """Save at step 2; crash every rank in the middle of the save at step 4; load the survivor."""
+    plan = case_plan(case)
+    engine = initialize(build(case["model"]), plan=plan)
+    _train(engine, case, range(2))
+    engine.save_checkpoint(directory, client_state={"at": 2})
+    at_two = engine.full_state_dict()
+    _train(engine, case, range(2, 4))
+    original = checkpoint.write_state
+
+    def crash(path, state):
+        raise SimulatedCrash(f"killed while writing {path}")
+
+    checkpoint.write_state = crash
+    try:
+        engine.save_checkpoint(directory, client_state={"at": 4})
+        crashed = False
+    except SimulatedCrash:
+        crashed = True
+    finally:
+        checkpoint.write_state = original
+    engine.close()
+    dist.barrier()
+    fresh = initialize(build(case["model"]), plan=plan)
+    client = fresh.load_checkpoint(directory)
+    got = fresh.full_state_dict()
+    steps = fresh.global_steps
+    fresh.close()
+    if dist.get_rank():
+        return None
+    listing = sorted(p.name for p in Path(directory).iterdir())
+    diff = max((got[k].float() - at_two[k].float()).abs().max().item() for k in at_two)
+    return {"crashed": crashed, "client": client, "steps": steps, "diff": diff, "listing": listing,
+            "latest": (Path(directory) / "latest").read_text().strip()}
+
+
+def bucket_counts(*, stage: int, bucket: int, accum: int = 2) -> dict:
+    """Collective calls of one optimizer step for `reduce_bucket_size` = bucket."""
+    case = {"model": "gpt", "stage": stage, "world": dist.get_world_size(), "accum": accum, "reduce_bucket": bucket}
+    engine = initialize(build("gpt"), plan=case_plan(case))
+    _train(engine, case, range(1))
+    comms = engine.metrics()["comms"]
+    numels = [s.numel for s in engine.zero.layout.slots]
+    engine.close()
+    return {"comms": comms, "numels": numels}
+
+
+def fp16_overflow(*, stage: int) -> dict:
+    """fp16 with DeepSpeed's scaler: a huge start scale overflows and is skipped on every rank;
+    an overflow on one rank only is skipped on all ranks; training then proceeds."""
+    case = {"model": "gpt", "stage": stage, "world": dist.get_world_size(), "accum": 1}
+    plan = make_plan(stage=stage, world=case["world"], micro=12 // case["world"], dtype="fp16",
+                     loss_scaling=LossScalePlan(enabled=True, initial_scale_power=20, window=3, hysteresis=2,
+                                                min_scale=1.0))
+    engine = initialize(build("gpt"), plan=plan)
+    log = []
+    for step in range(12):
+        before = engine.zero.master.clone()
+        batch = micro_batch(case, step, dist.get_rank(), 0)
+        loss = loss_of(engine(**batch))
+        if step == 10 and dist.get_rank() == 1:
+            loss = loss * 1e30
+        skipped = engine.skipped_steps
+        engine.backward(loss)
+        engine.step()
+        moved = bool((engine.zero.master != before).any())
+        log.append({"step": step, "skipped": engine.skipped_steps > skipped, "moved": moved,
+                    "scale": engine.scaler.loss_scale, "loss": float(loss.detach().float())})
+    engine.close()
+    return {"log": log}
+
+
+def metrics_after_training(*, stage: int) -> dict:
+    case = {"model": "gpt", "stage": stage, "world": dist.get_world_size(), "accum": 2}
+    engine = initialize(build("gpt"), plan=case_plan(case))
+    _train(engine, case, range(3))
+    out = engine.metrics()
+    engine.close()
+    return out

@@ -1,0 +1,40 @@
+"""`zeroplan train`: run training under a plan (the built-in model, or your script)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zeroplan.schemas import ConfigError, Problem
+
+from .common import user_errors
+
+
+@user_errors
+def train(
+    plan: Annotated[Path, typer.Argument(help="plan.json from `zeroplan compile`.", show_default=False)],
+    script: Annotated[Optional[list[str]], typer.Argument(
+        help="After `--`: a training script and its arguments; it calls zeroplan.initialize(model).",
+        show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", help="Built-in GPT preset (tiny, small, medium).")] = "tiny",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps of the built-in model.")] = 20,
+    metrics: Annotated[Optional[Path], typer.Option(
+        "--metrics", help="Write per-step metrics as JSON lines (built-in model).")] = None,
+) -> None:
+    """Launch the plan's processes (torchrun; none for one process) and train."""
+    from zeroplan.runtime.launch import launch
+
+    if not plan.is_file():
+        raise ConfigError(Problem("", f"plan file {plan} not found", suggestion="run `zeroplan compile` first"))
+    if script:
+        target, module = list(script), False
+    else:
+        target = ["zeroplan.runtime.train", "--plan", str(plan), "--model", model, "--steps", str(steps)]
+        if metrics is not None:
+            target += ["--metrics", str(metrics)]
+        module = True
+    code = launch(plan_path=plan, target=target, module=module)
+    if code:
+        raise typer.Exit(code)
