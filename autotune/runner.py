@@ -1,9 +1,14 @@
 """Run one trial as a real subprocess, watch its per-step reports, and survive anything it does.
 
 The child (normally `zeroplan train PLAN ... --metrics FILE`, which launches torchrun) appends
-one JSON object per optimizer step to a metrics file:
+one JSON object per optimizer step to a metrics file, steps counted from 1, and may end with a
+summary object (`"summary": true`, with every rank's peak memory):
 
-    {"step": 3, "step_time_s": 0.41, "loss": 2.93, "samples_per_s": 19.5, "peak_memory_bytes": 123456}
+    {"step": 3, "step_time_s": 0.41, "loss": 2.93, "samples_per_s": 19.5, "peak_rss_bytes": 123456}
+    {"summary": true, "peak_rss_bytes_per_rank": [123456, 120000], ...}
+
+Peak memory is the accelerator's reserved bytes when reported (`max_memory_reserved_bytes`),
+else the process's peak RSS.
 
 The parent polls that file; each new step goes to `on_step`, which returns True to prune
 (Optuna's `trial.report` + `trial.should_prune`). The child runs in its own session, so
@@ -44,9 +49,15 @@ class TrialOutcome:
     steps: list[StepReport] = field(default_factory=list)
     log_tail: str = ""
     wall_s: float = 0.0
+    peak_memory_bytes: int | None = None
+    """Largest peak over all ranks when the child wrote a summary, else over rank 0's steps."""
 
 
-def _read_new_steps(path: Path, offset: int) -> tuple[list[StepReport], int]:
+def _peak(record: dict) -> int | None:
+    return record.get("max_memory_reserved_bytes") or record.get("peak_rss_bytes")
+
+
+def _read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
     """Complete lines appended since `offset` (a line being written is left for next time)."""
     try:
         with path.open("rb") as f:
@@ -55,12 +66,12 @@ def _read_new_steps(path: Path, offset: int) -> tuple[list[StepReport], int]:
     except FileNotFoundError:
         return [], offset
     end = chunk.rfind(b"\n") + 1
-    steps = []
-    for line in chunk[:end].splitlines():
-        if line.strip():
-            record = json.loads(line)
-            steps.append(StepReport(**{k: record.get(k) for k in StepReport.__dataclass_fields__}))
-    return steps, offset + end
+    return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()], offset + end
+
+
+def _step(record: dict) -> StepReport:
+    return StepReport(step=int(record["step"]), step_time_s=float(record["step_time_s"]), loss=record.get("loss"),
+                      samples_per_s=record.get("samples_per_s"), peak_memory_bytes=_peak(record))
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -101,19 +112,17 @@ def _failure_reason(returncode: int, log_tail: str) -> str:
 def run_trial(
     *,
     command: Sequence[str],
+    metrics: Path,
     workdir: Path,
     timeout_s: float,
     on_step: Callable[[StepReport], bool] = lambda _: False,
     env: dict[str, str] | None = None,
 ) -> TrialOutcome:
-    """Run `command` in `workdir` (which receives `metrics.jsonl` and `trial.log`).
-
-    The command must write its step reports to the path in $ZEROPLAN_METRICS.
-    """
+    """Run `command` in `workdir` (which receives `trial.log`); it writes step reports to `metrics`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    metrics, log_path = workdir / "metrics.jsonl", workdir / "trial.log"
+    log_path = workdir / "trial.log"
     metrics.unlink(missing_ok=True)
-    child_env = {**os.environ, **(env or {}), "ZEROPLAN_METRICS": str(metrics)}
+    child_env = {**os.environ, **(env or {})}
     start = time.monotonic()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(list(command), cwd=workdir, env=child_env, stdout=log,
@@ -132,13 +141,18 @@ def run_trial(
 def _watch(proc: subprocess.Popen, *, metrics: Path, timeout_s: float,
            on_step: Callable[[StepReport], bool], start: float) -> TrialOutcome:
     steps: list[StepReport] = []
+    summary_peak: int | None = None
     offset = 0
     while True:
         finished = proc.poll() is not None
         try:
-            new, offset = _read_new_steps(metrics, offset)
-        except (ValueError, TypeError) as e:
-            return TrialOutcome("failed", f"unreadable step report: {e}", steps)
+            records, offset = _read_new_records(metrics, offset)
+            new = [_step(r) for r in records if not r.get("summary")]
+        except (ValueError, TypeError, KeyError) as e:
+            return TrialOutcome("failed", f"unreadable step report: {e!r}", steps)
+        for record in records:
+            if record.get("summary") and record.get("peak_rss_bytes_per_rank"):
+                summary_peak = max(record["peak_rss_bytes_per_rank"])
         for report in new:
             steps.append(report)
             if report.loss is not None and not math.isfinite(report.loss):
@@ -150,7 +164,8 @@ def _watch(proc: subprocess.Popen, *, metrics: Path, timeout_s: float,
                 return TrialOutcome("failed", "", steps)
             if not steps:
                 return TrialOutcome("failed", "finished without reporting a step", steps)
-            return TrialOutcome("complete", "", steps)
+            peaks = [s.peak_memory_bytes for s in steps if s.peak_memory_bytes]
+            return TrialOutcome("complete", "", steps, peak_memory_bytes=summary_peak or max(peaks, default=None))
         if time.monotonic() - start > timeout_s:
             return TrialOutcome("failed", f"timed out after {timeout_s:g} s "
                                 f"({len(steps)} step(s) reported)", steps)

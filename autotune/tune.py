@@ -101,16 +101,17 @@ def predicted_peak(plan: Plan) -> int:
     return device
 
 
-Launcher = Callable[[Path, int], list[str]]
-"""(plan path, steps) -> the command line of one trial; it writes step reports to $ZEROPLAN_METRICS."""
+Launcher = Callable[[Path, int, Path], list[str]]
+"""(plan path, steps, metrics path) -> the command line of one trial (see runner.py for the
+metrics it must write)."""
 
 
 def train_command(model_name: str) -> Launcher:
-    """The default launcher: `zeroplan train PLAN --model NAME --steps N` (torchrun inside)."""
+    """The default launcher: `zeroplan train PLAN --model NAME --steps N --metrics FILE`."""
 
-    def command(plan_path: Path, steps: int) -> list[str]:
+    def command(plan_path: Path, steps: int, metrics: Path) -> list[str]:
         return [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--model", model_name,
-                "--steps", str(steps)]
+                "--steps", str(steps), "--metrics", str(metrics)]
 
     return command
 
@@ -179,16 +180,17 @@ class Tuner:
     def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
         workdir = self.settings.out_dir / "trials" / f"trial-{trial.number:04d}"
         plan_path = plan.save(workdir / "plan.json")
-        command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps)
+        metrics = workdir / "metrics.jsonl"
+        command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps, metrics)
         single = len(OBJECTIVES[self.settings.objective]) == 1
-        return run_trial(command=command, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
+        return run_trial(command=command, metrics=metrics, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
                          on_step=self._pruning_callback(trial) if single else (lambda _: False))
 
     def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepReport], bool]:
         warmup = self.settings.warmup_steps
 
-        def on_step(report: StepReport) -> bool:
-            if report.step < warmup:
+        def on_step(report: StepReport) -> bool:  # steps count from 1
+            if report.step <= warmup:
                 return False
             trial.report(self._step_value(report), step=report.step)
             return trial.should_prune()
@@ -211,10 +213,10 @@ class Tuner:
             trial.set_user_attr("reason", outcome.reason)
             trial.set_user_attr("log_tail", outcome.log_tail[-2000:])
             raise TrialFailed(outcome.reason)
-        measured = [s for s in outcome.steps if s.step >= self.settings.warmup_steps] or outcome.steps
+        measured = [s for s in outcome.steps if s.step > self.settings.warmup_steps] or outcome.steps
         step_time = statistics.median(s.step_time_s for s in measured)
         throughput = plan.batch.global_batch_size / step_time
-        peak = max((s.peak_memory_bytes or 0) for s in outcome.steps)
+        peak = outcome.peak_memory_bytes or 0
         trial.set_user_attr("measured_samples_per_s", throughput)
         trial.set_user_attr("measured_step_time_s", step_time)
         trial.set_user_attr("measured_peak_bytes", peak)

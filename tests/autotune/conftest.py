@@ -18,9 +18,9 @@ FAKE_TRAINER = textwrap.dedent('''
     plan = json.load(open(sys.argv[1]))
     steps = int(sys.argv[2])
     behaviour = json.loads(os.environ["FAKE_BEHAVIOUR"]).get(str(plan["zero"]["stage"]), "ok")
-    out = open(os.environ["ZEROPLAN_METRICS"], "a")
+    out = open(sys.argv[3], "a")
     micro = plan["batch"]["micro_batch_size"]
-    for step in range(steps):
+    for step in range(1, steps + 1):
         if behaviour == "crash" and step == 1:
             sys.exit("RuntimeError: injected crash")
         if behaviour == "hang" and step == 1:
@@ -29,8 +29,9 @@ FAKE_TRAINER = textwrap.dedent('''
         step_time = 0.5 / micro + 0.01 * plan["zero"]["stage"]
         out.write(json.dumps({"step": step, "step_time_s": step_time, "loss": loss,
                               "samples_per_s": plan["batch"]["global_batch_size"] / step_time,
-                              "peak_memory_bytes": 1000 * micro}) + "\\n")
+                              "peak_rss_bytes": 1000 * micro}) + "\\n")
         out.flush()
+    out.write(json.dumps({"summary": True, "peak_rss_bytes_per_rank": [1000 * micro, 1001 * micro]}) + "\\n")
 ''')
 
 
@@ -42,7 +43,7 @@ def fake_launcher(tmp_path_factory, monkeypatch):
 
     def make(behaviour: dict[int, str] | None = None):
         monkeypatch.setenv("FAKE_BEHAVIOUR", json.dumps({str(k): v for k, v in (behaviour or {}).items()}))
-        return lambda plan_path, steps: [sys.executable, str(script), str(plan_path), str(steps)]
+        return lambda plan, steps, metrics: [sys.executable, str(script), str(plan), str(steps), str(metrics)]
 
     return make
 

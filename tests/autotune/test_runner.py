@@ -14,10 +14,10 @@ from zeroplan.autotune.runner import run_trial
 CHILD = textwrap.dedent('''
     import json, os, subprocess, sys, time
     mode = sys.argv[1]
-    out = open(os.environ["ZEROPLAN_METRICS"], "a")
+    out = open(sys.argv[2], "a")
     def step(i, loss=1.0):
         out.write(json.dumps({"step": i, "step_time_s": 0.01 * (i + 1), "loss": loss,
-                              "samples_per_s": 100.0, "peak_memory_bytes": 1000 + i}) + "\\n")
+                              "samples_per_s": 100.0, "peak_rss_bytes": 1000 + i}) + "\\n")
         out.flush()
     if mode == "hang":
         # a grandchild in the same process group, as torchrun's workers are
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent('''
 def child(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    return lambda mode: [sys.executable, str(script), mode]
+    return lambda mode: [sys.executable, str(script), mode, str(tmp_path / "t" / "metrics.jsonl")]
 
 
 def _alive(pid: int) -> bool:
@@ -55,7 +55,7 @@ def _alive(pid: int) -> bool:
 
 def test_complete_trial_reports_every_step(child, tmp_path):
     seen = []
-    outcome = run_trial(command=child("ok"), workdir=tmp_path / "t", timeout_s=60,
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("ok"), workdir=tmp_path / "t", timeout_s=60,
                         on_step=lambda r: seen.append(r.step) or False)
     assert outcome.state == "complete", outcome
     assert seen == [0, 1, 2, 3, 4]
@@ -64,21 +64,21 @@ def test_complete_trial_reports_every_step(child, tmp_path):
 
 def test_pruning_stops_the_child(child, tmp_path):
     start = time.monotonic()
-    outcome = run_trial(command=child("slow"), workdir=tmp_path / "t", timeout_s=60,
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("slow"), workdir=tmp_path / "t", timeout_s=60,
                         on_step=lambda r: r.step >= 1)
     assert outcome.state == "pruned" and outcome.reason == "pruned after step 1"
     assert time.monotonic() - start < 10
 
 
 def test_crash_is_recorded_with_reason_and_log(child, tmp_path):
-    outcome = run_trial(command=child("crash"), workdir=tmp_path / "t", timeout_s=60)
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("crash"), workdir=tmp_path / "t", timeout_s=60)
     assert outcome.state == "failed" and outcome.reason == "crashed (exit 1)"
     assert "injected failure in step 1" in outcome.log_tail
     assert len(outcome.steps) == 2
 
 
 def test_hang_past_timeout_kills_the_whole_process_group(child, tmp_path):
-    outcome = run_trial(command=child("hang"), workdir=tmp_path / "t", timeout_s=3)
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("hang"), workdir=tmp_path / "t", timeout_s=3)
     assert outcome.state == "failed" and outcome.reason.startswith("timed out after 3 s (1 step(s) reported)")
     grandchild = int((tmp_path / "t" / "grandchild.pid").read_text())
     deadline = time.monotonic() + 5
@@ -88,16 +88,16 @@ def test_hang_past_timeout_kills_the_whole_process_group(child, tmp_path):
 
 
 def test_nan_loss_fails_the_trial_at_once(child, tmp_path):
-    outcome = run_trial(command=child("nan"), workdir=tmp_path / "t", timeout_s=60)
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("nan"), workdir=tmp_path / "t", timeout_s=60)
     assert outcome.state == "failed" and outcome.reason == "loss is nan at step 2"
     assert outcome.wall_s < 30
 
 
 def test_out_of_memory_is_named(child, tmp_path):
-    outcome = run_trial(command=child("oom"), workdir=tmp_path / "t", timeout_s=60)
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=child("oom"), workdir=tmp_path / "t", timeout_s=60)
     assert outcome.state == "failed" and outcome.reason.startswith("out of memory")
 
 
 def test_silent_success_is_a_failure(tmp_path):
-    outcome = run_trial(command=[sys.executable, "-c", "pass"], workdir=tmp_path / "t", timeout_s=30)
+    outcome = run_trial(metrics=tmp_path / "t" / "metrics.jsonl", command=[sys.executable, "-c", "pass"], workdir=tmp_path / "t", timeout_s=30)
     assert outcome.state == "failed" and outcome.reason == "finished without reporting a step"

@@ -97,7 +97,7 @@ KILLABLE = textwrap.dedent('''
     script = out / "fake.py"
     script.write_text(FAKE_TRAINER.replace("out.flush()", "out.flush(); time.sleep(0.3)"))
     tune(data=tiny_config(autotuning={{"space": GRID}}), model=MODEL_PRESETS["tiny"], cluster=CLUSTER_PRESETS["cpu"],
-         settings=settings(out), launcher=lambda p, n: [sys.executable, str(script), str(p), str(n)])
+         settings=settings(out), launcher=lambda p, n, m: [sys.executable, str(script), str(p), str(n), str(m)])
 ''')
 
 

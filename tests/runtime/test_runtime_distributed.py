@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import job_result, spawn_jobs
+from rt_spawn import job_result, spawn_jobs
 from zeroplan.runtime import checkpoint
 
 ROUNDTRIP = [dict(model="gpt", stage=s, world=2, accum=a, dtype=d) for s, a, d in

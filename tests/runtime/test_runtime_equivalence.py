@@ -20,7 +20,7 @@ import functools
 
 import pytest
 
-from conftest import job_result, spawn_jobs
+from rt_spawn import job_result, spawn_jobs
 from rt_cases import reference_global, reference_micro, max_diff
 from zeroplan.schemas.plan import OptimizerPlan
 
