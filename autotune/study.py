@@ -8,17 +8,27 @@ a fresh start (`overwrite`) opens a new study under a new name beside the old on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import optuna
 
 from .space import Dimension
 
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
+
+
+@contextlib.contextmanager
+def experimental_ok() -> Iterator[None]:
+    """Silence Optuna's ExperimentalWarning for features we rely on on purpose:
+    heartbeats, multivariate/grouped TPE and `enqueue_trial(skip_if_exists=...)`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 PRUNERS = ("median", "hyperband", "none")
 
 
@@ -42,7 +52,8 @@ def study_name_for(config_data: dict, *, given: str | None, overwrite: bool) -> 
 
 def make_sampler(name: str, *, dims: Sequence[Dimension], seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
+        with experimental_ok():
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
@@ -94,9 +105,10 @@ failed by the next worker, so a resumed study does not wait on it forever."""
 def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """Create the study, or load it when it exists (resume)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():  # heartbeats are marked experimental since Optuna 2.9; we rely on them
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    # Optuna logs every failed trial with a traceback at WARNING; the tuner records the reason
+    # and shows it in its progress line instead.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with experimental_ok():
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
     return optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
                                sampler=sampler, pruner=pruner, load_if_exists=True)

@@ -32,7 +32,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, TrainCon
 from .results import write_results
 from .runner import StepReport, TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
-from .study import grid_space, make_pruner, make_sampler, open_study, storage_url, study_name_for
+from .study import experimental_ok, grid_space, make_pruner, make_sampler, open_study, storage_url, study_name_for
 
 OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
               "pareto": ["maximize", "minimize"]}
@@ -178,7 +178,7 @@ class Tuner:
         return None
 
     def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
-        workdir = self.settings.out_dir / "trials" / f"trial-{trial.number:04d}"
+        workdir = (self.settings.out_dir / "trials" / f"trial-{trial.number:04d}").resolve()  # the child runs there
         plan_path = plan.save(workdir / "plan.json")
         metrics = workdir / "metrics.jsonl"
         command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps, metrics)
@@ -241,7 +241,8 @@ class Tuner:
             if key in seen:
                 continue
             seen.add(key)
-            study.enqueue_trial(params, skip_if_exists=True)
+            with experimental_ok():
+                study.enqueue_trial(params, skip_if_exists=True)
             if len(seen) == self.settings.warm_start:
                 break
         return len(seen)

@@ -25,15 +25,16 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConfigWarning)
-            try:
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConfigWarning)
                 return fn(*args, **kwargs)
-            except ConfigError as e:
-                print_problems(e)
-                raise typer.Exit(EXIT_USER_ERROR) from None
-            finally:
-                _print_notices(caught)
+        except ConfigError as e:
+            print_problems(e)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        finally:  # outside catch_warnings: there, showwarning would append to `caught` itself
+            _print_notices(caught)
 
     return wrapper  # type: ignore[return-value]
 
@@ -42,8 +43,8 @@ def _print_notices(caught: list[warnings.WarningMessage]) -> None:
     seen = set()
     for w in caught:
         text = str(w.message)
-        if issubclass(w.category, ConfigWarning) and text not in seen:
+        if not issubclass(w.category, ConfigWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif text not in seen:
             seen.add(text)
             typer.echo(f"notice: {text}", err=True)
-        elif not issubclass(w.category, ConfigWarning):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
