@@ -51,6 +51,10 @@ class Collectives:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    def close(self) -> None:
+        """Drop the group reference (see ProcessGroups.close)."""
+        self.group = None
+
     def all_reduce(self, tensor: torch.Tensor, *, op=dist.ReduceOp.SUM, async_op: bool = False):
         self.logger.record("all_reduce", tensor)
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)

@@ -24,7 +24,7 @@ from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import ParallelPlan, WorldPlan
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProcessGroups:
     """The groups and coordinates of this process."""
 
@@ -39,8 +39,17 @@ class ProcessGroups:
     """True when `init_distributed` created the default group (so `close` destroys it)."""
 
     def close(self) -> None:
+        """Destroy the default group if `init_distributed` made it, and drop our reference to it.
+
+        The barrier lets every rank finish its last collective, so no rank tears down connections
+        a peer still reads. Dropping the reference lets the group be destructed now, while the
+        interpreter is alive: a gloo group destructed during interpreter shutdown can abort the
+        process (pytorch/pytorch#179291).
+        """
         if self.owns_init and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+        self.dp_group = None
 
 
 def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGroups:

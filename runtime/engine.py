@@ -215,6 +215,7 @@ class Engine:
         """Remove the hooks; destroy the process group if `initialize` created it."""
         self.zero.close()
         self.groups.close()
+        self.coll.close()
 
 
 def _cast_floats(obj, dtype: torch.dtype):

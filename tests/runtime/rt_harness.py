@@ -10,6 +10,7 @@ test instead of hanging it. Process groups are destroyed in every rank before it
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -39,6 +40,7 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn, args, res
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
+        gc.collect()  # engines are gone: the group is destructed here, not at interpreter exit
         if dist.is_initialized():
             dist.destroy_process_group()
 

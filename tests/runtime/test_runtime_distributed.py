@@ -12,7 +12,7 @@ from rt_spawn import job_result, spawn_jobs
 from zeroplan.runtime import checkpoint
 
 ROUNDTRIP = [dict(model="gpt", stage=s, world=2, accum=a, dtype=d) for s, a, d in
-             ((0, 1, "fp32"), (1, 3, "fp32"), (2, 1, "bf16"), (3, 3, "fp32"))] + \
+             ((0, 1, "fp32"), (1, 3, "fp32"), (2, 1, "bf16"), (3, 3, "fp32"), (2, 1, "fp16"))] + \
             [dict(model="zoo", stage=3, world=2, accum=1, persistence=10)]
 BUCKETS = [(0, 10**9), (0, 3000), (0, 1), (2, 10**9), (2, 3000), (2, 1), (1, 3000), (3, 3000)]
 

@@ -27,6 +27,7 @@ from zeroplan.schemas.plan import OptimizerPlan
 FP32_TOL = 1e-5
 SGD = OptimizerPlan(type="SGD", lr=3e-3, momentum=0.9, weight_decay=0.1, gradient_clipping=0.5)
 ADAM = OptimizerPlan(type="Adam", lr=3e-3, weight_decay=0.1, decoupled_weight_decay=False, gradient_clipping=0.5)
+PREDIVIDE = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5, gradient_predivide_factor=2.0)
 
 
 def _case(stage, world, accum, model="gpt", **extra):
@@ -41,7 +42,7 @@ CASES = {
     + [_case(s, 2, 3, dtype="bf16") for s in range(4)]
     + [_case(s, 2, 3, model="zoo", persistence=10) for s in range(4)]
     + [_case(s, 2, 3, overlap=True) for s in (0, 2, 3)]
-    + [_case(2, 2, 1, optimizer=SGD), _case(3, 2, 1, optimizer=ADAM)],
+    + [_case(2, 2, 1, optimizer=SGD), _case(3, 2, 1, optimizer=ADAM), _case(2, 2, 3, optimizer=PREDIVIDE)],
     4: [_case(3, 4, 3), _case(1, 4, 1), _case(2, 4, 3, dtype="bf16")],
 }
 ALL = [c for cases in CASES.values() for c in cases]
