@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 
 demo: setup
 	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2
-	$(BIN)/zeroplan validate examples/zero3_bf16.yaml --world-size 4 --set train_micro_batch_size_per_gpu=2
+	$(BIN)/zeroplan compile examples/gpt_small_zero2.yaml --model small --cluster cpu --nproc-per-node 2 --out out/small
+	@echo "plan, launch files and report written to out/small/"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

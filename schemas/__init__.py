@@ -4,6 +4,7 @@ Importing this package never imports torch, so validation answers instantly.
 """
 
 from .batch import BatchPlan, resolve_batch
+from .cluster import CLUSTER_PRESETS, ClusterRates, ClusterSpec
 from .config import TrainConfig
 from .errors import ConfigError, ConfigWarning, Problem
 from .jsonschema import train_config_schema
@@ -18,6 +19,9 @@ __all__ = [
     "AUTO",
     "Auto",
     "BatchPlan",
+    "CLUSTER_PRESETS",
+    "ClusterRates",
+    "ClusterSpec",
     "MODEL_PRESETS",
     "ModelSpec",
     "PLAN_VERSION",

@@ -7,6 +7,7 @@ config gives it as "auto", or when `autotuning.space` gives it a range:
               "train_micro_batch_size_per_gpu": {"low": 1, "high": 64, "log": true}}
 """
 
+import difflib
 from typing import Any
 
 from pydantic import model_validator
@@ -116,8 +117,10 @@ class AutotuningConfig(StrictModel):
         for path, knob in self.space.items():
             kind = TUNABLE.get(path)
             if kind is None:
+                close = difflib.get_close_matches(path, TUNABLE, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
                 problems.append(Problem(f"space.{path}", "is not a tunable knob",
-                                        suggestion="tunable: " + ", ".join(TUNABLE)))
+                                        suggestion=hint + "tunable: " + ", ".join(TUNABLE)))
             else:
                 problems += _knob_problems(path, kind, knob)
         raise_problems(problems)

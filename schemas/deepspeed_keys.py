@@ -114,7 +114,7 @@ def _move_into(field: str, target: str, key: str, convert: Callable[[Any], Any])
             return
         sub[key] = convert(value)
         notices.append(f"deprecated key 'zero_optimization.{field}' read as "
-                       f"'zero_optimization.{target}.{key}: {sub[key]!r}'")
+                       f"zero_optimization.{target}.{key} = {sub[key]!r}")
 
     return remap
 

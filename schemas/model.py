@@ -40,6 +40,10 @@ class ModelSpec(BaseModel):
     """The LM head reuses the token embedding matrix."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype the checkpoint is stored in (the plan's precision decides the training dtype)."""
+    attention: Literal["eager", "flash"] = "eager"
+    """How attention keeps what its backward needs. eager: the heads x seq x seq softmax is
+    stored (Korthikanti et al. 2022's 5as/h term); flash: a fused kernel (FlashAttention) keeps
+    only per-row statistics and recomputes the scores. Only the memory model reads this."""
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelSpec":
@@ -117,7 +121,8 @@ def _gpt(name: str, *, layers: int, hidden: int, heads: int, vocab: int, seq_len
 def _llama(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int,
            tied: bool) -> ModelSpec:
     return ModelSpec(name=name, architecture="llama", layers=layers, hidden=hidden, heads=heads,
-                     kv_heads=kv_heads, ffn=ffn, vocab=vocab, seq_len=4096, tied_embeddings=tied, dtype="bf16")
+                     kv_heads=kv_heads, ffn=ffn, vocab=vocab, seq_len=4096, tied_embeddings=tied, dtype="bf16",
+                     attention="flash")
 
 
 MODEL_PRESETS: dict[str, ModelSpec] = {

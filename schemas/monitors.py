@@ -3,7 +3,7 @@
 Key names and defaults follow DeepSpeed's monitor and profiler configs.
 """
 
-from .types import Flag, Positive, StrictModel, choice
+from .types import AutoFlag, Flag, Positive, StrictModel, choice
 
 
 class TensorboardConfig(StrictModel):
@@ -67,6 +67,9 @@ class FlopsProfilerConfig(StrictModel):
 
 
 class ActivationCheckpointingConfig(StrictModel):
+    enabled: AutoFlag = False
+    """zeroplan's: recompute each transformer block in backward (DeepSpeed leaves this to the
+    training script, so its configs omit the key); "auto" lets compile decide by memory."""
     partition_activations: Flag = False
     """Shard checkpointed activations across model-parallel ranks."""
     cpu_checkpointing: Flag = False

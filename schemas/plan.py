@@ -10,13 +10,12 @@ another version with a message that says which versions they read.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .atomic import atomic_write_text
 from .batch import BatchPlan
 from .errors import ConfigError, Problem
 
@@ -169,11 +168,19 @@ class Estimates(_Frozen):
     """Device bytes per rank by category (parameters, gradients, optimizer_states, ...)."""
     host_bytes_per_node: int = 0
     nvme_bytes_per_node: int = 0
+    host_memory_per_rank: dict[str, int] = {}
+    """Host bytes per rank by category: offloaded state, checkpointed activations, swap buffers."""
     comm_bytes_per_step: dict[str, int] = {}
     """Bytes sent per rank per step, by collective and parallel dimension."""
     comm_messages_per_step: dict[str, int] = {}
     predicted_step_time_s: float = 0.0
     step_time_breakdown_s: dict[str, float] = {}
+    memory_limit_per_rank: int = 0
+    """Bytes one rank may use on the cluster compiled for (0: unknown)."""
+    host_memory_per_node: int = 0
+    """Host bytes of one node on the cluster compiled for (0: unknown)."""
+    warnings: tuple[str, ...] = ()
+    """What the compiler found questionable but not wrong (does not fit, slow layout, ...)."""
 
 
 class Provenance(_Frozen):
@@ -219,20 +226,8 @@ class Plan(_Frozen):
         return self.model_dump_json(indent=2)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temp file in the same directory, fsync, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (temp file, fsync, rename): never a half-written plan."""
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import config
+from zeroplan.commands import compile, config, probe, tune
 
 COMMANDS = {
     "validate": config.validate,
     "schema": config.schema,
+    "compile": compile.compile_plan,
+    "estimate": compile.estimate,
+    "probe": probe.probe,
+    "autotune": tune.autotune,
+    "report": tune.report,
 }
 
 app = typer.Typer(

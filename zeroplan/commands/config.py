@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from zeroplan.schemas import ConfigError, derive_degrees, load_config, resolve_batch, train_config_schema
+from zeroplan.schemas.atomic import atomic_write_text
 from zeroplan.schemas.types import is_auto
 
 from .common import user_errors
@@ -55,12 +56,7 @@ def schema(
         typer.echo(text)
         return
     try:
-        _atomic_write(output, text + "\n")
+        atomic_write_text(output, text + "\n")
     except OSError as e:
         raise ConfigError(f"cannot write {output}: {e.strerror}") from e
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

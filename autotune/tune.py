@@ -1,0 +1,267 @@
+"""`tune`: search the knobs of a config by measuring short runs of the real runtime.
+
+Each trial:
+  1. asks the sampler for knob values and writes them into the config data;
+  2. validates and compiles the result into a concrete Plan; a candidate the config rules
+     or the compiler refuse is pruned with that reason, costing no run;
+  3. prunes a candidate whose predicted per-rank memory exceeds the budget (device memory
+     less the safety margin), costing no run;
+  4. reuses the result of an earlier trial that compiled to the same Plan;
+  5. otherwise runs `zeroplan train PLAN` in a subprocess for warm-up plus measured steps,
+     reporting each measured step to Optuna's pruner, and records the measurement.
+Failures (crash, timeout, NaN, out of memory) are recorded with their reason and the study
+goes on. The study is stored (SQLite by default), so a killed tune resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+from itertools import islice, product
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from zeroplan.compiler import compile as compile_plan
+from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, TrainConfig, validate_config
+
+from .results import write_results
+from .runner import StepReport, TrialOutcome, run_trial
+from .space import Dimension, apply, search_space, suggest
+from .study import grid_space, make_pruner, make_sampler, open_study, storage_url, study_name_for
+
+OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
+              "pareto": ["maximize", "minimize"]}
+GIB = 1024**3
+
+
+class TrialFailed(Exception):
+    """A trial that ran and failed; its reason is in the trial's user attributes."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    model_name: str
+    """Built-in preset the trials train (`zeroplan train --model`)."""
+    nproc_per_node: int
+    nnodes: int = 1
+    out_dir: Path = Path("autotuning_results")
+    objective: str = "throughput"
+    max_trials: int = 20
+    timeout_s: float | None = None
+    """Wall-clock budget of the whole study; None: no limit."""
+    trial_timeout_s: float = 600.0
+    warmup_steps: int = 2
+    measured_steps: int = 5
+    storage: str | None = None
+    study_name: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    memory_safety_margin: float = 0.1
+    seed: int | None = None
+    overwrite: bool = False
+    warm_start: int = 3
+    """Candidates ranked best by the cost model, enqueued first in a new study."""
+
+
+@dataclass
+class Candidate:
+    params: dict[str, Any]
+    plan: Plan | None = None
+    reason: str = ""
+
+
+@dataclass
+class TuneResult:
+    study: optuna.Study
+    best_plan: Plan | None
+    out_dir: Path
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def plan_key(plan: Plan) -> str:
+    """Identity of what a plan runs: everything but its estimates and provenance."""
+    body = plan.model_dump(mode="json", exclude={"estimates", "provenance"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def predicted_peak(plan: Plan) -> int:
+    """Predicted peak bytes per rank of the memory the rank is limited by.
+
+    On a CPU "device" the host is the device, so host-resident categories (offloaded states)
+    count against the same budget; on an accelerator they are checked per node instead.
+    """
+    device = sum(plan.estimates.memory_per_rank.values())
+    if plan.world.device == "cpu":
+        device += sum(plan.estimates.host_memory_per_rank.values())
+    return device
+
+
+Launcher = Callable[[Path, int], list[str]]
+"""(plan path, steps) -> the command line of one trial; it writes step reports to $ZEROPLAN_METRICS."""
+
+
+def train_command(model_name: str) -> Launcher:
+    """The default launcher: `zeroplan train PLAN --model NAME --steps N` (torchrun inside)."""
+
+    def command(plan_path: Path, steps: int) -> list[str]:
+        return [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--model", model_name,
+                "--steps", str(steps)]
+
+    return command
+
+
+class Tuner:
+    """Holds what every trial needs; `objective` is what Optuna calls."""
+
+    def __init__(self, *, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
+                 launcher: Launcher | None = None):
+        self.data, self.model, self.cluster, self.settings = data, model, cluster, settings
+        self.launcher = launcher or train_command(settings.model_name)
+        self.world_size = settings.nnodes * settings.nproc_per_node
+        self.config: TrainConfig = validate_config(json.loads(json.dumps(data)), world_size=None)
+        self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
+
+    def candidate(self, params: dict[str, Any]) -> Candidate:
+        """Validate and compile a choice of knob values; a refusal becomes the reason."""
+        try:
+            cfg = validate_config(apply(self.data, params), world_size=self.world_size)
+            plan = compile_plan(cfg, self.model, self.cluster, nnodes=self.settings.nnodes,
+                                nproc_per_node=self.settings.nproc_per_node, resolve_auto=True)
+        except ConfigError as e:
+            return Candidate(params, reason="; ".join(p.render() for p in e.problems))
+        return Candidate(params, plan, self._memory_reason(plan))
+
+    def _memory_reason(self, plan: Plan) -> str:
+        """Why the memory model says the plan will not fit, or ""."""
+        keep = 1 - self.settings.memory_safety_margin
+        est = plan.estimates
+        budget, peak = est.memory_limit_per_rank * keep, predicted_peak(plan)
+        if budget and peak > budget:
+            return f"predicted {peak / GIB:.1f} GiB/rank > {budget / GIB:.1f} GiB budget"
+        host_budget = est.host_memory_per_node * keep
+        if plan.world.device != "cpu" and host_budget and est.host_bytes_per_node > host_budget:
+            return (f"predicted host memory {est.host_bytes_per_node / GIB:.1f} GiB/node > "
+                    f"{host_budget / GIB:.1f} GiB budget")
+        return ""
+
+    def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        cand = self.candidate(suggest(trial, self.dims, config=self.config))
+        if cand.plan is not None:
+            trial.set_user_attr("plan_key", plan_key(cand.plan))
+            trial.set_user_attr("predicted_peak_bytes", predicted_peak(cand.plan))
+            trial.set_user_attr("predicted_step_time_s", cand.plan.estimates.predicted_step_time_s)
+        if cand.reason:
+            trial.set_user_attr("reason", cand.reason)
+            raise optuna.TrialPruned(cand.reason)
+        earlier = self._same_plan(trial, cand.plan)
+        if earlier is not None:
+            trial.set_user_attr("reason", f"same plan as trial {earlier.number}; result reused")
+            trial.set_user_attr("duplicate_of", earlier.number)
+            for key in ("measured_samples_per_s", "measured_peak_bytes", "measured_step_time_s"):
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            return earlier.values[0] if len(earlier.values) == 1 else tuple(earlier.values)
+        outcome = self._run(trial, cand.plan)
+        return self._value(trial, cand.plan, outcome)
+
+    def _same_plan(self, trial: optuna.Trial, plan: Plan) -> optuna.trial.FrozenTrial | None:
+        key = plan_key(plan)
+        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("plan_key") == key and "duplicate_of" not in t.user_attrs:
+                return t
+        return None
+
+    def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
+        workdir = self.settings.out_dir / "trials" / f"trial-{trial.number:04d}"
+        plan_path = plan.save(workdir / "plan.json")
+        command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps)
+        single = len(OBJECTIVES[self.settings.objective]) == 1
+        return run_trial(command=command, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
+                         on_step=self._pruning_callback(trial) if single else (lambda _: False))
+
+    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepReport], bool]:
+        warmup = self.settings.warmup_steps
+
+        def on_step(report: StepReport) -> bool:
+            if report.step < warmup:
+                return False
+            trial.report(self._step_value(report), step=report.step)
+            return trial.should_prune()
+
+        return on_step
+
+    def _step_value(self, report: StepReport) -> float:
+        if self.settings.objective == "latency":
+            return report.step_time_s
+        if self.settings.objective == "memory":
+            return float(report.peak_memory_bytes or 0)
+        return report.samples_per_s or 0.0
+
+    def _value(self, trial: optuna.Trial, plan: Plan, outcome: TrialOutcome) -> float | tuple[float, float]:
+        trial.set_user_attr("wall_s", round(outcome.wall_s, 2))
+        if outcome.state == "pruned":
+            trial.set_user_attr("reason", outcome.reason)
+            raise optuna.TrialPruned(outcome.reason)
+        if outcome.state == "failed":
+            trial.set_user_attr("reason", outcome.reason)
+            trial.set_user_attr("log_tail", outcome.log_tail[-2000:])
+            raise TrialFailed(outcome.reason)
+        measured = [s for s in outcome.steps if s.step >= self.settings.warmup_steps] or outcome.steps
+        step_time = statistics.median(s.step_time_s for s in measured)
+        throughput = plan.batch.global_batch_size / step_time
+        peak = max((s.peak_memory_bytes or 0) for s in outcome.steps)
+        trial.set_user_attr("measured_samples_per_s", throughput)
+        trial.set_user_attr("measured_step_time_s", step_time)
+        trial.set_user_attr("measured_peak_bytes", peak)
+        return {"throughput": throughput, "latency": step_time, "memory": float(peak),
+                "pareto": (throughput, float(peak))}[self.settings.objective]
+
+    def warm_start(self, study: optuna.Study) -> int:
+        """Enqueue the cost model's best candidates into a new study; returns how many."""
+        if study.trials or not self.dims or self.settings.warm_start <= 0:
+            return 0
+        space = grid_space(self.dims)
+        combos = islice(product(*space.values()), 2000)  # the cost model is cheap, not free
+        ranked = []
+        for values in combos:
+            cand = self.candidate(dict(zip(space, values)))
+            if cand.plan is not None and not cand.reason:
+                ranked.append((cand.plan.estimates.predicted_step_time_s / cand.plan.batch.global_batch_size,
+                               plan_key(cand.plan), cand.params))
+        ranked.sort(key=lambda r: r[0])
+        seen: set[str] = set()
+        for _, key, params in ranked:
+            if key in seen:
+                continue
+            seen.add(key)
+            study.enqueue_trial(params, skip_if_exists=True)
+            if len(seen) == self.settings.warm_start:
+                break
+        return len(seen)
+
+
+def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
+         callbacks: list[Callable] | None = None, launcher: Launcher | None = None) -> TuneResult:
+    """Run (or resume) the study and write the best plan; see the module docstring."""
+    tuner = Tuner(data=data, model=model, cluster=cluster, settings=settings, launcher=launcher)
+    if not tuner.dims:
+        raise ConfigError("nothing to tune: no knob is 'auto' and autotuning.space is empty; "
+                          "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
+    storage = storage_url(settings.storage, results_dir=settings.out_dir)
+    name = study_name_for(data, given=settings.study_name, overwrite=settings.overwrite)
+    study = open_study(storage=storage, name=name, directions=OBJECTIVES[settings.objective],
+                       sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
+                       pruner=make_pruner(settings.pruner))
+    tuner.warm_start(study)
+    remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
+    if remaining > 0:
+        study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
+                       catch=(TrialFailed,), callbacks=callbacks or [])
+    best = write_results(study, out_dir=settings.out_dir, objective=settings.objective)
+    states = [t.state.name.lower() for t in study.trials]
+    return TuneResult(study, best, settings.out_dir, {s: states.count(s) for s in set(states)})

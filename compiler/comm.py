@@ -1,0 +1,155 @@
+"""Communication per optimizer step: bytes each rank sends and collective calls, per collective
+and parallel dimension, following the plan's bucket sizes.
+
+Bytes are those of the ring algorithms NCCL and gloo use (Patarasuk & Yuan 2009, "Bandwidth
+optimal all-reduce algorithms for clusters of workstations"; Thakur et al. 2005): for a tensor
+of S bytes over n ranks, each rank sends 2(n-1)/n * S in an all-reduce and (n-1)/n * S in an
+all-gather or a reduce-scatter (S being the gathered size). That is NCCL's "bus bandwidth"
+accounting, so dividing by the link bandwidth gives the time. Calls count collective launches;
+a ring call takes 2(n-1) (all-reduce) or n-1 latency-bound steps.
+
+Per stage (Rajbhandari et al. 2020, section 7): stage 0 all-reduces gradients once per step in
+reduce_bucket_size buckets (2 * Psi); stage 1 reduces once per step (reduce-scatter, or
+all-reduce when reduce_scatter is off) and all-gathers updated parameters in
+allgather_bucket_size chunks; stage 2 reduce-scatters every micro-batch's gradients per bucket,
+then all-gathers parameters; stage 3 all-gathers parameters in forward and again in backward of
+every micro-batch and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
+parallelism all-reduces activations twice per block forward and twice backward (Shoeybi et al.
+2019, figure 4), twice more when checkpointing recomputes the forward; pipelining sends one
+activation forward and one gradient backward per micro-batch and stage boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroplan.schemas import ModelSpec, Plan
+
+from .memory import BYTES
+from .shapes import StageShape, persistent_elements, stage_shapes
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective a rank takes part in during a step."""
+
+    dim: str
+    """Parallel dimension of its group: dp, tp or pp."""
+    op: str
+    """all_reduce, reduce_scatter, all_gather or send_recv."""
+    phase: str
+    """When it runs: forward, backward (both can overlap compute) or step (after backward)."""
+    group: int
+    """Ranks in the group."""
+    bytes: int
+    """Bytes this rank sends per step (ring accounting)."""
+    calls: int
+    """Collective launches per step."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.dim}.{self.op}"
+
+    @property
+    def ring_steps(self) -> int:
+        """Latency-bound steps of one call."""
+        if self.op == "send_recv":
+            return 1
+        return (2 if self.op == "all_reduce" else 1) * (self.group - 1)
+
+
+def ring_bytes(op: str, size_bytes: int, n: int) -> int:
+    """Bytes one rank sends in a ring `op` over a tensor of `size_bytes` (gathered size)."""
+    if n <= 1:
+        return 0
+    factor = 2 if op == "all_reduce" else 1
+    return factor * (n - 1) * size_bytes // n
+
+
+def _calls(elements: int, bucket: int) -> int:
+    return -(-elements // max(bucket, 1)) if elements else 0
+
+
+def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
+    z, n, accum = plan.zero, plan.parallel.dp, plan.batch.gradient_accumulation_steps
+    if n == 1:
+        return []
+    e_p, e_r, psi = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype], shape.params
+    grad_op = "reduce_scatter" if z.reduce_scatter else "all_reduce"
+    out = []
+    if z.stage == 0:
+        out.append(Collective("dp", "all_reduce", "backward", n, ring_bytes("all_reduce", psi * e_r, n),
+                              _calls(psi, z.reduce_bucket_size)))
+    elif z.stage == 1:
+        out.append(Collective("dp", grad_op, "backward", n, ring_bytes(grad_op, psi * e_r, n),
+                              _calls(psi, z.reduce_bucket_size)))
+    elif z.stage == 2:
+        out.append(Collective("dp", grad_op, "backward", n, accum * ring_bytes(grad_op, psi * e_r, n),
+                              accum * _calls(psi, z.reduce_bucket_size)))
+    if z.stage in (1, 2):
+        out.append(Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", psi * e_p, n),
+                              _calls(psi, z.allgather_bucket_size)))
+    if z.stage == 3:
+        gathered = psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
+                                             cap=z.model_persistence_threshold)
+        modules = len(shape.units)
+        out.append(Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
+                              accum * modules))
+        out.append(Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
+                              accum * modules))
+        out.append(Collective("dp", "reduce_scatter", "backward", n,
+                              accum * ring_bytes("reduce_scatter", psi * e_r, n),
+                              accum * _calls(psi, z.reduce_bucket_size)))
+    return out
+
+
+def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    t = plan.parallel.tp
+    if t == 1:
+        return []
+    e, m = BYTES[plan.precision.param_dtype], plan.batch.gradient_accumulation_steps
+    activation = e * model.seq_len * plan.batch.micro_batch_size * model.hidden
+    forward_per_layer = 2 * (2 if plan.activation_checkpointing.enabled else 1)
+    embedding = 1 if shape.index == 0 else 0  # the vocab-split embedding sums its partial outputs
+    fwd_calls = m * (forward_per_layer * shape.layers + embedding)
+    bwd_calls = m * 2 * shape.layers
+    per_call = ring_bytes("all_reduce", activation, t)
+    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call, fwd_calls),
+            Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls)]
+
+
+def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    p = plan.parallel
+    if p.pp == 1:
+        return []
+    e, m = BYTES[plan.precision.param_dtype], p.pipeline_micro_batches
+    activation = e * model.seq_len * plan.batch.micro_batch_size * model.hidden // p.tp
+    sends = m * ((shape.index < p.pp - 1) + (shape.index > 0))
+    out = [Collective("pp", "send_recv", "forward", 2, sends * activation, sends)]
+    if model.tied_embeddings and (shape.index == 0 or shape.last):
+        # The first and last stages sum the gradients of their two copies of the embedding.
+        emb = -(-model.vocab * model.hidden // p.tp) * BYTES[plan.precision.reduce_dtype]
+        out.append(Collective("pp", "all_reduce", "step", 2, ring_bytes("all_reduce", emb, 2), 1))
+    return out
+
+
+def stage_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    """Every collective one rank of this stage takes part in per step."""
+    return [*_dp_collectives(plan, shape), *_tp_collectives(plan, model, shape), *_pp_collectives(plan, model, shape)]
+
+
+def comm_volume(plan: Plan, model: ModelSpec) -> list[Collective]:
+    """Collectives per step of the rank that sends the most (the busiest pipeline stage)."""
+    shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp)
+    per_stage = [stage_collectives(plan, model, s) for s in shapes]
+    return max(per_stage, key=lambda cs: sum(c.bytes for c in cs))
+
+
+def summarize(collectives: list[Collective]) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes, calls) per `dim.op` key, summed over phases, keys sorted."""
+    sent: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    for c in sorted(collectives, key=lambda c: c.key):
+        sent[c.key] = sent.get(c.key, 0) + c.bytes
+        calls[c.key] = calls.get(c.key, 0) + c.calls
+    return sent, calls

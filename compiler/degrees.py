@@ -1,0 +1,77 @@
+"""The dp/tp/pp degrees for a world, and every reason they cannot work with a model.
+
+Messages echo the numbers, say which were given and which derived, and name the key or
+option to change (`parallel.tp`, `--nproc-per-node`), as torchtitan's `ParallelDims` does.
+"""
+
+from __future__ import annotations
+
+from zeroplan.schemas import ConfigError, ModelSpec, Problem, TrainConfig
+
+_WORLD_HINT = "--nproc-per-node (or --nnodes)"
+
+
+def _world_text(world_size: int, nnodes: int, nproc: int) -> str:
+    return f"world_size({world_size}) = nnodes({nnodes}) x nproc_per_node({nproc})"
+
+
+def resolve_degrees(config: TrainConfig, *, nnodes: int, nproc_per_node: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) from the config's concrete degrees; a degree left out is derived."""
+    world = nnodes * nproc_per_node
+    tp_key = "parallel.tp" if config.parallel.tp is not None else "tensor_parallel.autotp_size"
+    tp, pp, dp = config.tp or 1, config.parallel.pp or 1, config.parallel.dp
+    if dp is None:
+        if world % (tp * pp):
+            raise ConfigError(Problem(
+                tp_key if tp > 1 else "parallel.pp",
+                f"tp({tp}) * pp({pp}) = {tp * pp} does not divide {_world_text(world, nnodes, nproc_per_node)}",
+                suggestion=f"change {tp_key} or parallel.pp, or {_WORLD_HINT}"))
+        dp = world // (tp * pp)
+    if dp * tp * pp != world:
+        keys = [k for k, v in (("parallel.dp", config.parallel.dp), (tp_key, config.tp),
+                               ("parallel.pp", config.parallel.pp)) if v is not None]
+        raise ConfigError(Problem(
+            keys[-1], f"dp({dp}) * tp({tp}) * pp({pp}) = {dp * tp * pp} != world_size({world})",
+            suggestion=f"change {' or '.join(keys)} or {_WORLD_HINT}"))
+    return dp, tp, pp
+
+
+def degree_problems(*, dp: int, tp: int, pp: int, stage: int, model: ModelSpec,
+                    tp_key: str = "parallel.tp") -> list[Problem]:
+    """Why these degrees cannot split this model (empty when they can)."""
+    problems = []
+    name = model.name
+    divisible = [("heads", model.heads), ("hidden", model.hidden), ("ffn", model.ffn)]
+    if model.kv_heads is not None:
+        divisible.insert(1, ("kv_heads", model.kv_heads))
+    for what, n in divisible:
+        if n % tp:
+            problems.append(Problem(tp_key, f"tp({tp}) does not divide {what}({n}) of model {name}",
+                                    given=tp, suggestion=f"change {tp_key} to a divisor of {n}"))
+    if pp > model.layers:
+        problems.append(Problem("parallel.pp", f"pp({pp}) > layers({model.layers}) of model {name}: "
+                                "every pipeline stage needs at least one block",
+                                given=pp, suggestion=f"change parallel.pp to at most {model.layers}"))
+    if stage == 3 and pp > 1:
+        problems.append(Problem("zero_optimization.stage", f"ZeRO stage 3 with pp({pp}) > 1 is not supported: "
+                                "stage 3 gathers parameters per module while pipeline stages own disjoint "
+                                "modules", given=3,
+                                suggestion="set zero_optimization.stage to 0, 1 or 2, or parallel.pp to 1"))
+    return problems
+
+
+def degree_warnings(*, dp: int, tp: int, pp: int, stage: int, nproc_per_node: int, micro_batches: int) -> list[str]:
+    """Degrees that work but are probably unintended."""
+    notes = []
+    if tp > nproc_per_node:
+        notes.append(f"tp({tp}) > nproc_per_node({nproc_per_node}): tensor-parallel all-reduces cross nodes "
+                     "on every block; keep parallel.tp within a node")
+    if pp > 1 and stage == 2:
+        notes.append("ZeRO stage 2 with pipeline parallelism: DeepSpeed's PipelineEngine refuses it, so "
+                     "ds_config.json runs only under zeroplan's runtime")
+    if pp > 1 and micro_batches < pp:
+        notes.append(f"pipeline micro-batches({micro_batches}) < pp({pp}): stages idle most of the step; "
+                     "raise gradient_accumulation_steps to at least pp")
+    if dp == 1 and stage > 0:
+        notes.append(f"ZeRO stage {stage} with dp(1) shards nothing; stage 0 is equivalent and cheaper")
+    return notes

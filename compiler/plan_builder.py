@@ -1,0 +1,104 @@
+"""A concrete config -> a Plan with its estimates; every problem reported at once.
+
+`build_plan` expects no "auto" left (autoresolve.py removes them); `attach_estimates` runs
+the memory, communication and cost models on the result and records what looks wrong.
+"""
+
+from __future__ import annotations
+
+from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem, TrainConfig, resolve_batch
+from zeroplan.schemas.plan import Estimates, ParallelPlan, Provenance
+
+from .calibration import Calibration
+from .comm import comm_volume, summarize
+from .cost import step_time
+from .degrees import degree_problems, degree_warnings, resolve_degrees
+from .memory import MemoryEstimate, estimate_memory
+from .sections import (
+    checkpointing_plan,
+    kernels_plan,
+    logging_plan,
+    offload_plan,
+    optimizer_plan,
+    precision_plan,
+    scheduler_plan,
+    world_plan,
+    zero_plan,
+)
+
+GiB = 1 << 30
+
+
+def _parallel_plan(config: TrainConfig, *, dp: int, tp: int, pp: int, accum: int) -> tuple[ParallelPlan, list[Problem]]:
+    pipe = config.parallel.pipeline
+    micro_batches = pipe.micro_batches if pipe.micro_batches is not None else accum
+    problems = []
+    if pp > 1 and micro_batches != accum:
+        problems.append(Problem("parallel.pipeline.micro_batches",
+                                f"micro_batches({micro_batches}) != gradient_accumulation_steps({accum}): a pipeline "
+                                "step runs every accumulated micro-batch through the stages",
+                                given=micro_batches,
+                                suggestion="remove parallel.pipeline.micro_batches or make them equal"))
+    plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule,
+                        pipeline_micro_batches=micro_batches if pp > 1 else 1)
+    return plan, problems
+
+
+def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, provenance: Provenance) -> Plan:
+    """The Plan for a config with nothing "auto", without estimates; ConfigError lists every problem."""
+    dp, tp, pp = resolve_degrees(config, nnodes=cluster.nnodes, nproc_per_node=cluster.nproc_per_node)
+    tp_key = "parallel.tp" if config.parallel.tp is not None or config.tp is None else "tensor_parallel.autotp_size"
+    stage = config.zero_optimization.stage
+    problems = degree_problems(dp=dp, tp=tp, pp=pp, stage=stage, model=model, tp_key=tp_key)
+    try:
+        batch = resolve_batch(config.train_batch_size, config.train_micro_batch_size_per_gpu,
+                              config.gradient_accumulation_steps, dp=dp)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from e
+    parallel, pipe_problems = _parallel_plan(config, dp=dp, tp=tp, pp=pp, accum=batch.gradient_accumulation_steps)
+    if problems + pipe_problems:
+        raise ConfigError(problems + pipe_problems)
+    return Plan(
+        world=world_plan(cluster), parallel=parallel, batch=batch, zero=zero_plan(config),
+        offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),
+        scheduler=scheduler_plan(config), kernels=kernels_plan(config, cluster),
+        activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config), provenance=provenance)
+
+
+def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:
+    """Where the predicted memory exceeds what the cluster has."""
+    notes = []
+    limit = cluster.memory_per_rank()
+    if memory.device_total > limit:
+        notes.append(f"does not fit: {memory.device_total / GiB:.2f} GiB predicted per rank > {limit / GiB:.2f} GiB "
+                     f"available; raise zero_optimization.stage, offload, enable activation_checkpointing or "
+                     f"lower train_micro_batch_size_per_gpu")
+    shared = memory.device_total * cluster.nproc_per_node if cluster.device == "cpu" else 0  # cpu ranks use host memory
+    host_needed = memory.host_per_node + shared
+    if memory.host_per_node and host_needed > cluster.host_memory_bytes:
+        notes.append(f"host memory does not fit: {host_needed / GiB:.2f} GiB predicted per node > "
+                     f"{cluster.host_memory_bytes / GiB:.2f} GiB; offload to nvme or use more nodes")
+    if memory.nvme_per_node and cluster.nvme_free_bytes and memory.nvme_per_node > cluster.nvme_free_bytes:
+        notes.append(f"NVMe does not fit: {memory.nvme_per_node / GiB:.2f} GiB predicted per node > "
+                     f"{cluster.nvme_free_bytes / GiB:.2f} GiB free")
+    return notes
+
+
+def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
+                     calibration: Calibration | None = None) -> Plan:
+    """A copy of `plan` with memory, communication and step-time predictions and warnings."""
+    memory = estimate_memory(plan, model, calibration=calibration)
+    sent, calls = summarize(comm_volume(plan, model))
+    breakdown = step_time(plan, model, cluster)
+    p = plan.parallel
+    warnings = degree_warnings(dp=p.dp, tp=p.tp, pp=p.pp, stage=plan.zero.stage, nproc_per_node=cluster.nproc_per_node,
+                               micro_batches=p.pipeline_micro_batches)
+    warnings += fit_warnings(memory, cluster=cluster)
+    estimates = Estimates(
+        memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
+        nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,
+        comm_bytes_per_step=sent, comm_messages_per_step=calls,
+        predicted_step_time_s=sum(breakdown.values()), step_time_breakdown_s=breakdown,
+        memory_limit_per_rank=cluster.memory_per_rank(), host_memory_per_node=cluster.host_memory_bytes,
+        warnings=tuple(warnings))
+    return plan.model_copy(update={"estimates": estimates})

@@ -1,0 +1,180 @@
+"""Cost-model search over the performance "auto" fields (`compile(..., resolve_auto=True)`).
+
+Every combination of the searched knobs is compiled; a candidate fits when the memory model's
+per-rank total stays under (1 - autotuning.memory_safety_margin) of the rank's memory and host
+and NVMe fit; among those the highest predicted samples/s wins (ties: fewer device bytes, then
+enumeration order, so the result is deterministic). The batch keys follow DeepSpeed's
+derivation: an "auto" global batch or accumulation count is derived from the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, Problem, validate_config
+from zeroplan.schemas.plan import Provenance
+
+from .autoresolve import get_path, set_path
+from .calibration import Calibration
+from .cost import step_time
+from .memory import estimate_memory
+from .plan_builder import build_plan, fit_warnings
+
+GiB = 1 << 30
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+MAX_CANDIDATES = 5_000
+"""More combinations than this is a search for `zeroplan autotune`, not for compile (each
+candidate is a full compile, about 2 ms)."""
+_DEGREES = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parallel.pp")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    values: dict[str, Any]
+    plan: Plan
+    device_bytes: int
+    samples_per_s: float
+    fits: bool
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _degree_options(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec) -> list[dict[str, Any]]:
+    """(tp, pp) pairs for the world; dp is derived unless given."""
+    world = cluster.world_size
+    tp_key = "tensor_parallel.autotp_size" if "tensor_parallel.autotp_size" in autos else "parallel.tp"
+    tps = [t for t in _divisors(world) if t <= cluster.nproc_per_node] if tp_key in autos else [None]
+    pps = [p for p in _divisors(world) if p <= model.layers] if "parallel.pp" in autos else [None]
+    dp_given = get_path(data, "parallel.dp")
+    options = []
+    for tp, pp in itertools.product(tps, pps):
+        t = tp or get_path(data, tp_key) or 1
+        p = pp or get_path(data, "parallel.pp") or 1
+        if world % (t * p) or (isinstance(dp_given, int) and dp_given * t * p != world):
+            continue
+        option = {"parallel.dp": None} if "parallel.dp" in autos else {}
+        if tp is not None:
+            option[tp_key] = tp
+        if pp is not None:
+            option["parallel.pp"] = pp
+        options.append(option)
+    return options
+
+
+def _knob_options(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec) -> list[list[dict]]:
+    """Per searched knob, its options as partial updates of the config data."""
+    knobs: list[list[dict]] = []
+    if any(k in autos for k in _DEGREES):
+        knobs.append(_degree_options(data, autos, model, cluster))
+    if "zero_optimization.stage" in autos:
+        knobs.append([{"zero_optimization.stage": s} for s in (0, 1, 2, 3)])
+    for block in ("offload_optimizer", "offload_param"):
+        key = f"zero_optimization.{block}.device"
+        if key in autos:
+            devices = ["none", "cpu"] + (["nvme"] if get_path(data, f"zero_optimization.{block}.nvme_path") else [])
+            knobs.append([{key: d} for d in devices])
+    batch = {k: None for k in ("train_batch_size", "gradient_accumulation_steps") if k in autos}
+    micro_key = "train_micro_batch_size_per_gpu"
+    given = [get_path(data, k) for k in ("train_batch_size", "gradient_accumulation_steps")]
+    if micro_key in autos and not all(isinstance(v, int) for v in given):
+        knobs.append([{**batch, micro_key: m} for m in MICRO_BATCHES])
+    elif micro_key in autos or batch:
+        knobs.append([{**batch, **({micro_key: None} if micro_key in autos else {})}])
+    for key in ("zero_optimization.overlap_comm", "activation_checkpointing.enabled"):
+        if key in autos:
+            knobs.append([{key: False}, {key: True}])
+    return knobs
+
+
+def _plausible(values: dict[str, Any], data: dict) -> bool:
+    """Skip combinations the schema refuses anyway (offload below the stage that allows it)."""
+    def value(key):
+        return values[key] if key in values else get_path(data, key)
+    stage = value("zero_optimization.stage")
+    stage = stage if isinstance(stage, int) else 0
+    if value("zero_optimization.offload_param.device") not in (None, {}, "none") and stage != 3:
+        return False
+    return not (value("zero_optimization.offload_optimizer.device") not in (None, {}, "none") and stage == 0)
+
+
+def _evaluate(data: dict, values: dict, model: ModelSpec, cluster: ClusterSpec, *, margin: float,
+              calibration: Calibration | None) -> Candidate:
+    trial = copy.deepcopy(data)
+    for key, value in values.items():
+        set_path(trial, key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        config = validate_config(trial, source="candidate")
+    plan = build_plan(config, model, cluster, provenance=Provenance())
+    memory = estimate_memory(plan, model, calibration=calibration)
+    seconds = sum(step_time(plan, model, cluster).values())
+    fits = (memory.device_total <= (1 - margin) * cluster.memory_per_rank()
+            and not fit_warnings(memory, cluster=cluster))
+    return Candidate(values=values, plan=plan, device_bytes=memory.device_total,
+                     samples_per_s=plan.batch.global_batch_size / seconds, fits=fits)
+
+
+def _describe(best: Candidate, *, fitting: int, total: int, limit: int) -> str:
+    return (f"fastest of {fitting} fitting candidates ({total} compiled): {best.samples_per_s:.4g} samples/s "
+            f"predicted, {best.device_bytes / GiB:.2f} of {limit / GiB:.2f} GiB per rank")
+
+
+def _decisions(best: Candidate, autos: list[str], *, fitting: int, total: int, limit: int) -> dict[str, Any]:
+    """The chosen concrete value of every searched key, and why."""
+    plan = best.plan
+    concrete = {
+        "parallel.dp": plan.parallel.dp, "parallel.tp": plan.parallel.tp,
+        "tensor_parallel.autotp_size": plan.parallel.tp, "parallel.pp": plan.parallel.pp,
+        "train_batch_size": plan.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.batch.micro_batch_size,
+        "gradient_accumulation_steps": plan.batch.gradient_accumulation_steps,
+    }
+    why = _describe(best, fitting=fitting, total=total, limit=limit)
+    out = {}
+    for key in autos:
+        value = best.values[key] if best.values.get(key) is not None else concrete.get(key)
+        searched = key in best.values and best.values[key] is not None
+        out[key] = (value, why if searched else "derived from the chosen values (" + why + ")")
+    return out
+
+
+def search(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec, *, margin: float,
+           calibration: Calibration | None = None) -> dict[str, tuple[Any, str]]:
+    """Concrete values for the searched "auto" keys: {key: (value, why)}; ConfigError when none fits."""
+    knobs = _knob_options(data, autos, model, cluster)
+    combos = [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*knobs)]
+    combos = [c for c in combos if _plausible(c, data)]
+    if len(combos) > MAX_CANDIDATES:
+        raise ConfigError(Problem(autos[0], f"{len(combos)} combinations of {', '.join(autos)} is too many to "
+                                  f"compile (limit {MAX_CANDIDATES})", suggestion="give some of them, or run "
+                                  "`zeroplan autotune`"))
+    candidates, refused = [], []
+    for values in combos:
+        try:
+            candidates.append(_evaluate(data, values, model, cluster, margin=margin, calibration=calibration))
+        except ConfigError as e:
+            refused.append(e)
+    limit = cluster.memory_per_rank()
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise ConfigError(_nothing_fits(autos, candidates, refused, limit=limit))
+    best = max(fitting, key=lambda c: (c.samples_per_s, -c.device_bytes))
+    return _decisions(best, autos, fitting=len(fitting), total=len(candidates), limit=limit)
+
+
+def _nothing_fits(autos: list[str], candidates: list[Candidate], refused: list[ConfigError], *,
+                  limit: int) -> list[Problem]:
+    keys = ", ".join(autos)
+    if not candidates:
+        first = refused[0].problems if refused else []
+        return [Problem(autos[0], f"no choice of {keys} gives a valid plan; the first refused for:"), *first]
+    smallest = min(candidates, key=lambda c: c.device_bytes)
+    return [Problem(autos[0], f"no choice of {keys} fits: the smallest of {len(candidates)} candidates needs "
+                    f"{smallest.device_bytes / GiB:.2f} GiB per rank, {limit / GiB:.2f} GiB available",
+                    suggestion="use more ranks, offload to nvme, or compile concrete values to read the breakdown")]

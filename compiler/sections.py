@@ -1,0 +1,114 @@
+"""A concrete `TrainConfig` (no "auto" left) -> the Plan's sections, one small function each.
+
+Defaults the config leaves open are filled here and nowhere else: the optimizer (AdamW,
+lr 1e-3, when the config has none), DeepSpeed's scheduler defaults
+(`schemas.optim.SCHEDULER_DEFAULTS`), and the optimizer kernel for the cluster's device.
+"""
+
+from __future__ import annotations
+
+from zeroplan.schemas import ClusterSpec, TrainConfig
+from zeroplan.schemas.plan import (
+    ActivationCheckpointingPlan,
+    KernelsPlan,
+    LoggingPlan,
+    LossScalePlan,
+    OffloadPlan,
+    OffloadTarget,
+    OptimizerPlan,
+    PrecisionPlan,
+    SchedulerPlan,
+    WorldPlan,
+    ZeroPlan,
+)
+
+DEFAULT_LR = 1e-3
+"""torch.optim.AdamW's and DeepSpeed's Adam default learning rate."""
+
+
+def world_plan(cluster: ClusterSpec) -> WorldPlan:
+    return WorldPlan(nnodes=cluster.nnodes, nproc_per_node=cluster.nproc_per_node, world_size=cluster.world_size,
+                     device=cluster.device, backend="nccl" if cluster.device == "cuda" else "gloo")
+
+
+def zero_plan(config: TrainConfig) -> ZeroPlan:
+    z = config.zero_optimization
+    return ZeroPlan(
+        stage=z.stage, reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
+        overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients, reduce_scatter=z.reduce_scatter,
+        prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+        param_persistence_threshold=z.stage3_param_persistence_threshold,
+        model_persistence_threshold=z.stage3_model_persistence_threshold,
+        max_live_parameters=z.stage3_max_live_parameters, max_reuse_distance=z.stage3_max_reuse_distance,
+        sub_group_size=z.sub_group_size, gather_16bit_weights_on_model_save=z.stage3_gather_16bit_weights_on_model_save)
+
+
+def offload_plan(config: TrainConfig) -> OffloadPlan:
+    opt, par = config.zero_optimization.offload_optimizer, config.zero_optimization.offload_param
+    return OffloadPlan(
+        optimizer=OffloadTarget(device=opt.device, nvme_path=opt.nvme_path, pin_memory=opt.pin_memory,
+                                buffer_count=opt.buffer_count, buffer_size=opt.buffer_size, ratio=opt.ratio),
+        param=OffloadTarget(device=par.device, nvme_path=par.nvme_path, pin_memory=par.pin_memory,
+                            buffer_count=par.buffer_count, buffer_size=par.buffer_size, max_in_cpu=par.max_in_cpu))
+
+
+def precision_plan(config: TrainConfig) -> PrecisionPlan:
+    dtype = config.precision
+    fp16 = config.fp16
+    scaling = LossScalePlan()
+    if dtype == "fp16":
+        scaling = LossScalePlan(enabled=True, dynamic=fp16.dynamic, static_scale=fp16.loss_scale or 1.0,
+                                initial_scale_power=fp16.initial_scale_power, window=max(fp16.loss_scale_window, 1),
+                                hysteresis=fp16.hysteresis, consecutive_hysteresis=fp16.consecutive_hysteresis,
+                                min_scale=fp16.min_loss_scale)
+    return PrecisionPlan(param_dtype=dtype, reduce_dtype=config.communication_data_type or dtype,
+                         loss_scaling=scaling)
+
+
+def optimizer_plan(config: TrainConfig) -> OptimizerPlan:
+    common = dict(gradient_clipping=config.gradient_clipping, prescale_gradients=config.prescale_gradients,
+                  gradient_predivide_factor=config.gradient_predivide_factor)
+    if config.optimizer is None:
+        return OptimizerPlan(type="AdamW", lr=DEFAULT_LR, **common)
+    kind, p = config.optimizer.type, config.optimizer.params
+    given = {k: v for k, v in (("lr", p.lr), ("eps", p.eps), ("weight_decay", p.weight_decay)) if v is not None}
+    if kind == "SGD":
+        sgd = {k: v for k, v in (("momentum", p.momentum), ("dampening", p.dampening), ("nesterov", p.nesterov))
+               if v is not None}
+        return OptimizerPlan(type="SGD", decoupled_weight_decay=False, **given, **sgd, **common)
+    betas = {"betas": tuple(p.betas)} if p.betas is not None else {}
+    # DeepSpeed's Adam decouples weight decay unless adam_w_mode is false (deepspeed/ops/adam).
+    decoupled = True if kind == "AdamW" else p.adam_w_mode is not False
+    return OptimizerPlan(type=kind, decoupled_weight_decay=decoupled, **given, **betas, **common)
+
+
+def scheduler_plan(config: TrainConfig) -> SchedulerPlan | None:
+    if config.scheduler is None:
+        return None
+    return SchedulerPlan(type=config.scheduler.type, params=config.scheduler.resolved_params())
+
+
+def kernels_plan(config: TrainConfig, cluster: ClusterSpec) -> KernelsPlan:
+    """The optimizer kernel: where the step runs decides it.
+
+    An offloaded step runs on the host: cpu_adam (ZeRO-Offload's SIMD Adam). Otherwise
+    cuda_fused on cuda and torch_fused on cpu. SGD has no fused kernel of ours: torch_foreach.
+    """
+    kind = config.optimizer.type if config.optimizer is not None else "AdamW"
+    if kind == "SGD":
+        return KernelsPlan(optimizer="torch_foreach")
+    if config.zero_optimization.offload_optimizer.device in ("cpu", "nvme"):
+        return KernelsPlan(optimizer="cpu_adam")
+    return KernelsPlan(optimizer="cuda_fused" if cluster.device == "cuda" else "torch_fused")
+
+
+def checkpointing_plan(config: TrainConfig) -> ActivationCheckpointingPlan:
+    ac = config.activation_checkpointing
+    return ActivationCheckpointingPlan(enabled=ac.enabled, cpu_checkpointing=ac.cpu_checkpointing,
+                                       partition_activations=ac.partition_activations,
+                                       number_checkpoints=ac.number_checkpoints)
+
+
+def logging_plan(config: TrainConfig) -> LoggingPlan:
+    return LoggingPlan(steps_per_print=config.steps_per_print, wall_clock_breakdown=config.wall_clock_breakdown,
+                       comms_logger=config.comms_logger.enabled)

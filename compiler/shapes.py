@@ -1,0 +1,111 @@
+"""Parameter tensors of a `ModelSpec` as one rank holds them under tensor and pipeline parallelism.
+
+Megatron-LM's layout (Shoeybi et al. 2019, "Megatron-LM", section 3): the QKV and first MLP
+matrices are split by columns, the attention output and second MLP matrices by rows, the
+embedding by vocabulary rows; norms and the biases of row-split layers are replicated on every
+tp rank. Pipeline stages take consecutive blocks, the first stage the embedding, the last the
+final norm and LM head; with tied embeddings and pp > 1 the last stage keeps a copy of the
+embedding matrix (Narayanan et al. 2021, section 2.2 of "Efficient Large-Scale Language Model
+Training on GPU Clusters Using Megatron-LM"). With tp = pp = 1 the counts equal
+`ModelSpec.total_params` exactly (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroplan.schemas import ModelSpec
+
+
+def _split(n: int, tp: int) -> int:
+    return -(-n // tp)
+
+
+def block_tensors(model: ModelSpec, *, tp: int) -> list[int]:
+    """Element counts of one transformer block's tensors on one tp rank."""
+    h, f = model.hidden, model.ffn
+    if model.architecture == "gpt":
+        norms = [h, h, h, h]
+        split = [3 * h * h, 3 * h, h * h, h * f, f, f * h]
+        replicated_bias = [h, h]  # biases of the row-split attention output and second MLP layer
+        return norms + replicated_bias + [_split(n, tp) for n in split]
+    kv = (model.kv_heads or model.heads) * model.head_dim
+    split = [h * h, h * kv, h * kv, h * h, h * f, h * f, f * h]
+    return [h, h] + [_split(n, tp) for n in split]
+
+
+def embedding_tensors(model: ModelSpec, *, tp: int) -> list[int]:
+    """Token embedding (vocab-split) and, for gpt, learned positions (replicated)."""
+    tensors = [_split(model.vocab * model.hidden, tp)]
+    if model.architecture == "gpt":
+        tensors.append(model.seq_len * model.hidden)
+    return tensors
+
+
+def head_tensors(model: ModelSpec, *, tp: int, pp: int) -> list[int]:
+    """Final norm and LM head on the last stage (a copy of the tied embedding when pp > 1)."""
+    h = model.hidden
+    norm = [h, h] if model.architecture == "gpt" else [h]
+    if not model.tied_embeddings or pp > 1:
+        return norm + [_split(model.vocab * h, tp)]
+    return norm
+
+
+def stage_layers(layers: int, *, pp: int) -> list[int]:
+    """Blocks per pipeline stage; the first `layers % pp` stages take one more."""
+    base, extra = divmod(layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """What one rank of a pipeline stage holds, before ZeRO sharding."""
+
+    index: int
+    last: bool
+    """The stage holding the final norm and LM head (computes the loss)."""
+    layers: int
+    tensors: tuple[int, ...]
+    """Element counts of every parameter tensor on the rank."""
+    units: tuple[int, ...]
+    """Elements per module ZeRO-3 gathers at once (embedding, each block, head)."""
+
+    @property
+    def params(self) -> int:
+        return sum(self.tensors)
+
+
+
+def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
+    """One `StageShape` per pipeline stage, for one tp rank."""
+    block = block_tensors(model, tp=tp)
+    shapes = []
+    for i, n_layers in enumerate(stage_layers(model.layers, pp=pp)):
+        tensors, units = [], []
+        if i == 0:
+            emb = embedding_tensors(model, tp=tp)
+            tensors += emb
+            units.append(sum(emb))
+        tensors += block * n_layers
+        units += [sum(block)] * n_layers
+        if i == pp - 1:
+            head = head_tensors(model, tp=tp, pp=pp)
+            tensors += head
+            units.append(sum(head))
+        shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors),
+                                 units=tuple(units)))
+    return shapes
+
+
+def rank_params(model: ModelSpec, *, tp: int, pp: int) -> int:
+    """Parameters of the fullest rank (the most loaded pipeline stage), before ZeRO sharding."""
+    return max(s.params for s in stage_shapes(model, tp=tp, pp=pp))
+
+
+def persistent_elements(shape: StageShape, *, threshold: int, cap: int) -> int:
+    """ZeRO-3: elements kept whole on every rank (tensors below `threshold`, up to `cap` in all).
+
+    DeepSpeed's stage3_param_persistence_threshold / stage3_model_persistence_threshold.
+    """
+    small = sum(n for n in shape.tensors if n < threshold)
+    return min(small, cap)

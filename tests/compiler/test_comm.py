@@ -1,0 +1,72 @@
+"""Communication volumes per stage, in ring-algorithm bytes (compiler/comm.py)."""
+
+from __future__ import annotations
+
+from zeroplan.compiler import comm_volume
+from zeroplan.compiler.comm import ring_bytes, summarize
+from zeroplan.schemas import ModelSpec
+
+
+def _sent(plan, model="tiny"):
+    return summarize(comm_volume(plan, ModelSpec.load(model)))
+
+
+def test_ring_factors():
+    assert ring_bytes("all_reduce", 1000, 4) == 2 * 3 * 1000 // 4
+    assert ring_bytes("all_gather", 1000, 4) == 3 * 1000 // 4
+    assert ring_bytes("reduce_scatter", 1000, 1) == 0
+
+
+def test_stage0_all_reduces_gradients_in_buckets(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1,
+                         "zero_optimization": {"stage": 0, "reduce_bucket_size": 100_000}}, nproc_per_node=4)
+    sent, calls = _sent(plan)
+    psi = tiny.total_params
+    assert sent == {"dp.all_reduce": 2 * 3 * psi * 4 // 4}
+    assert calls == {"dp.all_reduce": -(-psi // 100_000)}
+
+
+def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(tiny, compile_dict):
+    base = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
+    zero0 = compile_dict({**base, "zero_optimization": {"stage": 0}}, nproc_per_node=4)
+    zero3 = compile_dict({**base, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                         nproc_per_node=4)
+    total0, total3 = sum(_sent(zero0)[0].values()), sum(_sent(zero3)[0].values())
+    assert abs(total3 / total0 - 1.5) < 1e-6  # Rajbhandari et al. 2020, section 7.2.2: 3 Psi vs 2 Psi
+
+
+def test_stage2_reduce_scatters_every_micro_batch(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3,
+                         "zero_optimization": {"stage": 2}}, nproc_per_node=2)
+    sent, _ = _sent(plan)
+    psi = tiny.total_params
+    assert sent["dp.reduce_scatter"] == 3 * (psi * 4 // 2)
+    assert sent["dp.all_gather"] == psi * 4 // 2  # updated parameters, once per step
+
+
+def test_stage1_without_reduce_scatter_all_reduces_once_per_step(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3,
+                         "zero_optimization": {"stage": 1, "reduce_scatter": False}}, nproc_per_node=2)
+    sent, _ = _sent(plan)
+    assert sent["dp.all_reduce"] == 2 * (tiny.total_params * 4 // 2)
+
+
+def test_tensor_parallel_all_reduces_four_times_per_block(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 2, "parallel": {"tp": 2}}, nproc_per_node=2)
+    sent, calls = _sent(plan)
+    activation = 4 * tiny.seq_len * 2 * tiny.hidden
+    assert calls["tp.all_reduce"] == 4 * tiny.layers + 1  # + the vocab-split embedding's sum
+    assert sent["tp.all_reduce"] == calls["tp.all_reduce"] * activation  # 2(t-1)/t = 1 at t = 2
+
+
+def test_pipeline_sends_one_activation_per_micro_batch_and_boundary(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
+                         "parallel": {"pp": 2}}, nproc_per_node=2)
+    sent, calls = _sent(plan)
+    assert calls["pp.send_recv"] == 4
+    assert sent["pp.send_recv"] == 4 * 4 * tiny.seq_len * tiny.hidden
+
+
+def test_a_single_rank_communicates_nothing(compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1}, nproc_per_node=1)
+    assert plan.estimates.comm_bytes_per_step == {}

@@ -1,0 +1,146 @@
+"""The memory model's arithmetic against hand-computed cases (ZeRO paper; Korthikanti et al. 2022)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zeroplan.compiler import Calibration, estimate_memory
+from zeroplan.compiler.memory import head_activation_bytes, layer_activation_bytes, model_states
+from zeroplan.schemas import ConfigError
+
+P = 1_000_000  # divisible by every dp used below, so shards are exact
+
+
+def per_param(states: dict[str, int]) -> float:
+    return sum(states.values()) / P
+
+
+@pytest.mark.parametrize("stage, dp, expected", [
+    (0, 4, 16.0),            # 2 + 2 + 12
+    (1, 4, 4 + 12 / 4),      # optimizer states and masters sharded
+    (2, 4, 2 + 14 / 4),      # gradients too
+    (3, 4, 16 / 4),          # everything
+    (1, 8, 4 + 12 / 8),
+    (2, 8, 2 + 14 / 8),
+    (3, 8, 16 / 8),
+])
+def test_mixed_precision_adam_model_states_follow_the_zero_paper(stage, dp, expected):
+    states = model_states(params=P, dp=dp, stage=stage, param_dtype="bf16")
+    assert per_param(states) == expected
+
+
+def test_model_state_categories_at_stage_0():
+    states = model_states(params=P, dp=4, stage=0, param_dtype="fp16")
+    assert states == {"parameters": 2 * P, "gradients": 2 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
+
+
+def test_fp32_has_no_separate_master_copy():
+    states = model_states(params=P, dp=2, stage=0, param_dtype="fp32")
+    assert states == {"parameters": 4 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 0}
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    states = model_states(params=P, dp=1, stage=0, param_dtype="bf16", optimizer="SGD", momentum=0.0)
+    assert states["optimizer_states"] == 0 and per_param(states) == 8
+
+
+def test_stage3_keeps_persistent_parameters_whole():
+    states = model_states(params=P, dp=4, stage=3, param_dtype="bf16", persistent=1000)
+    assert states["parameters"] == 2 * (1000 + (P - 1000) // 4)
+
+
+S, B, H, A = 128, 2, 64, 4  # 5as/h = 40 and 2as/h = 16: integral
+
+
+def test_activations_match_korthikanti_with_dropout_in_16bit():
+    got = layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, element_bytes=2, dropout=True)
+    assert got == S * B * H * (34 + 5 * A * S // H)
+
+
+def test_activations_with_tensor_parallelism_match_equation_2():
+    t = 2
+    got = layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, tp=t, element_bytes=2, dropout=True)
+    assert got == S * B * H * 10 + S * B * H * 24 // t + 5 * A * S * S * B // t
+
+
+def test_activations_without_dropout_keep_no_masks():
+    assert layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, element_bytes=2) \
+        == S * B * H * (32 + 2 * A * S // H)
+    assert layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, element_bytes=4) \
+        == S * B * H * (64 + 4 * A * S // H)
+
+
+def test_flash_attention_drops_the_quadratic_term():
+    got = layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, element_bytes=2, flash=True)
+    assert got == S * B * H * 32 + 4 * A * S * B
+
+
+def test_plan_activations_with_and_without_checkpointing(tiny, compile_dict):
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
+    off = compile_dict(base, nproc_per_node=1)
+    on = compile_dict({**base, "activation_checkpointing": {"enabled": True}}, nproc_per_node=1)
+    s, b, h = tiny.seq_len, 2, tiny.hidden
+    layer = layer_activation_bytes(seq=s, micro=b, hidden=h, heads=tiny.heads, ffn=tiny.ffn, element_bytes=4)
+    head = head_activation_bytes(seq=s, micro=b, hidden=h, vocab=tiny.vocab, tp=1, element_bytes=4)
+    assert off.estimates.memory_per_rank["activations"] == tiny.layers * layer + head
+    assert on.estimates.memory_per_rank["activations"] == tiny.layers * 4 * s * b * h + layer + head
+
+
+def test_1f1b_first_stage_holds_pp_micro_batches(tiny, compile_dict):
+    data = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8, "parallel": {"pp": 2}}
+    plan = compile_dict(data, nproc_per_node=2)
+    layer = layer_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, heads=tiny.heads, ffn=tiny.ffn,
+                                   element_bytes=4)
+    head = head_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, vocab=tiny.vocab, tp=1,
+                                 element_bytes=4)
+    first, last = 2 * (tiny.layers // 2) * layer, (tiny.layers // 2) * layer + head
+    assert plan.estimates.memory_per_rank["activations"] == max(first, last)
+
+
+def test_cpu_offload_moves_optimizer_state_to_the_host(tiny, compile_dict):
+    data = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    plan = compile_dict(data, nproc_per_node=2)
+    device, host = plan.estimates.memory_per_rank, plan.estimates.host_memory_per_rank
+    shard = -(-tiny.total_params // 2)
+    assert device["optimizer_states"] == 0 and device["master_weights"] == 0
+    assert host["optimizer_states"] == 8 * shard and host["master_weights"] == 4 * shard
+    assert plan.estimates.host_bytes_per_node == 2 * sum(host.values())
+    assert plan.kernels.optimizer == "cpu_adam"
+
+
+def test_stage3_param_offload_to_nvme_leaves_only_persistent_params(tiny, tmp_path, compile_dict):
+    data = {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)},
+                                  "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    plan = compile_dict(data, nproc_per_node=2)
+    assert plan.estimates.memory_per_rank["parameters"] == 0
+    shard = -(-tiny.total_params // 2)
+    # fp32: the parameters are the masters, so 4 B of parameters + 8 B of Adam moments per element
+    assert plan.estimates.nvme_bytes_per_node == 2 * (shard * 4 + shard * 8)
+
+
+def test_calibration_scales_and_offsets_categories(tmp_path, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1}, nproc_per_node=1)
+    from zeroplan.schemas import ModelSpec
+    model = ModelSpec.load("tiny")
+    raw = estimate_memory(plan, model)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"source": "run-1", "device": {"activations": {"scale": 1.5},
+                                                              "overhead": {"offset_bytes": -1000}}}))
+    fixed = estimate_memory(plan, model, calibration=Calibration.load(path))
+    assert fixed.device["activations"] == round(raw.device["activations"] * 1.5)
+    assert fixed.device["overhead"] == raw.device["overhead"] - 1000
+    assert fixed.device["parameters"] == raw.device["parameters"]
+    assert fixed.notes == ("calibrated from run-1",)
+
+
+def test_calibration_refuses_unknown_categories(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"device": {"activation": {"scale": 2}}}))
+    with pytest.raises(ConfigError) as e:
+        Calibration.load(path)
+    assert e.value.problems[0].path == "device.activation" and e.value.source == str(path)

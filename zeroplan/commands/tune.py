@@ -1,0 +1,93 @@
+"""`zeroplan autotune` and `zeroplan report`."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, apply_overrides, read_config_file, validate_config
+
+from .common import user_errors
+
+SAMPLERS = ("tpe", "grid", "random", "nsga2")
+OBJECTIVES = ("throughput", "latency", "memory", "pareto")
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise ConfigError(f"{option} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+@user_errors
+def autotune(
+    config: Annotated[Path, typer.Argument(help="Config with 'auto' knobs or an autotuning.space block.")],
+    model: Annotated[str, typer.Option(help="Built-in model preset the trials train.")] = "tiny",
+    cluster: Annotated[str, typer.Option(help="Cluster preset or cluster.json (zeroplan probe).")] = "cpu",
+    nnodes: Annotated[int, typer.Option(min=1)] = 1,
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1)] = 2,
+    max_trials: Annotated[Optional[int], typer.Option(min=1, help="Default: autotuning.max_trials.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Study budget in seconds.")] = None,
+    trial_timeout: Annotated[Optional[float], typer.Option(help="Per-trial limit in seconds.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL; default SQLite in --out.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory; default autotuning.results_dir.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="tpe | grid | random | nsga2")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="throughput | latency | memory | pareto")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--fresh", help="Resume the study of the same name, "
+                                         "or start a new one beside it (nothing is deleted).")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value.")] = None,
+) -> None:
+    """Search ZeRO stage, micro-batch, offload and degrees by measuring short runs."""
+    from zeroplan.autotune.progress import live_progress
+    from zeroplan.autotune.tune import TuneSettings, tune
+
+    data = apply_overrides(read_config_file(config), set_ or ())
+    block = validate_config(copy.deepcopy(data), source=str(config)).autotuning
+    settings = TuneSettings(
+        model_name=model, nnodes=nnodes, nproc_per_node=nproc_per_node,
+        out_dir=out or Path(block.results_dir),
+        objective=_choice(objective, OBJECTIVES, "--objective") or block.metric,
+        max_trials=max_trials or block.max_trials, timeout_s=timeout or block.time_budget_s,
+        trial_timeout_s=trial_timeout or block.trial_timeout_s, warmup_steps=block.warmup_steps,
+        measured_steps=block.measured_steps, storage=storage or block.storage, study_name=block.study_name,
+        sampler=_choice(sampler, SAMPLERS, "--sampler") or block.sampler, pruner=block.pruner,
+        memory_safety_margin=block.memory_safety_margin, seed=block.seed,
+        overwrite=not resume or block.overwrite)
+    with live_progress(total=settings.max_trials) as callback:
+        result = tune(data=data, model=ModelSpec.load(model), cluster=ClusterSpec.load(cluster),
+                      settings=settings, callbacks=[callback])
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
+    typer.echo(f"study {result.study.study_name}: {counts}")
+    if result.best_plan is None:
+        typer.echo(f"no trial completed; reasons in {result.out_dir / 'report.md'}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"best plan: {result.out_dir / 'best_plan.json'} "
+               f"({result.best_plan.provenance.measured_samples_per_s:.2f} samples/s)")
+
+
+@user_errors
+def report(
+    directory: Annotated[Path, typer.Argument(help="Results directory of `zeroplan autotune`.")],
+    storage: Annotated[Optional[str], typer.Option(help="Storage URL; default the directory's study.db.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name; default the only (or newest) one.")] = None,
+    objective: Annotated[str, typer.Option(help="throughput | latency | memory | pareto")] = "throughput",
+) -> None:
+    """Re-render trials.csv, report.md, report.html and best_plan.json from a stored study."""
+    import optuna
+
+    from zeroplan.autotune.results import write_results
+
+    url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+    if storage is None and not (directory / "study.db").is_file():
+        raise ConfigError(f"no study.db in {directory}; pass --storage for a study stored elsewhere")
+    summaries = optuna.get_all_study_summaries(storage=url)
+    if not summaries:
+        raise ConfigError(f"no study in {url}")
+    name = study or max(summaries, key=lambda s: s.datetime_start or datetime.datetime.min).study_name
+    loaded = optuna.load_study(study_name=name, storage=url)
+    write_results(loaded, out_dir=directory, objective=_choice(objective, OBJECTIVES, "--objective"))
+    typer.echo(f"wrote {directory / 'report.md'} for study {name}")
