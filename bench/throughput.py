@@ -74,8 +74,9 @@ class PresetResult:
 
 
 def measure(workload: Workload, systems: list[str], *, reps: int, budget: Budget, first_round_s: float,
-            log=print) -> PresetResult:
-    """Run `systems` alternately `reps` rounds (fewer if the budget runs out) and aggregate."""
+            required: bool = False, log=print) -> PresetResult:
+    """Run `systems` alternately `reps` rounds (fewer if the budget runs out; a `required` preset
+    always gets its first round) and aggregate."""
     result = PresetResult(workload=workload)
     runnable = []
     for name in systems:
@@ -87,7 +88,7 @@ def measure(workload: Workload, systems: list[str], *, reps: int, budget: Budget
     runs: dict[str, list[Measurement]] = {name: [] for name in runnable}
     round_s = first_round_s
     for rep in range(reps):
-        if not budget.fits(round_s):
+        if not (required and rep == 0) and not budget.fits(round_s):
             result.notes.append(f"{rep} of {reps} rounds run: the next (~{round_s:.0f}s) did not fit the budget")
             break
         start = time.monotonic()
@@ -137,8 +138,9 @@ def preset_workload(preset: str, *, steps: int, warmup: int, micro: int | None =
 
 def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps: int, budget: Budget,
         log=print) -> list[PresetResult]:
-    """Measure each preset in turn, smallest first; a preset whose first round would not fit the
-    budget (extrapolated from the previous preset's step time by work per sample) is skipped."""
+    """Measure each preset in turn, smallest first. The first always gets one round; a later
+    round or preset that would not fit the budget (a preset's cost extrapolated from the
+    previous preset's step time by work per sample) is skipped and said so."""
     out: list[PresetResult] = []
     runnable = sum(get_system(name).unavailable() is None for name in systems)
     step_s = 0.5  # seconds per step and system, before anything was measured
@@ -149,7 +151,8 @@ def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps
             p, batch = previous
             step_s *= work_per_sample(preset) * workload.global_batch_size / (work_per_sample(p) * batch)
         estimate = runnable * (STARTUP_S + steps * step_s)
-        result = measure(workload, systems, reps=reps, budget=budget, first_round_s=estimate, log=log)
+        result = measure(workload, systems, reps=reps, budget=budget, first_round_s=estimate, required=not out,
+                         log=log)
         out.append(result)
         times = [t for rounds in result.raw.values() for ranks in rounds for t in ranks[0]["step_times_s"]]
         if times:
@@ -171,7 +174,7 @@ def to_markdown(results: list[PresetResult], *, command: str, peers: dict[str, s
             f"{w.clip}, no schedule; Markov-chain data (seed {w.seed}), identical initial weights (seed {w.seed})",
             "- each measurement is a fresh process group; systems alternate round by round; samples/s = global "
             "batch / median step time over the timed steps of all rounds; spread = (max - min) / median of the "
-            "per-round throughputs; peak RSS = ru_maxrss, max over ranks (median over rounds), start-up included; "
+            "per-round throughputs; peak RSS = VmHWM (the process's high-water mark; see bench/worker.py for why not ru_maxrss), max over ranks (median over rounds), start-up included; "
             "ratios are against DDP in the same run",
             f"- losses are averaged over ranks; `agrees` means |loss - DDP's loss| <= {LOSS_TOLERANCE} after the "
             "same steps"]

@@ -7,7 +7,12 @@ this system alone:
 - the loss of every step, averaged over ranks (outside the timed region);
 - resident memory: `baseline` after torch, the process group and the system's imports
   (before the model exists), `after_setup` once the system has wrapped the model and built
-  its optimizer, and `peak` (ru_maxrss: the process's high-water mark, start-up included).
+  its optimizer, and `peak`, this process's high-water mark, start-up included.
+
+The peak is the kernel's VmHWM (/proc/self/status), not getrusage's ru_maxrss: Linux carries
+ru_maxrss across fork and exec (the forked copy of the launcher's memory counts), so a rank
+started by a launcher that has itself touched 2 GiB reports at least 2 GiB. VmHWM is the
+high-water mark of this process image alone; ru_maxrss is recorded beside it for reference.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Bytes at this process's high-water mark (ru_maxrss is KiB on Linux)."""
+    """Bytes at this process image's high-water mark (VmHWM, in kB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def ru_maxrss() -> int:
+    """getrusage's peak (KiB on Linux); includes memory inherited from the launcher (see above)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -65,7 +78,8 @@ def run(system_name: str, workload_json: str) -> dict:
         losses.append(float(mean.item()) / world)
     system.close()
     return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
-            "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss()}
+            "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss(),
+            "ru_maxrss_bytes": ru_maxrss()}
 
 
 def main(argv: list[str]) -> int:
