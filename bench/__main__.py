@@ -3,7 +3,8 @@
 Sections, each writing its own results file under bench/results/ (machine and command in it):
 1. throughput: zeroplan ZeRO 0-3 against DDP, ZeroRedundancyOptimizer, FSDP2 (and DeepSpeed
    when installed) on the built-in GPT, 2 gloo ranks (bench.throughput);
-2. optimizer kernels: cpu_adam against torch.optim (bench.optimizer_kernels; --skip-kernels);
+2. optimizer kernels: cpu_adam against torch.optim (bench.optimizer_kernels; --skip-kernels),
+   written as optimizer_kernels-bench-<date>.md so the standalone run's file is kept;
 3. memory model: predicted against measured peak RSS, and a fitted calibration
    (bench.memory_model).
 Larger presets run only when their extrapolated cost fits what is left of --budget-s; what
@@ -23,6 +24,7 @@ import time
 
 from . import memory_model, optimizer_kernels, throughput
 from .budget import Budget
+from .launch import exit_on_sigterm
 from .report import RESULTS, result_path
 from .throughput import DEFAULT_SYSTEMS
 
@@ -38,9 +40,11 @@ def sections(args: argparse.Namespace) -> tuple[dict, list[str], list[str]]:
         return (dict(presets=["tiny"], steps=3, warmup=1, reps=1),
                 ["--presets", "tiny", "--micro", "1", "4", "--out", str(result_path("memory_model-quick")),
                  "--calibration-out", str(RESULTS / "calibration-cpu-quick.json")],
-                ["--sizes", "1e6", "--threads", "1", "--reps", "3", "--out", str(result_path("optimizer_kernels-quick"))])
+                ["--sizes", "1e6", "--threads", "1", "--reps", "3",
+                 "--out", str(result_path("optimizer_kernels-quick"))])
     return (dict(presets=args.presets, steps=args.steps, warmup=2, reps=args.reps),
-            ["--presets", *args.memory_presets], ["--reps", "5"])
+            ["--presets", *args.memory_presets],
+            ["--reps", "5", "--out", str(result_path("optimizer_kernels-bench"))])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=2, help="throughput rounds over all systems")
     p.add_argument("--steps", type=int, default=8, help="throughput steps per measurement")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     command = ("python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     budget = Budget(args.budget_s)

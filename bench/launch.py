@@ -42,6 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in a benchmark's main process, so that `launch`'s cleanup
+    runs and no rank process outlives a terminated benchmark (ranks run in their own session)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _kill(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:

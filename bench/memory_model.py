@@ -35,7 +35,7 @@ from zeroplan.compiler import Calibration, estimate_memory
 from zeroplan.compiler.memory import RUNTIME_OVERHEAD
 
 from .budget import STARTUP_S, Budget, work_per_sample
-from .launch import LaunchError, launch
+from .launch import LaunchError, exit_on_sigterm, launch
 from .report import RESULTS, machine_lines, mib, result_path, table, write
 from .systems.zeroplan import Zeroplan
 from .workload import Workload, compile_plan
@@ -185,7 +185,8 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
     lines = ["# Memory-model accuracy (CPU, peak RSS per rank)", "", *machine_lines({}),
              f"- command: `{command}`",
              f"- 2 processes, gloo, fp32, AdamW, zeroplan's runtime running the compiled plan for {STEPS} steps; "
-             "measured = peak RSS (VmHWM, the process's high-water mark; see bench/worker.py for why not ru_maxrss), max over ranks; predicted = `estimate_memory(plan, model).device_total`; "
+             "measured = peak RSS (VmHWM, the process's high-water mark; bench/worker.py says why not "
+             "ru_maxrss), max over ranks; predicted = `estimate_memory(plan, model).device_total`; "
              "error = (predicted - measured) / measured; target |error| <= 10% on every row",
              "- split: states = RSS after `initialize` - RSS before the model was built (predicted: parameters + "
              "gradients + optimizer states + master weights); training = peak - RSS after `initialize` "
@@ -195,7 +196,8 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
     for r, l in zip(rows, loo):
         cal = calibrated_error(r, calibration) if calibration else None
         body.append([r.preset, r.stage, r.micro, mib(r.predicted_total), mib(r.measured_peak), f"{100 * r.error:+.1f}%",
-                     "yes" if abs(r.error) <= TARGET else "**no**", f"{mib(r.predicted_states)} / {mib(r.measured_states)}",
+                     "yes" if abs(r.error) <= TARGET else "**no**",
+                     f"{mib(r.predicted_states)} / {mib(r.measured_states)}",
                      f"{mib(r.predicted_training)} / {mib(r.measured_training)}",
                      f"{mib(r.predicted['overhead'])} / {mib(r.baseline)}",
                      "-" if cal is None else f"{100 * cal:+.1f}%", "-" if l is None else f"{100 * l:+.1f}%"])
@@ -235,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, budget: Budget | None = None, command: str | None = None) -> list[MemoryRow]:
     """`budget` and `command` are given when `python -m bench` runs this section."""
     args = parser().parse_args(argv)
+    exit_on_sigterm()
     command = command or "python -m bench.memory_model " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rows, notes = run(presets=args.presets, stages=args.stages, micros=args.micro, offload=not args.no_offload,

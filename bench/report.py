@@ -30,7 +30,8 @@ def machine_lines(peers: dict[str, str]) -> list[str]:
     return lines
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[bool] | None = None) -> list[str]:
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
+          right: Sequence[bool] | None = None) -> list[str]:
     """A GitHub markdown table; `right[i]` right-aligns column i (numbers)."""
     right = right or [False] * len(headers)
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]

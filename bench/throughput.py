@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .budget import STARTUP_S, Budget, work_per_sample
-from .launch import LaunchError, Measurement, launch
+from .launch import LaunchError, exit_on_sigterm, Measurement, launch
 from .report import machine_lines, mib, result_path, table, write
 from .systems import SYSTEMS, get_system
 from .workload import Workload
@@ -174,7 +174,8 @@ def to_markdown(results: list[PresetResult], *, command: str, peers: dict[str, s
             f"{w.clip}, no schedule; Markov-chain data (seed {w.seed}), identical initial weights (seed {w.seed})",
             "- each measurement is a fresh process group; systems alternate round by round; samples/s = global "
             "batch / median step time over the timed steps of all rounds; spread = (max - min) / median of the "
-            "per-round throughputs; peak RSS = VmHWM (the process's high-water mark; see bench/worker.py for why not ru_maxrss), max over ranks (median over rounds), start-up included; "
+            "per-round throughputs; peak RSS = VmHWM (the process's high-water mark; bench/worker.py says why "
+            "not ru_maxrss), max over ranks (median over rounds), start-up included; "
             "ratios are against DDP in the same run",
             f"- losses are averaged over ranks; `agrees` means |loss - DDP's loss| <= {LOSS_TOLERANCE} after the "
             "same steps"]
@@ -183,6 +184,9 @@ def to_markdown(results: list[PresetResult], *, command: str, peers: dict[str, s
         lines += ["", f"## {w.preset} ({w.spec.total_params / 1e6:.1f}M parameters, seq {w.spec.seq_len}), global "
                   f"batch {w.global_batch_size} = micro {w.micro_batch_size} x {w.world_size} ranks, {w.steps} steps "
                   f"({w.warmup} warm-up)", ""]
+        if not res.rows:
+            lines += ["Not measured.", ""] + [f"- {n}" for n in res.notes]
+            continue
         rows = [[r.system, r.sharding, f"{r.samples_per_s:.2f}", _fmt(r.ratio_vs_ddp, ".2f") + "x",
                  f"{r.step_ms:.0f}", f"{100 * r.spread:.0f}%", mib(r.peak_rss_bytes),
                  _fmt(r.rss_ratio_vs_ddp, ".2f") + "x", mib(r.after_setup_rss_bytes), f"{r.loss_first:.5f}",
@@ -233,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[PresetResult]:
     args = parser().parse_args(argv)
+    exit_on_sigterm()
     command = "python -m bench.throughput " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = run(presets=args.presets, systems=args.systems, steps=args.steps, warmup=args.warmup, reps=args.reps,
