@@ -59,7 +59,19 @@ def _kill(procs: list[subprocess.Popen]) -> None:
 
 
 def launch(system: str, workload: Workload, *, timeout_s: float = 900.0) -> Measurement:
-    """Run `system` on `workload` in fresh processes; raise LaunchError when any rank fails."""
+    """Run `system` on `workload` in fresh processes; raise LaunchError when any rank fails.
+
+    The free port is found by binding and releasing it, so another process on a shared machine
+    can take it before rank 0 listens; that one failure is retried once on a new port."""
+    try:
+        return _launch(system, workload, timeout_s=timeout_s)
+    except LaunchError as e:
+        if "address already in use" not in str(e).lower():
+            raise
+        return _launch(system, workload, timeout_s=timeout_s)
+
+
+def _launch(system: str, workload: Workload, *, timeout_s: float) -> Measurement:
     cls = get_system(system)
     port = free_port()
     start = time.monotonic()
