@@ -1,0 +1,51 @@
+"""zeroplan's own runtime at ZeRO stage 0-3: the plan the compiler emits for the workload
+(`cpu` cluster preset, its default buckets and kernel choice), run by `zeroplan.runtime.initialize`."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from torch import nn
+
+from zeroplan.runtime import initialize
+
+from ..workload import Workload, compile_plan
+from .base import System
+
+
+class Zeroplan(System):
+    stage: int
+    offload: str = "none"
+
+    @classmethod
+    def version(cls) -> str:
+        try:
+            return metadata.version("zeroplan")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    def setup(self, *, model: nn.Module, workload: Workload) -> None:
+        self.plan = compile_plan(workload, stage=self.stage, offload=self.offload)
+        self.engine = initialize(model, plan=self.plan)
+
+    def train_step(self, micro_batches):
+        total = None
+        for batch in micro_batches:
+            loss = self.engine(**batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        return total / len(micro_batches)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
+    suffix = "" if offload == "none" else f"-offload-{offload}"
+    return type(f"ZeroplanZ{stage}", (Zeroplan,), {"name": f"zeroplan-z{stage}{suffix}", "stage": stage,
+                                                     "offload": offload, "sharding": f"stage {stage}"})
+
+
+STAGES = [_stage(s) for s in range(4)]
+OFFLOAD = [_stage(s, "cpu") for s in range(4)]

@@ -1,0 +1,99 @@
+"""One rank of one measurement: `python -m bench.worker SYSTEM WORKLOAD_JSON OUT_JSON`.
+
+Started by bench.launch in a fresh process per rank (the environment torchrun would set:
+RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), so every figure below belongs to
+this system alone:
+- step times on this rank (wall clock of `train_step`; collectives keep the ranks in step);
+- the loss of every step, averaged over ranks (outside the timed region);
+- resident memory: `baseline` after torch, the process group and the system's imports
+  (before the model exists), `after_setup` once the system has wrapped the model and built
+  its optimizer, and `peak`, this process's high-water mark, start-up included.
+
+The peak is the kernel's VmHWM (/proc/self/status), not getrusage's ru_maxrss: Linux carries
+ru_maxrss across fork and exec (the forked copy of the launcher's memory counts), so a rank
+started by a launcher that has itself touched 2 GiB reports at least 2 GiB. VmHWM is the
+high-water mark of this process image alone; ru_maxrss is recorded beside it for reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def current_rss() -> int:
+    """Bytes resident now (/proc/self/statm, second field, in pages)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """Bytes at this process image's high-water mark (VmHWM, in kB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def ru_maxrss() -> int:
+    """getrusage's peak (KiB on Linux); includes memory inherited from the launcher (see above)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(system_name: str, workload_json: str) -> dict:
+    from zeroplan.runtime.models import GPT, MarkovChainData
+
+    from .systems import get_system
+    from .workload import Workload
+
+    workload = Workload.from_json(workload_json)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    system = get_system(system_name)()
+    baseline = current_rss()
+    torch.manual_seed(workload.seed)  # the same initial weights in every rank of every system
+    model = GPT(workload.spec)
+    system.setup(model=model, workload=workload)
+    after_setup = current_rss()
+    data = MarkovChainData(vocab=workload.spec.vocab, seq_len=workload.spec.seq_len, seed=workload.seed)
+    times, losses = [], []
+    for step in range(workload.steps):
+        batches = data.micro_batches(step=step, global_batch_size=workload.global_batch_size,
+                                     micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
+        t0 = time.perf_counter()
+        loss = system.train_step(batches)
+        times.append(time.perf_counter() - t0)
+        mean = loss.detach().float().reshape(1).clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean.item()) / world)
+    system.close()
+    return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
+            "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss(),
+            "ru_maxrss_bytes": ru_maxrss()}
+
+
+def main(argv: list[str]) -> int:
+    system_name, workload_json, out = argv
+    try:
+        result = run(system_name, workload_json)
+    except BaseException:
+        result = {"system": system_name, "rank": int(os.environ.get("RANK", -1)), "error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    Path(out).write_text(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
