@@ -116,7 +116,13 @@ class Engine:
         self.zero.zero_grad()
 
     def _grad_norm(self) -> float:
-        sq = self.zero.grad.double().pow(2).sum().float().reshape(1)
+        """Global L2 norm: each rank's squared shard norm, summed over ranks.
+
+        Accumulated in float64 (an fp32 accumulation over tens of millions of elements drifts
+        by ~0.3% on this CPU) one 1M-element chunk at a time: a float64 copy of the whole
+        gradient cost an extra pass and 8 bytes per element of peak memory.
+        """
+        sq = _squared_norm(self.zero.grad).float().reshape(1)
         if not self.zero.grad_norm_replicated:
             self.coll.sum_scalar(sq)
         return float(sq.sqrt().item())
@@ -216,6 +222,13 @@ class Engine:
         self.zero.close()
         self.groups.close()
         self.coll.close()
+
+
+def _squared_norm(flat: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for part in flat.split(chunk):
+        total += torch.linalg.vector_norm(part, dtype=torch.float64).square()
+    return total
 
 
 def _cast_floats(obj, dtype: torch.dtype):
