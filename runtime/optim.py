@@ -10,6 +10,7 @@ tensor update. `FlatOptimizer` is the small interface the Engine calls; implemen
 
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 
@@ -116,7 +117,7 @@ def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: in
 
 def _native_adam(name: str):
     try:
-        return importlib.import_module("zeroplan.runtime.kernels").adam_step
+        return functools.partial(importlib.import_module("zeroplan.runtime.kernels").adam_step, kernel=name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(Problem("kernels.optimizer", f"{name!r} needs the native kernels "
                                   f"(zeroplan.runtime.kernels.adam_step), which are not available: {e}",
