@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 	touch $@
 
 demo: setup
-	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2
-	$(BIN)/zeroplan compile examples/gpt_small_zero2.yaml --model small --cluster cpu --nproc-per-node 2 --out out/small
-	@echo "plan, launch files and report written to out/small/"
+	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2 > /dev/null
+	$(BIN)/zeroplan autotune examples/autotune_tiny.yaml --model tiny --nproc-per-node 2 --out out/tuned
+	$(BIN)/zeroplan train out/tuned/best_plan.json --model tiny --steps 30 --metrics out/tuned/train.jsonl
+	@echo "tuned plan, trials.csv and report.md in out/tuned/"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
