@@ -27,6 +27,7 @@ from typing import Any, Callable
 import optuna
 
 from zeroplan.compiler import compile as compile_plan
+from zeroplan.compiler.emit import emit
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, TrainConfig, validate_config
 
 from .results import write_results
@@ -223,6 +224,14 @@ class Tuner:
         return {"throughput": throughput, "latency": step_time, "memory": float(peak),
                 "pareto": (throughput, float(peak))}[self.settings.objective]
 
+    def emit_best(self, plan: Plan, *, params: dict[str, Any]) -> None:
+        """The compiler's files for the best plan (launch.sh, launch.sbatch, report.md,
+        ds_config.json) in `<out>/best/`, so it can be launched as any compiled plan."""
+        cfg = validate_config(apply(self.data, params), world_size=self.world_size)
+        cluster = self.cluster.with_shape(nnodes=self.settings.nnodes, nproc_per_node=self.settings.nproc_per_node)
+        emit(plan, config=cfg, model=self.model, cluster=cluster, out=self.settings.out_dir / "best",
+             source=f"autotune trial {plan.provenance.trial_number}")
+
     def warm_start(self, study: optuna.Study) -> int:
         """Enqueue the cost model's best candidates into a new study; returns how many."""
         if study.trials or not self.dims or self.settings.warm_start <= 0:
@@ -266,5 +275,7 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
         study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
                        catch=(TrialFailed,), callbacks=callbacks or [])
     best = write_results(study, out_dir=settings.out_dir, objective=settings.objective)
+    if best is not None:
+        tuner.emit_best(best, params=study.trials[best.provenance.trial_number].params)
     states = [t.state.name.lower() for t in study.trials]
     return TuneResult(study, best, settings.out_dir, {s: states.count(s) for s in set(states)})

@@ -12,14 +12,13 @@ scripts and the report come from the jinja2 templates in `templates/`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from zeroplan.schemas import MODEL_PRESETS, ClusterSpec, ConfigError, ModelSpec, Plan, Problem, TrainConfig
+from zeroplan.schemas.atomic import atomic_write_text
 
 from .deepspeed import ds_config
 from .report import report_context
@@ -35,22 +34,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
-
-
-def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> Path:
-    """Write `text` to `path` through a temp file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _launch_context(plan: Plan, model: ModelSpec) -> dict[str, Any]:
@@ -82,7 +65,7 @@ def emit(plan: Plan, *, config: TrainConfig, model: ModelSpec, cluster: ClusterS
     files = render(plan, config=config, model=model, cluster=cluster, source=source)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return [write_atomic(out / name, text, mode=0o755 if name.startswith("launch") else 0o644)
+        return [atomic_write_text(out / name, text, mode=0o755 if name.startswith("launch") else 0o644)
                 for name, text in files.items()]
     except OSError as e:
         raise ConfigError(Problem("", f"cannot write {e.filename or out}: {e.strerror}",

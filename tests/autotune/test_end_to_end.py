@@ -35,8 +35,10 @@ def test_autotune_tiny_then_train_the_best_plan(tmp_path):
     best = Plan.load(out / "best_plan.json")
     assert best.zero.stage in (0, 3) and best.world.world_size == 2
     assert best.provenance.trial_number in (0, 1) and best.provenance.measured_samples_per_s > 0
-    for name in ("trials.csv", "report.md", "report.html", "study.db"):
+    for name in ("trials.csv", "report.md", "report.html", "study.db", "best/launch.sh", "best/plan.json",
+                 "best/ds_config.json"):
         assert (out / name).is_file(), name
+    assert Plan.load(out / "best" / "plan.json") == best
 
     metrics = tmp_path / "train.jsonl"
     run = zeroplan("train", str(out / "best_plan.json"), "--model", "tiny", "--steps", "3",

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.atomic import atomic_write_text
 
 from .common import user_errors
 
@@ -26,13 +27,12 @@ def probe(
     if not path.is_dir():
         raise ConfigError(Problem("--path", "is not a directory", given=str(path),
                                   suggestion="give an existing directory"))
-    from zeroplan.compiler.emit import write_atomic
     from zeroplan.runtime.probe import probe_cluster  # imports torch: only this command pays for it
 
     spec = probe_cluster(nproc=nproc, path=path, quick=quick)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(output, spec.to_json() + "\n")
+        atomic_write_text(output, spec.to_json() + "\n")
     except OSError as e:
         raise ConfigError(Problem("-o", f"cannot write: {e.strerror}", given=str(output))) from e
     r = spec.rates
