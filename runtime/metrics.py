@@ -3,8 +3,10 @@
 - step time: wall clock from the first forward of a step to the end of its optimizer step,
   after synchronising the device (CUDA work is asynchronous);
 - throughput: the plan's global batch (samples) and the tokens it carried per second;
-- peak memory of this rank: peak RSS on CPU (`resource.getrusage`, ru_maxrss is KiB on Linux),
-  plus `torch.cuda.max_memory_allocated` and `max_memory_reserved` on GPU;
+- peak memory of this rank: the process's high-water mark (VmHWM from /proc/self/status on
+  Linux; getrusage's ru_maxrss elsewhere, which on Linux would also count memory inherited
+  across fork and exec from the launcher), plus `torch.cuda.max_memory_allocated` and
+  `max_memory_reserved` on GPU;
 - communication: calls and bytes per collective in the step (comm.CommsLogger).
 """
 
@@ -18,10 +20,22 @@ from dataclasses import dataclass, field
 import torch
 
 
+def peak_rss_bytes() -> int:
+    """This process image's peak resident memory in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peak_memory(device: torch.device) -> dict[str, int]:
     """Peak memory of this process in bytes, by kind."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    out = {"peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         out["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
