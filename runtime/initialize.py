@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from zeroplan.schemas import ConfigError, Plan, Problem
+from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem
 
 from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
+from .from_config import plan_from_config
 from .optim import build_optimizer
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
@@ -40,13 +42,21 @@ def resolve_plan(plan: Plan | str | Path | None) -> Plan:
     return Plan.load(plan)
 
 
-def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None) -> Engine:
+def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
+               config: str | Path | Mapping[str, Any] | None = None,
+               model_spec: ModelSpec | str | Path | None = None,
+               cluster: ClusterSpec | str | Path | None = None) -> Engine:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
-    Initialises torch.distributed from the torchrun environment when it is not yet (gloo on
-    CPU, NCCL on CUDA; one process needs no launcher). Every rank's parameters and buffers are
-    made equal to rank 0's first.
+    `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
+    here; see from_config.py for `model_spec=` and `cluster=`. Initialises torch.distributed
+    from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
+    needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
     """
+    if config is not None:
+        if plan is not None:
+            raise ConfigError(Problem("config", "give plan= or config=, not both"))
+        plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
     if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
         raise ConfigError(Problem("offload", "this runtime does not offload yet",
