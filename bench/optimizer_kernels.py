@@ -35,16 +35,10 @@ import torch
 
 from zeroplan.runtime.kernels import adam_step, cpu_simd_paths
 
+from .report import RESULTS, cpu_model
+
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 LOSS_SCALE, MAX_NORM = 1024.0, 1.0
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def copy_bandwidth(numel: int, reps: int) -> float:

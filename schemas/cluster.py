@@ -22,20 +22,17 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from .errors import ConfigError, Problem
+from .types import FrozenModel
 
 GiB = 1 << 30
 LOCAL_CLUSTER_FILE = "cluster.json"
 """Where the `local` preset is read from (relative to the working directory)."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
-
-class ClusterRates(_Frozen):
+class ClusterRates(FrozenModel):
     """Throughputs in units per second, per rank unless said otherwise."""
 
     matmul_flops_fp32: float = Field(gt=0)
@@ -62,7 +59,7 @@ class ClusterRates(_Frozen):
     """Bytes/s read from the NVMe path by one node."""
 
 
-class ClusterSpec(_Frozen):
+class ClusterSpec(FrozenModel):
     name: str
     nnodes: int = Field(default=1, ge=1)
     nproc_per_node: int = Field(ge=1)

@@ -16,14 +16,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .errors import ConfigError, Problem
+from .types import FrozenModel
 
 
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
+class ModelSpec(FrozenModel):
     name: str
     architecture: Literal["gpt", "llama"] = "gpt"
     layers: int = Field(ge=1)

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .atomic import atomic_write_text
 from .batch import BatchPlan
 from .errors import ConfigError, Problem
+from .types import FrozenModel
 
 PLAN_VERSION = 1
 
@@ -25,11 +26,7 @@ Device = Literal["none", "cpu", "nvme"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
-
-class WorldPlan(_Frozen):
+class WorldPlan(FrozenModel):
     nnodes: int = Field(ge=1)
     nproc_per_node: int = Field(ge=1)
     world_size: int = Field(ge=1)
@@ -45,7 +42,7 @@ class WorldPlan(_Frozen):
         return self
 
 
-class ParallelPlan(_Frozen):
+class ParallelPlan(FrozenModel):
     """Degrees; rank layout is tp fastest, then dp, then pp (Megatron's order)."""
 
     dp: int = Field(ge=1)
@@ -56,7 +53,7 @@ class ParallelPlan(_Frozen):
     """Micro-batches per step through the pipeline (the accumulation count when pp > 1)."""
 
 
-class ZeroPlan(_Frozen):
+class ZeroPlan(FrozenModel):
     """ZeRO settings. Sizes count elements, as in DeepSpeed."""
 
     stage: Literal[0, 1, 2, 3]
@@ -80,7 +77,7 @@ class ZeroPlan(_Frozen):
     gather_16bit_weights_on_model_save: bool = False
 
 
-class OffloadTarget(_Frozen):
+class OffloadTarget(FrozenModel):
     device: Device = "none"
     nvme_path: str | None = None
     pin_memory: bool = False
@@ -93,12 +90,12 @@ class OffloadTarget(_Frozen):
     """Elements kept in host memory when parameters swap to NVMe."""
 
 
-class OffloadPlan(_Frozen):
+class OffloadPlan(FrozenModel):
     optimizer: OffloadTarget = OffloadTarget()
     param: OffloadTarget = OffloadTarget()
 
 
-class LossScalePlan(_Frozen):
+class LossScalePlan(FrozenModel):
     """fp16 loss scaling with DeepSpeed's semantics; disabled for fp32 and bf16."""
 
     enabled: bool = False
@@ -111,7 +108,7 @@ class LossScalePlan(_Frozen):
     min_scale: float = Field(default=1.0, gt=0)
 
 
-class PrecisionPlan(_Frozen):
+class PrecisionPlan(FrozenModel):
     param_dtype: Dtype = "fp32"
     """Dtype of the parameters and activations the model computes with."""
     reduce_dtype: Dtype = "fp32"
@@ -121,7 +118,7 @@ class PrecisionPlan(_Frozen):
     loss_scaling: LossScalePlan = LossScalePlan()
 
 
-class OptimizerPlan(_Frozen):
+class OptimizerPlan(FrozenModel):
     type: Literal["Adam", "AdamW", "SGD"] = "AdamW"
     lr: float = Field(default=1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -138,30 +135,30 @@ class OptimizerPlan(_Frozen):
     prescale_gradients: bool = False
 
 
-class SchedulerPlan(_Frozen):
+class SchedulerPlan(FrozenModel):
     type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle"]
     params: dict[str, float | int | str | bool | None]
     """Every parameter concrete, DeepSpeed's names (see schemas.optim.SCHEDULER_DEFAULTS)."""
 
 
-class KernelsPlan(_Frozen):
+class KernelsPlan(FrozenModel):
     optimizer: Literal["cpu_adam", "torch_fused", "torch_foreach", "cuda_fused"] = "torch_foreach"
 
 
-class ActivationCheckpointingPlan(_Frozen):
+class ActivationCheckpointingPlan(FrozenModel):
     enabled: bool = False
     cpu_checkpointing: bool = False
     partition_activations: bool = False
     number_checkpoints: int | None = None
 
 
-class LoggingPlan(_Frozen):
+class LoggingPlan(FrozenModel):
     steps_per_print: int = Field(default=10, ge=1)
     wall_clock_breakdown: bool = False
     comms_logger: bool = False
 
 
-class Estimates(_Frozen):
+class Estimates(FrozenModel):
     """The compiler's predictions, kept with the plan so a run can be compared with them."""
 
     memory_per_rank: dict[str, int] = {}
@@ -183,7 +180,7 @@ class Estimates(_Frozen):
     """What the compiler found questionable but not wrong (does not fit, slow layout, ...)."""
 
 
-class Provenance(_Frozen):
+class Provenance(FrozenModel):
     config_hash: str = ""
     """sha256 of the canonical config JSON the plan was compiled from."""
     zeroplan_version: str = ""
@@ -196,7 +193,7 @@ class Provenance(_Frozen):
     measured_samples_per_s: float | None = None
 
 
-class Plan(_Frozen):
+class Plan(FrozenModel):
     plan_version: Literal[1] = PLAN_VERSION
     world: WorldPlan
     parallel: ParallelPlan

@@ -74,6 +74,15 @@ def _serialize(value: object) -> object:
     return "auto" if value is AUTO else value
 
 
+class FrozenModel(BaseModel):
+    """Base of compiled, immutable data (Plan sections, cluster and model specs).
+
+    Validators are built on first use, so importing the schemas for `zeroplan validate`
+    does not pay for them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+
 class StrictModel(BaseModel):
     """Base of every config block: unknown keys are errors, defaults are validated too."""
 
