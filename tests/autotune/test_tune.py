@@ -101,23 +101,26 @@ KILLABLE = textwrap.dedent('''
 ''')
 
 
+def _finished_runs(out: Path) -> list[Path]:
+    runs = (out / "trials").glob("trial-*/metrics.jsonl")
+    return [m for m in runs if '"summary": true' in m.read_text()]
+
+
 def test_kill_and_resume_continues_the_same_study(tmp_path, fake_launcher):
     env = {**os.environ, "FAKE_BEHAVIOUR": "{}"}
     script = KILLABLE.format(root=str(Path(__file__).parents[2]))
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, start_new_session=True)
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    deadline, before = time.monotonic() + 120, []
-    while time.monotonic() < deadline and len(before) < 3:
-        time.sleep(0.5)
-        if (tmp_path / "study.db").exists():
-            try:
-                (summary,) = optuna.get_all_study_summaries(storage)
-                study = optuna.load_study(study_name=summary.study_name, storage=storage)
-                before = [t for t in study.trials if t.state.name == "COMPLETE"]
-            except (ValueError, RuntimeError, optuna.exceptions.StorageInternalError):
-                continue
+    # Watch the trials' files, not the database: opening a new SQLite study from two processes
+    # at once races on creating its schema.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_finished_runs(tmp_path)) < 4:
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    before = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(before) >= 3, "the tuner did not get going"
     result = tune(data=tiny_config(autotuning={"space": GRID}), model=TINY, cluster=CPU, settings=settings(tmp_path),
                   launcher=fake_launcher())
