@@ -25,3 +25,10 @@ def test_every_package_folder_is_listed_in_pyproject():
 def test_config_layer_imports_without_torch():
     code = "import sys, zeroplan, zeroplan.schemas, zeroplan.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_facade_exports_the_entry_points_lazily():
+    code = ("import sys, zeroplan; assert 'torch' not in sys.modules; "
+            "assert callable(zeroplan.compile) and callable(zeroplan.tune); "
+            "assert 'torch' not in sys.modules; assert callable(zeroplan.initialize)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compile": ("zeroplan.compiler", "compile"),
-    "tune": ("zeroplan.autotune", "tune"),
+    "tune": ("zeroplan.autotune.tune", "tune"),
     "initialize": ("zeroplan.runtime", "initialize"),
 }
 
