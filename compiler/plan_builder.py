@@ -84,6 +84,18 @@ def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:
     return notes
 
 
+def bucket_warnings(plan: Plan, model: ModelSpec) -> list[str]:
+    """Bucket sizes that defeat the stage: one gradient bucket larger than the rank's whole
+    model means nothing is reduced (or freed, at stages 2-3) until backward ends."""
+    rank_params = model.total_params // (plan.parallel.tp * plan.parallel.pp)
+    if plan.zero.stage < 2 or plan.zero.reduce_bucket_size < rank_params:
+        return []
+    return [f"zero_optimization.reduce_bucket_size ({plan.zero.reduce_bucket_size:,} elements) holds the whole "
+            f"model ({rank_params:,} parameters per rank): every full gradient is kept until backward ends, so "
+            f"stage {plan.zero.stage} saves no gradient memory and nothing overlaps; use a bucket well below "
+            f"the model size (e.g. {max(rank_params // 20, 1):,}), or 'auto'"]
+
+
 def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
                      calibration: Calibration | None = None) -> Plan:
     """A copy of `plan` with memory, communication and step-time predictions and warnings."""
@@ -93,7 +105,7 @@ def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
     p = plan.parallel
     warnings = degree_warnings(dp=p.dp, tp=p.tp, pp=p.pp, stage=plan.zero.stage, nproc_per_node=cluster.nproc_per_node,
                                micro_batches=p.pipeline_micro_batches)
-    warnings += fit_warnings(memory, cluster=cluster)
+    warnings += fit_warnings(memory, cluster=cluster) + bucket_warnings(plan, model)
     estimates = Estimates(
         memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
         nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,

@@ -147,3 +147,17 @@ def test_tensor_and_pipeline_parallel_split_the_parameters():
 def test_reshaping_the_cluster_checks_counts():
     with pytest.raises(ConfigError, match="--nproc-per-node"):
         compile(None, ModelSpec.load("tiny"), ClusterSpec.load("cpu"), nproc_per_node=0)
+
+
+def test_a_bucket_larger_than_the_model_is_warned_about_at_stages_2_and_3():
+    from zeroplan.compiler import compile
+    from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, load_config
+
+    def warnings_for(stage: int, bucket: float) -> list[str]:
+        cfg = load_config({"train_batch_size": 4, "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket}})
+        plan = compile(cfg, MODEL_PRESETS["medium"], CLUSTER_PRESETS["cpu"], nproc_per_node=2)
+        return [w for w in plan.estimates.warnings if "reduce_bucket_size" in w]
+
+    (warning,) = warnings_for(3, 5e8)
+    assert "holds the whole model (98,032,128 parameters per rank)" in warning
+    assert warnings_for(3, 5e6) == [] and warnings_for(1, 5e8) == []
