@@ -15,6 +15,7 @@ goes on. The study is stored (SQLite by default), so a killed tune resumes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import statistics
@@ -125,7 +126,7 @@ class Tuner:
         self.data, self.model, self.cluster, self.settings = data, model, cluster, settings
         self.launcher = launcher or train_command(settings.model_name)
         self.world_size = settings.nnodes * settings.nproc_per_node
-        self.config: TrainConfig = validate_config(json.loads(json.dumps(data)), world_size=None)
+        self.config: TrainConfig = validate_config(copy.deepcopy(data))
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
 
     def candidate(self, params: dict[str, Any]) -> Candidate:

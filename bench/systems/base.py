@@ -74,3 +74,15 @@ def accumulate_and_step(*, model: nn.Module, optimizer: torch.optim.Optimizer, w
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / n
+
+
+def engine_train_step(engine, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """DeepSpeed's loop, which zeroplan's Engine shares: backward scales by 1/accumulation and
+    step() acts at the accumulation boundary only. Returns the mean micro-batch loss."""
+    total = None
+    for batch in micro_batches:
+        loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    return total / len(micro_batches)

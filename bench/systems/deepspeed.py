@@ -10,7 +10,7 @@ import os
 from torch import nn
 
 from ..workload import Workload, compile_plan
-from .base import System
+from .base import System, engine_train_step
 
 
 @functools.cache
@@ -49,14 +49,7 @@ class DeepSpeed(System):
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     def train_step(self, micro_batches):
-        # DeepSpeed's loop: backward scales by 1/accumulation; step() acts at the boundary only.
-        total = None
-        for batch in micro_batches:
-            loss = self.engine(**batch)
-            self.engine.backward(loss)
-            self.engine.step()
-            total = loss.detach().float() if total is None else total + loss.detach().float()
-        return total / len(micro_batches)
+        return engine_train_step(self.engine, micro_batches)
 
     def close(self) -> None:
         destroy = getattr(self.engine, "destroy", None)  # DeepSpeed >= 0.14

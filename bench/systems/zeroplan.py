@@ -10,7 +10,7 @@ from torch import nn
 from zeroplan.runtime import initialize
 
 from ..workload import Workload, compile_plan
-from .base import System
+from .base import System, engine_train_step
 
 
 class Zeroplan(System):
@@ -29,13 +29,7 @@ class Zeroplan(System):
         self.engine = initialize(model, plan=self.plan)
 
     def train_step(self, micro_batches):
-        total = None
-        for batch in micro_batches:
-            loss = self.engine(**batch)
-            self.engine.backward(loss)
-            self.engine.step()
-            total = loss.detach().float() if total is None else total + loss.detach().float()
-        return total / len(micro_batches)
+        return engine_train_step(self.engine, micro_batches)
 
     def close(self) -> None:
         self.engine.close()

@@ -80,10 +80,11 @@ def report(
     import optuna
 
     from zeroplan.autotune.results import write_results
+    from zeroplan.autotune.study import storage_url
 
-    url = storage or f"sqlite:///{(directory / 'study.db').resolve()}"
     if storage is None and not (directory / "study.db").is_file():
         raise ConfigError(f"no study.db in {directory}; pass --storage for a study stored elsewhere")
+    url = storage_url(storage, results_dir=directory)
     summaries = optuna.get_all_study_summaries(storage=url)
     if not summaries:
         raise ConfigError(f"no study in {url}")
