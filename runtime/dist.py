@@ -1,8 +1,9 @@
 """Process groups for a run: torch.distributed set up from the torchrun environment.
 
 One object, `ProcessGroups`, carries every group the runtime uses and is passed down
-explicitly; nothing here is module-global. The runtime is data parallel only for now
-(tp = pp = 1); the dp group is the whole world.
+explicitly; nothing here is module-global. The dp, tp and pp groups follow the layout of
+`parallel.topology` (tp fastest, then dp, then pp); with tp = pp = 1 the dp group is the
+whole world.
 
 Set-up rules:
 - torch.distributed already initialised (a test harness, a user script): use it as it is.
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import ParallelPlan, WorldPlan
 
+from .parallel import Topology, build_mesh_groups
+
 
 @dataclass
 class ProcessGroups:
@@ -35,7 +38,12 @@ class ProcessGroups:
     dp_rank: int
     dp_size: int
     device: torch.device
-    owns_init: bool
+    topology: Topology
+    tp_group: dist.ProcessGroup | None = None
+    """Tensor-parallel group (None when tp = 1): per-layer activations are all-reduced over it."""
+    pp_group: dist.ProcessGroup | None = None
+    """Pipeline group (None when pp = 1): activations and their gradients pass along it."""
+    owns_init: bool = False
     """True when `init_distributed` created the default group (so `close` destroys it)."""
 
     def close(self) -> None:
@@ -49,15 +57,27 @@ class ProcessGroups:
         if self.owns_init and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-        self.dp_group = None
+        self.dp_group = self.tp_group = self.pp_group = None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.topology.coords(self.rank)["tp"]
+
+    @property
+    def tp_size(self) -> int:
+        return self.topology.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.topology.coords(self.rank)["pp"]
+
+    @property
+    def pp_size(self) -> int:
+        return self.topology.pp
 
 
 def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGroups:
     """Initialise (or adopt) torch.distributed for `world`; check it matches the plan."""
-    if parallel.tp != 1 or parallel.pp != 1:
-        raise ConfigError(Problem("parallel", f"the runtime runs data parallelism only, but the plan has "
-                                  f"tp({parallel.tp}) and pp({parallel.pp})",
-                                  suggestion="compile the plan with tp = pp = 1"))
     owns = False
     if not dist.is_initialized():
         owns = True
@@ -77,8 +97,11 @@ def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGrou
                                   suggestion="launch as many processes as the plan says, or recompile it"))
     rank = dist.get_rank()
     device = _device(world)
-    return ProcessGroups(rank=rank, world_size=size, dp_group=dist.group.WORLD, dp_rank=rank, dp_size=size,
-                         device=device, owns_init=owns)
+    topology = Topology(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp)
+    groups = build_mesh_groups(topology, device=device)
+    return ProcessGroups(rank=rank, world_size=size, dp_group=groups["dp"], dp_rank=topology.coords(rank)["dp"],
+                         dp_size=parallel.dp, device=device, topology=topology, tp_group=groups["tp"],
+                         pp_group=groups["pp"], owns_init=owns)
 
 
 def _device(world: WorldPlan) -> torch.device:

@@ -61,6 +61,10 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
         raise ConfigError(Problem("offload", "this runtime does not offload yet",
                                   suggestion="compile the plan with offload_optimizer/offload_param device none"))
+    if plan.parallel.tp != 1 or plan.parallel.pp != 1:
+        raise ConfigError(Problem("parallel", f"this runtime runs data parallelism only, but the plan has "
+                                  f"tp({plan.parallel.tp}) and pp({plan.parallel.pp})",
+                                  suggestion="compile the plan with tp = pp = 1"))
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)

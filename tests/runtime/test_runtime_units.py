@@ -14,7 +14,6 @@ from zeroplan.runtime.schedulers import OneCycle, WarmupCosineLR, WarmupDecayLR,
 from zeroplan.runtime.zero.comm import read_rows, write_rows
 from zeroplan.runtime.zero.layout import ShardLayout
 from zeroplan.schemas import MODEL_PRESETS, ConfigError
-from zeroplan.schemas.plan import ParallelPlan, WorldPlan
 
 
 def _at(schedule, it: int) -> float:
@@ -169,9 +168,19 @@ def test_world_without_launcher_is_a_clear_error():
     plan = make_plan(stage=1, world=2)
     with pytest.raises(ConfigError, match="world.world_size.*torchrun"):
         init_distributed(world=plan.world, parallel=plan.parallel)
-    with pytest.raises(ConfigError, match="data parallelism only"):
-        init_distributed(world=WorldPlan(nnodes=1, nproc_per_node=2, world_size=2),
-                         parallel=ParallelPlan(dp=1, tp=2))
+
+
+def test_topology_lays_out_tp_fastest_then_dp_then_pp():
+    from zeroplan.runtime.parallel import Topology
+
+    topo = Topology(dp=2, tp=2, pp=2)
+    assert topo.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert topo.group_ranks("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert topo.group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert topo.coords(5) == {"pp": 1, "dp": 0, "tp": 1}
+    assert all(topo.rank_of(**topo.coords(r)) == r for r in range(8))
+    with pytest.raises(ValueError, match="rank 8 outside"):
+        topo.coords(8)
 
 
 # -- the optimizer interface a native kernel plugs into ------------------------------------------
