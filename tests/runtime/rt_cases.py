@@ -91,7 +91,8 @@ def case_plan(case: dict):
     return make_plan(stage=case["stage"], world=case["world"], accum=case["accum"], micro=micro,
                      dtype=case.get("dtype", "fp32"), overlap=case.get("overlap", False),
                      persistence=case.get("persistence", 40), optimizer=case.get("optimizer"),
-                     reduce_bucket=case.get("reduce_bucket", 500))
+                     reduce_bucket=case.get("reduce_bucket", 500), offload=case.get("offload"),
+                     kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9))
 
 
 def loss_of(out):
