@@ -59,14 +59,14 @@ def _usable(need: SwapNeed) -> Problem | None:
     if not need.path:
         return Problem(need.key, "is required with device 'nvme'", suggestion=fix)
     if not os.path.exists(need.path):
-        return Problem(need.key, "does not exist", given=need.path, suggestion=f"create it (mkdir -p) or {fix}")
+        return Problem(need.key, f"{need.path} does not exist", suggestion=f"create it (mkdir -p) or {fix}")
     if not os.path.isdir(need.path):
-        return Problem(need.key, "is not a directory", given=need.path, suggestion=fix)
+        return Problem(need.key, f"{need.path} is not a directory", suggestion=fix)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".zeroplan-check-", dir=need.path))
     except OSError as e:
-        return Problem(need.key, f"is not writable by this process (uid {os.geteuid()}): {e.strerror}",
-                       given=need.path, suggestion=fix)
+        return Problem(need.key, f"{need.path} is not writable by this process (uid {os.geteuid()}): {e.strerror}",
+                       suggestion=fix)
     return None
 
 
@@ -80,7 +80,6 @@ def _space(group: list[SwapNeed], *, ranks_per_node: int) -> list[Problem]:
     parts = " + ".join(f"{n.key.rsplit('.', 2)[-2]} {_size(n.bytes)}" for n in group)
     return [Problem(group[0].key, f"swap files need {_size(total)} ({total} bytes: {ranks_per_node} rank(s) per node "
                                   f"x {parts}) but {group[0].path} has {_size(free)} ({free} bytes) free",
-                    given=group[0].path,
                     suggestion="free space there, point nvme_path at a larger disk, shard over more ranks, "
                                "or offload to cpu")]
 
@@ -91,7 +90,7 @@ def _file_size_limit(need: SwapNeed) -> list[Problem]:
     if limit == resource.RLIM_INFINITY or largest <= limit:
         return []
     return [Problem(need.key, f"the largest swap file is {_size(largest)} ({largest} bytes) but this process may "
-                              f"write files of at most {limit} bytes (RLIMIT_FSIZE)", given=need.path,
+                              f"write files of at most {limit} bytes (RLIMIT_FSIZE) under {need.path}",
                     suggestion="raise the limit (ulimit -f unlimited) or shard over more ranks")]
 
 

@@ -129,11 +129,12 @@ def _published_gap(engine, full: dict) -> float:
 def run_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
     """Run (id, worker function name, kwargs) jobs in one spawn; per job the result or the
     traceback, so one failing case names itself and the others still report."""
-    import rt_jobs
+    import importlib
 
     out = {}
     for job_id, fn, kwargs in jobs:
-        target = globals().get(fn) or getattr(rt_jobs, fn)
+        module, _, name = fn.rpartition(":")  # "module:function" names a worker outside rt_jobs
+        target = globals().get(fn) or getattr(importlib.import_module(module or "rt_jobs"), name)
         try:
             out[job_id] = target(**kwargs)
         except Exception:
