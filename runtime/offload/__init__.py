@@ -49,7 +49,7 @@ class Offload:
         self.sub_group_size = zero.sub_group_size
         self.optimizer_plan, self.kernels, self.cuda = optimizer, kernels, cuda
         """`cuda`: the compute device is a GPU, so host memory is separate (and may be pinned)."""
-        _validate(self.target, self.opt.ratio, kernels)
+        _validate(self.target, self.opt.ratio, kernels, stage=zero.stage)
         self.state_names = build_optimizer(optimizer=optimizer, kernels=kernels, numel=0, device=HOST).state_names
         self._host_master: torch.Tensor | None = None
         self._swap: SwapState | None = None
@@ -119,8 +119,11 @@ class Offload:
         return ShardMaster(zero=zero, optimizer=optimizer, master=master)
 
 
-def _validate(target: str, ratio: float, kernels: KernelsPlan) -> None:
+def _validate(target: str, ratio: float, kernels: KernelsPlan, *, stage: int) -> None:
     problems = []
+    if target != "none" and stage == 0:
+        problems.append(Problem(f"{OPT_KEY}.device", "optimizer offload needs a ZeRO stage >= 1, but stage is 0",
+                                given=target, suggestion="set zero_optimization.stage to 1, 2 or 3"))
     if target != "none" and kernels.optimizer == "cuda_fused":
         problems.append(Problem("kernels.optimizer", "an offloaded optimizer steps on the host, where "
                                 "'cuda_fused' cannot run", given="cuda_fused",
