@@ -8,6 +8,7 @@
   host buffers, at most `buffer_count` ahead, and the gather takes the buffer when its turn
   comes, waiting only if the read has not finished. Step writes go to the file; any read
   still queued is finished and dropped first, so no gather sends a value from before the step.
+  `max_in_cpu` is not used: with nvme the whole partition lives in the file.
 """
 
 from __future__ import annotations
