@@ -9,8 +9,9 @@ Step phases at the boundary: 1. the ZeRO stage has reduced the gradients into ea
 shard during backward; 2. fp16: an inf/nan on any rank (all_reduce MAX) skips the step on all
 and lowers the loss scale; 3. the global gradient norm is all-reduced from the shards' squared
 norms, and the shard is unscaled and clipped in one multiply (torch's clip_grad_norm_
-coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard; 5. the stage
-publishes the new weights to the model (all-gather for stages 1-3); 6. the schedule advances.
+coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard wherever it lives
+(device, host or NVMe: runtime/offload); 5. the stage publishes the new weights to the model
+(all-gather for stages 1-3); 6. the schedule advances.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from . import checkpoint
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, peak_memory
-from .optim import FlatOptimizer
+from .offload import MasterOptimizer
 from .precision import LossScaler
 from .rng import get_rng_state, set_rng_state
 from .schedulers import Schedule
@@ -40,7 +41,7 @@ class Engine:
     """Built by `zeroplan.runtime.initialize`; `__init__` only stores."""
 
     def __init__(self, *, model: nn.Module, plan: Plan, groups: ProcessGroups, coll: Collectives,
-                 zero: ZeroStage, optimizer: FlatOptimizer, schedule: Schedule, scaler: LossScaler,
+                 zero: ZeroStage, optimizer: MasterOptimizer, schedule: Schedule, scaler: LossScaler,
                  param_dtype: torch.dtype):
         self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
         self.zero, self.optimizer, self.schedule, self.scaler = zero, optimizer, schedule, scaler
@@ -109,7 +110,7 @@ class Engine:
             coef *= clip / (norm + 1e-6)
         if coef != 1.0:
             grad.mul_(coef)
-        self.optimizer.step(param=self.zero.master, grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
+        self.optimizer.step(grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
         self.zero.publish()
         self.schedule.step()
         self.scaler.update_scale(False)
@@ -141,7 +142,7 @@ class Engine:
     # -- state -----------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model in fp32 on every rank, keyed like the model's state_dict (a collective)."""
-        fulls = self.zero.full_parameters()
+        fulls = self.zero.full_parameters(read_master=self.optimizer.read_master)
         out = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
             index = self.zero.layout.index_of(t)
@@ -160,7 +161,7 @@ class Engine:
                                "accumulated gradients; save after engine.step() at a boundary")
         tag = tag or f"global_step{self.global_steps}"
         _check_loadable(client_state or {})
-        tensors = {"master": self.zero.master, **{f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()},
+        tensors = {**self.optimizer.checkpoint_tensors(),
                    **{f"module.{k}": v for k, v in self._local_tensors().items()}}
         state = {"schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": get_rng_state(self.device), "client_state": client_state or {},
@@ -178,8 +179,7 @@ class Engine:
                 raise checkpoint.CheckpointError(
                     f"{path}: saved with {key}={_short(meta.get(key))}, this run has {_short(mine[key])}; "
                     "resume with the same world size, ZeRO stage and model")
-        self.zero.master.copy_(tensors["master"])
-        self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+        self.optimizer.load_checkpoint_tensors({k: v for k, v in tensors.items() if not k.startswith("module.")})
         for name, t in self._local_tensors().items():
             t.copy_(tensors[f"module.{name}"])
         self.zero.publish()
@@ -218,8 +218,9 @@ class Engine:
         return self.schedule.lr()
 
     def close(self) -> None:
-        """Remove the hooks; destroy the process group if `initialize` created it."""
+        """Remove the hooks and swap files; destroy the process group if `initialize` created it."""
         self.zero.close()
+        self.optimizer.close()
         self.groups.close()
         self.coll.close()
 

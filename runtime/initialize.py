@@ -1,9 +1,10 @@
 """`initialize(model, plan=...)`: build the Engine for a model from a Plan.
 
 Each part gets only its slice of the plan, keyword-only: the process groups from
-`plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, the optimizer from
-`plan.optimizer`/`plan.kernels`, the schedule from `plan.scheduler`, the loss scaler from
-`plan.precision`.
+`plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, where the master, optimizer
+state and stage-3 partition live from `plan.offload` (swap paths are checked before anything
+is built), the optimizer from `plan.optimizer`/`plan.kernels`, the schedule from
+`plan.scheduler`, the loss scaler from `plan.precision`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
-from .optim import build_optimizer
+from .offload import Offload
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
-from .zero import build_zero
+from .zero import build_zero, shard_numel
 
 PLAN_ENV = "ZEROPLAN_PLAN"
 """Environment variable `zeroplan train PLAN -- script.py` sets to the plan's path."""
@@ -58,26 +59,28 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
-    if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
-        raise ConfigError(Problem("offload", "this runtime does not offload yet",
-                                  suggestion="compile the plan with offload_optimizer/offload_param device none"))
     if plan.parallel.tp != 1 or plan.parallel.pp != 1:
         raise ConfigError(Problem("parallel", f"this runtime runs data parallelism only, but the plan has "
                                   f"tp({plan.parallel.tp}) and pp({plan.parallel.pp})",
                                   suggestion="compile the plan with tp = pp = 1"))
+    precision = plan.precision
+    param_dtype = DTYPES[precision.param_dtype]
+    offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
+                      cuda=plan.world.device == "cuda")
+    offload.preflight(numel=shard_numel(model, stage=plan.zero.stage, world=plan.parallel.dp),
+                      param_itemsize=torch.empty((), dtype=param_dtype).element_size(),
+                      ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             coll.broadcast(t.data, src=0)
-    precision = plan.precision
-    param_dtype = DTYPES[precision.param_dtype]
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
-                      predivide=plan.optimizer.gradient_predivide_factor)
-    optimizer = build_optimizer(optimizer=plan.optimizer, kernels=plan.kernels, numel=zero.layout.numel,
-                                device=groups.device)
+                      predivide=plan.optimizer.gradient_predivide_factor,
+                      place_master=offload.place_master, param_store=offload.param_store)
+    optimizer = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
