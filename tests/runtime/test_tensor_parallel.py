@@ -140,3 +140,12 @@ def test_split_take_and_merge_are_inverse():
     assert parts[0].shape == (12, 2) and parts[1].shape == (9, 2)
     assert torch.equal(parts[1][:3], full[4:7]) and torch.equal(parts[1][3:6], full[11:14])
     assert torch.equal(split.merge(parts), full)
+
+
+def test_a_user_model_brings_its_plan_as_an_attribute():
+    from tp_jobs import TINY_PLAN, TinyLM
+
+    model = TinyLM()
+    assert default_plan(model, tp=2) is None
+    model.tp_plan = TINY_PLAN
+    assert default_plan(model, tp=2) == TINY_PLAN
