@@ -17,7 +17,10 @@ import torch
 
 from rt_harness import run_distributed
 from rt_spawn import job_result
-from tp_jobs import STEPS, reference
+from rt_cases import SPEC
+from tp_jobs import STEPS, reference, tp_plan
+from zeroplan.compiler import comm_volume
+from zeroplan.compiler.comm import summarize
 from zeroplan.runtime.models import GPT
 from zeroplan.runtime.parallel import GPT_PLAN, TpSplit, default_plan
 from zeroplan.schemas import ConfigError, ModelSpec
@@ -97,6 +100,8 @@ def test_tokens_counted_once_and_tp_comms_per_step():
     forward = 2 * layers + 1 + 2  # two per block, the embedding's sum, the loss's max and sums
     backward = 2 * layers + 1  # two per block, the LM head's input
     assert got["comms"]["tp.all_reduce"]["count"] == forward + backward + 1  # + the gradient norm
+    plan = tp_plan(_case("gpt", 1, 2, 2))
+    assert summarize(comm_volume(plan, SPEC))[1]["tp.all_reduce"] == forward + backward + 1, "the compiler agrees"
 
 
 def test_replicated_gradients_are_identical_across_tp():
