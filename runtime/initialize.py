@@ -23,6 +23,7 @@ from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
 from .offload import Offload
+from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
 from .zero import build_zero, shard_numel
@@ -46,23 +47,28 @@ def resolve_plan(plan: Plan | str | Path | None) -> Plan:
 def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                config: str | Path | Mapping[str, Any] | None = None,
                model_spec: ModelSpec | str | Path | None = None,
-               cluster: ClusterSpec | str | Path | None = None) -> Engine:
+               cluster: ClusterSpec | str | Path | None = None,
+               tp_plan: Mapping[str, Any] | None = None) -> Engine:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
     `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
     here; see from_config.py for `model_spec=` and `cluster=`. Initialises torch.distributed
     from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
+
+    With plan.parallel.tp > 1 the model is split by `tp_plan` (module-name pattern -> 'colwise',
+    'rowwise' or 'vocab'; see parallel/tensor_plan.py), by default the model's own: GPT_PLAN
+    for the built-in GPT, a `tp_plan` attribute for others. Each tp rank keeps its slice of the
+    full model built on every rank, and ZeRO then shards the slices over the dp group.
     """
     if config is not None:
         if plan is not None:
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
-    if plan.parallel.tp != 1 or plan.parallel.pp != 1:
-        raise ConfigError(Problem("parallel", f"this runtime runs data parallelism only, but the plan has "
-                                  f"tp({plan.parallel.tp}) and pp({plan.parallel.pp})",
-                                  suggestion="compile the plan with tp = pp = 1"))
+    if plan.parallel.pp != 1:
+        raise ConfigError(Problem("parallel.pp", f"this runtime does not run pipeline parallelism yet, but the "
+                                  f"plan has pp({plan.parallel.pp})", suggestion="compile the plan with pp = 1"))
     precision = plan.precision
     param_dtype = DTYPES[precision.param_dtype]
     offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
@@ -73,6 +79,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)
+    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan)
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             coll.broadcast(t.data, src=0)
@@ -85,4 +92,22 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
     return Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                  schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+
+
+def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
+                     tp_plan: Mapping[str, Any] | None) -> Collectives | None:
+    """Split `model` over the tp group (in place): the tp ranks' full copies are made equal
+    first, so every slice comes from one initialisation. None when tp = 1."""
+    if groups.tp_size == 1:
+        return None
+    plan = tp_plan if tp_plan is not None else default_plan(model, tp=groups.tp_size)
+    if not plan:
+        raise ConfigError(Problem("parallel.tp", f"tp({groups.tp_size}) > 1 needs a tensor-parallel plan for "
+                                  f"{type(model).__name__}", suggestion="pass initialize(model, tp_plan={'layer.*.fc': "
+                                  "'colwise', 'layer.*.out': 'rowwise', ...}), give the model a tp_plan attribute, "
+                                  "or compile with parallel.tp = 1"))
+    tp_coll = tp_collectives(group=groups.tp_group, logger=logger)
+    sync_tp_replicas(model, tp_coll)
+    apply_tensor_parallel(model, plan=plan, coll=tp_coll)
+    return tp_coll

@@ -3,7 +3,9 @@
 Learned position embeddings; pre-LN blocks (LayerNorm with bias, fused qkv Linear(h, 3h) and
 out-projection Linear(h, h), MLP Linear(h, ffn) + GELU + Linear(ffn, h), all with biases); a
 final LayerNorm; the LM head tied to the token embedding (GPT-2, Radford et al. 2019). Its
-parameter count is exactly `spec.total_params` (tests check it).
+parameter count is exactly `spec.total_params` (tests check it). Tensor parallelism
+(runtime/parallel/tensor_plan.py, GPT_PLAN) replaces its Linear/Embedding layers and loss in
+place; attention reads its local head count from the qkv weight.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from zeroplan.schemas import ModelSpec
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.heads = spec.heads
+        self.head_dim = spec.hidden // spec.heads
         self.qkv = nn.Linear(spec.hidden, 3 * spec.hidden)
         self.proj = nn.Linear(spec.hidden, spec.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        heads = self.qkv.weight.shape[0] // (3 * self.head_dim)  # this rank's heads under tensor parallelism
+        q, k, v = self.qkv(x).view(b, t, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+        return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -57,6 +60,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.loss = nn.CrossEntropyLoss()
+        """A module, so tensor parallelism can swap in the vocabulary-parallel cross-entropy."""
         self.apply(self._init)
 
     @staticmethod
@@ -78,4 +83,4 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return self.loss(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
