@@ -21,6 +21,7 @@ from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
+from .metrics import StepReporter
 from .optim import build_optimizer
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
@@ -52,7 +53,15 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     here; see from_config.py for `model_spec=` and `cluster=`. Initialises torch.distributed
     from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
+
+    Under `zeroplan autotune --script`, $ZEROPLAN_MODEL_INFO makes this return a stand-in that
+    measures the model at its first forward and ends the run (user_model.ModelInfoRun), and
+    $ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS make the engine report steps and stop (metrics.py).
     """
+    from .user_model import MODEL_INFO_ENV, ModelInfoRun  # here: `python -m ...user_model` imports this module
+
+    if os.environ.get(MODEL_INFO_ENV):
+        return ModelInfoRun(model, output=Path(os.environ[MODEL_INFO_ENV]))
     if config is not None:
         if plan is not None:
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
@@ -77,5 +86,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
-    return Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                  schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+    engine = Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
+                    schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+    engine.reporter = StepReporter.from_env(rank=groups.rank)
+    return engine
