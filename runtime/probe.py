@@ -122,8 +122,8 @@ def _collective_worker(rank: int, world: int, device: str, store: str, sizes: li
                        out: str) -> None:
     if device == "cuda":
         torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(1)
+    else:  # the share of cores a training rank gets (runtime.launch sets OMP_NUM_THREADS so)
+        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // world, 1))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=rank, world_size=world)
     try:
