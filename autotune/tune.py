@@ -235,8 +235,12 @@ class Tuner:
              source=f"autotune trial {plan.provenance.trial_number}")
 
     def warm_start(self, study: optuna.Study) -> int:
-        """Enqueue the cost model's best candidates into a new study; returns how many."""
-        if study.trials or not self.dims or self.settings.warm_start <= 0:
+        """Enqueue the cost model's best candidates into a new study; returns how many.
+
+        Not for the grid sampler: it runs every candidate anyway, and Optuna's GridSampler does
+        not count an enqueued trial as a grid point (it would run it again, and fails outright
+        on a one-point grid)."""
+        if study.trials or not self.dims or self.settings.warm_start <= 0 or self.settings.sampler == "grid":
             return 0
         space = grid_space(self.dims)
         combos = islice(product(*space.values()), 2000)  # the cost model is cheap, not free
