@@ -167,34 +167,40 @@ def collective_rates(*, nproc: int, device: str, sizes: list[int], reps: int = 3
     return {op: _fit(sizes, t, op=op, world=nproc) for op, t in times.items()}
 
 
-def framework_overheads(*, device: str, reps: int = 5) -> tuple[float, float]:
+def framework_overheads(*, device: str, reps: int = 20) -> tuple[float, float]:
     """(seconds per micro-step, seconds per transformer block) of fixed framework work.
 
     Forward + backward of the built-in GPT at a width, sequence and vocabulary too small for
     arithmetic to count (hidden 8, 4 tokens), with 1 and 9 blocks, a post-accumulate-grad hook
     on every parameter as the ZeRO stages register: the difference over 8 blocks is the cost
-    of one block's dispatch, autograd nodes and hooks, the rest the per-micro-step cost.
+    of one block's dispatch, autograd nodes and hooks, the rest the per-micro-step cost. The
+    two models are timed alternately, best of `reps` each, so a burst of load from other work
+    on the machine does not land on one of them only.
     """
     from zeroplan.schemas import ModelSpec
 
     from .models import GPT
 
-    def seconds(layers: int) -> float:
+    def micro_step(layers: int):
         spec = ModelSpec(name="probe", layers=layers, hidden=8, heads=2, ffn=32, vocab=16, seq_len=4)
         model = GPT(spec).to(device)
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda param: None)
         ids = torch.zeros(1, 4, dtype=torch.long, device=device)
 
-        def micro_step() -> None:
+        def run() -> None:
             model(ids, ids).backward()
             model.zero_grad(set_to_none=True)
 
-        return _best_seconds(micro_step, reps=reps, sync=_sync(device))
+        return run
 
-    one, nine = seconds(1), seconds(9)
-    per_layer = max((nine - one) / 8, 0.0)
-    return max(one - per_layer, 0.0), per_layer
+    steps = {layers: micro_step(layers) for layers in (1, 9)}
+    best = {layers: float("inf") for layers in steps}
+    for _ in range(reps):
+        for layers, run in steps.items():
+            best[layers] = min(best[layers], _best_seconds(run, reps=1, sync=_sync(device)))
+    per_layer = max((best[9] - best[1]) / 8, 0.0)
+    return max(best[1] - per_layer, 0.0), per_layer
 
 
 def _sizes(device: str, quick: bool) -> dict:

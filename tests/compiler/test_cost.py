@@ -127,5 +127,5 @@ def test_probe_fit_reads_latency_from_the_small_message():
 def test_probe_measures_framework_overheads():
     from zeroplan.runtime.probe import framework_overheads
 
-    per_micro_step, per_block = framework_overheads(device="cpu", reps=2)
+    per_micro_step, per_block = framework_overheads(device="cpu")
     assert per_block > 0 and per_micro_step >= 0 and per_block < 1.0
