@@ -117,15 +117,17 @@ def run_trial(
     timeout_s: float,
     on_step: Callable[[StepReport], bool] = lambda _: False,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> TrialOutcome:
-    """Run `command` in `workdir` (which receives `trial.log`); it writes step reports to `metrics`."""
+    """Run `command` in `cwd` (default `workdir`, which receives `trial.log`); it writes step
+    reports to `metrics`."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "trial.log"
     metrics.unlink(missing_ok=True)
     child_env = {**os.environ, **(env or {})}
     start = time.monotonic()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(command), cwd=workdir, env=child_env, stdout=log,
+        proc = subprocess.Popen(list(command), cwd=cwd or workdir, env=child_env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             outcome = _watch(proc, metrics=metrics, timeout_s=timeout_s, on_step=on_step, start=start)

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import statistics
-import sys
 from itertools import islice, product
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.emit import emit
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, TrainConfig, validate_config
 
+from .models import Workload
 from .results import write_results
 from .runner import StepReport, TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
@@ -48,7 +48,8 @@ class TrialFailed(Exception):
 @dataclass(frozen=True)
 class TuneSettings:
     model_name: str
-    """Built-in preset the trials train (`zeroplan train --model`)."""
+    """What the trials train (`zeroplan train --model`): a preset, a ModelSpec JSON, or
+    module:function (models.py)."""
     nproc_per_node: int
     nnodes: int = 1
     out_dir: Path = Path("autotuning_results")
@@ -68,6 +69,14 @@ class TuneSettings:
     overwrite: bool = False
     warm_start: int = 3
     """Candidates ranked best by the cost model, enqueued first in a new study."""
+    script: tuple[str, ...] = ()
+    """A training script and its arguments that trials run instead of `model_name` (models.py)."""
+    launch_dir: Path = Path(".")
+    """Where the tune was started: on the trials' PYTHONPATH, and where a script runs."""
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(model=self.model_name, script=self.script, cwd=self.launch_dir)
 
 
 @dataclass
@@ -108,23 +117,13 @@ Launcher = Callable[[Path, int, Path], list[str]]
 metrics it must write)."""
 
 
-def train_command(model_name: str) -> Launcher:
-    """The default launcher: `zeroplan train PLAN --model NAME --steps N --metrics FILE`."""
-
-    def command(plan_path: Path, steps: int, metrics: Path) -> list[str]:
-        return [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--model", model_name,
-                "--steps", str(steps), "--metrics", str(metrics)]
-
-    return command
-
-
 class Tuner:
     """Holds what every trial needs; `objective` is what Optuna calls."""
 
     def __init__(self, *, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
                  launcher: Launcher | None = None):
         self.data, self.model, self.cluster, self.settings = data, model, cluster, settings
-        self.launcher = launcher or train_command(settings.model_name)
+        self.launcher = launcher or settings.workload.command
         self.world_size = settings.nnodes * settings.nproc_per_node
         self.config: TrainConfig = validate_config(copy.deepcopy(data))
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
@@ -185,8 +184,10 @@ class Tuner:
         metrics = workdir / "metrics.jsonl"
         command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps, metrics)
         single = len(OBJECTIVES[self.settings.objective]) == 1
+        workload = self.settings.workload
         return run_trial(command=command, metrics=metrics, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
-                         on_step=self._pruning_callback(trial) if single else (lambda _: False))
+                         on_step=self._pruning_callback(trial) if single else (lambda _: False),
+                         env=workload.env(), cwd=workload.run_dir(workdir))
 
     def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepReport], bool]:
         warmup = self.settings.warmup_steps
@@ -234,8 +235,12 @@ class Tuner:
              source=f"autotune trial {plan.provenance.trial_number}")
 
     def warm_start(self, study: optuna.Study) -> int:
-        """Enqueue the cost model's best candidates into a new study; returns how many."""
-        if study.trials or not self.dims or self.settings.warm_start <= 0:
+        """Enqueue the cost model's best candidates into a new study; returns how many.
+
+        Not for the grid sampler: it runs every candidate anyway, and Optuna's GridSampler does
+        not count an enqueued trial as a grid point (it would run it again, and fails outright
+        on a one-point grid)."""
+        if study.trials or not self.dims or self.settings.warm_start <= 0 or self.settings.sampler == "grid":
             return 0
         space = grid_space(self.dims)
         combos = islice(product(*space.values()), 2000)  # the cost model is cheap, not free

@@ -13,7 +13,8 @@ reduce_bucket_size buckets (2 * Psi); stage 1 reduces once per step (reduce-scat
 all-reduce when reduce_scatter is off) and all-gathers updated parameters in
 allgather_bucket_size chunks; stage 2 reduce-scatters every micro-batch's gradients per bucket,
 then all-gathers parameters; stage 3 all-gathers parameters in forward and again in backward of
-every micro-batch and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
+every micro-batch, one call per module owning a non-persistent parameter (as DeepSpeed's hooks
+and zeroplan's runtime do), and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
 parallelism all-reduces activations twice per block forward and twice backward (Shoeybi et al.
 2019, figure 4), twice more when checkpointing recomputes the forward, plus the vocab-parallel
 embedding, LM head and loss (see _tp_collectives); pipelining sends one
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from zeroplan.schemas import ModelSpec, Plan
 
 from .memory import BYTES
-from .shapes import StageShape, persistent_elements, stage_shapes
+from .shapes import StageShape, gathered_modules, persistent_elements, stage_shapes
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
     if z.stage == 3:
         gathered = psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
                                              cap=z.model_persistence_threshold)
-        modules = len(shape.units)
+        modules = gathered_modules(shape, threshold=z.param_persistence_threshold)
         out.append(Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
                               accum * modules))
         out.append(Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", gathered * e_p, n),

@@ -8,15 +8,30 @@ Terms, in seconds per optimizer step on the busiest rank:
 - pipeline bubble: (pp - 1) / m of the compute (Narayanan et al. 2021, section 2.2).
 - communication: per collective, calls * ring steps * latency + bytes / bandwidth (comm.py),
   at intra- or inter-node rates depending on whether the group spans nodes (ranks are laid
-  out tp fastest, then dp, then pp). Gradient reductions overlap the backward when
+  out tp fastest, then dp, then pp), at the rate measured for that kind of collective where
+  the cluster has one (gloo's all-gather and reduce-scatter are several times slower than its
+  all-reduce). Stage 3 gathers each module's parameters on its own, forward and backward of
+  every micro-step, so its calls, and their latency, grow with modules x micro-steps. Gradient reductions overlap the backward when
   overlap_comm is on, ZeRO-3's parameter gathers overlap compute when prefetching; what does
-  not fit under the compute, and at least the last bucket, stays exposed.
+  not fit under the compute, and at least the last bucket, stays exposed. On CPU ranks nothing
+  overlaps (the collectives run on the compute's cores).
 - optimizer step: memory-bound (Adam reads master, gradient and two moments, writes three
   of them and the 16-bit copy), at device memory bandwidth, host memory bandwidth when
   offloaded, plus NVMe reads and writes of the swapped state.
 - offload traffic: gradients to the host and parameters back (ZeRO-Offload), ZeRO-3
   parameter fetches per micro-batch, at host<->device and disk rates.
-Terms are added; the prediction is as optimistic as the rates (nominal presets more so).
+- framework overhead: per micro-step, a fixed cost plus one per transformer block (dispatch,
+  autograd, hooks; `ClusterRates.micro_step_overhead`, `layer_overhead`, which `zeroplan
+  probe` measures). It is what makes many small micro-batches slower than a few large ones
+  at the same global batch, where every other term is equal.
+- gradient copies: the memory traffic of handling gradients (gradient_bytes), at device memory
+  bandwidth: each micro-step's gradient is written, then added into the fp32 accumulation
+  buffer (stages 0-1) or packed into reduce buckets whose reduced slice is added into the
+  shard (stages 2-3); buckets and results are copied at the boundary; parameters are copied
+  back from the master or the gathered buffer after the step; stage 3 writes every gathered
+  buffer.
+Terms are added (no overlap unless overlap_comm or prefetching says so); the prediction is as
+optimistic as the rates (nominal presets more so).
 """
 
 from __future__ import annotations
@@ -38,11 +53,9 @@ def _spans_nodes(plan: Plan, dim: str) -> bool:
 def collective_time(c: Collective, *, plan: Plan, cluster: ClusterSpec) -> float:
     """Seconds for one kind of collective over a step (latency + bytes / bandwidth)."""
     r = cluster.rates
-    if _spans_nodes(plan, c.dim):
-        bandwidth, latency = r.inter_node_bandwidth, r.inter_node_latency
-    else:
-        bandwidth, latency = r.intra_node_bandwidth, r.intra_node_latency
-    return c.calls * c.ring_steps * latency + c.bytes / bandwidth
+    inter = _spans_nodes(plan, c.dim)
+    latency = r.inter_node_latency if inter else r.intra_node_latency
+    return c.calls * c.ring_steps * latency + c.bytes / r.collective_bandwidth(c.op, inter_node=inter)
 
 
 def compute_seconds(plan: Plan, model: ModelSpec, cluster: ClusterSpec, shape: StageShape) -> float:
@@ -57,7 +70,9 @@ def compute_seconds(plan: Plan, model: ModelSpec, cluster: ClusterSpec, shape: S
 
 
 def _overlappable(plan: Plan, c: Collective) -> bool:
-    if c.dim != "dp" or c.phase == "step":
+    """Whether a collective can hide under compute. Not on CPU ranks: gloo's threads run on the
+    cores the rank computes on, so its collectives take their time from the compute."""
+    if c.dim != "dp" or c.phase == "step" or plan.world.device == "cpu":
         return False
     if c.op == "all_gather":  # ZeRO-3 prefetch
         return plan.zero.prefetch_bucket_size > 0
@@ -123,6 +138,42 @@ def offload_seconds(plan: Plan, cluster: ClusterSpec, shape: StageShape) -> floa
     return seconds
 
 
+def framework_seconds(plan: Plan, cluster: ClusterSpec, shape: StageShape) -> float:
+    """Fixed per-micro-step work: once per micro-step plus once per transformer block."""
+    rates = cluster.rates
+    micro_steps = plan.batch.gradient_accumulation_steps
+    return micro_steps * (rates.micro_step_overhead + shape.layers * rates.layer_overhead)
+
+
+def gradient_bytes(plan: Plan, shape: StageShape) -> int:
+    """Bytes one rank reads and writes per step handling gradients and published parameters.
+
+    Per micro-step: autograd writes the gradient (e_p); stages 0-1 add it into the fp32
+    accumulation buffer (read e_p, read and write 4); stages 2-3 pack it into reduce buckets
+    (read e_p, write e_r) and add the reduced slice into the fp32 shard (read e_r, read and
+    write 4, over the shard). At the boundary, stages 0-1 pack the accumulated gradient
+    (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1).
+    After the step the parameters are rewritten: from the master at stage 0 (read 4, write
+    e_p), from the gathered buffer at stages 1-2 (read and write e_p). Stage 3 writes each
+    gathered buffer, forward and backward of every micro-step.
+    """
+    z, accum, dp = plan.zero, plan.batch.gradient_accumulation_steps, plan.parallel.dp
+    e_p, e_r, psi = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype], shape.params
+    shard = -(-psi // dp) if z.stage >= 1 else psi
+    if z.stage <= 1:
+        per_micro = psi * (e_p + e_p + 8)
+        boundary = psi * (4 + e_r) + shard * (e_r + 4)
+    else:
+        per_micro = psi * (e_p + e_p + e_r) + shard * (e_r + 8)
+        boundary = 0
+    publish = {0: psi * (4 + e_p), 1: 2 * psi * e_p, 2: 2 * psi * e_p, 3: 0}[z.stage]
+    gathered = 0
+    if z.stage == 3 and dp > 1:
+        gathered = 2 * accum * (psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
+                                                          cap=z.model_persistence_threshold)) * e_p
+    return accum * per_micro + boundary + publish + gathered
+
+
 def step_time(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[str, float]:
     """Seconds per step by term for the slowest pipeline stage; the sum is the prediction."""
     best: dict[str, float] = {}
@@ -135,6 +186,8 @@ def step_time(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[str, f
         terms.update({f"{dim}_comm": t for dim, t in comm.items()})
         terms["optimizer_step"] = optimizer_seconds(plan, cluster, shape)
         terms["offload_transfer"] = offload_seconds(plan, cluster, shape)
+        terms["framework_overhead"] = framework_seconds(plan, cluster, shape)
+        terms["gradient_copies"] = gradient_bytes(plan, shape) / cluster.rates.memory_bandwidth
         if sum(terms.values()) > sum(best.values()):
             best = terms
     return best

@@ -34,6 +34,17 @@ def block_tensors(model: ModelSpec, *, tp: int) -> list[int]:
     return [h, h] + [_split(n, tp) for n in split]
 
 
+def block_modules(model: ModelSpec, *, tp: int) -> list[list[int]]:
+    """One block's tensors grouped by the module that owns them (on one tp rank), in forward order."""
+    h, f = model.hidden, model.ffn
+    if model.architecture == "gpt":  # ln1, qkv, proj, ln2, fc, out
+        return [[h, h], [_split(3 * h * h, tp), _split(3 * h, tp)], [_split(h * h, tp), h], [h, h],
+                [_split(h * f, tp), _split(f, tp)], [_split(f * h, tp), h]]
+    kv = (model.kv_heads or model.heads) * model.head_dim
+    return [[h], [_split(h * h, tp)], [_split(h * kv, tp)], [_split(h * kv, tp)], [_split(h * h, tp)], [h],
+            [_split(h * f, tp)], [_split(h * f, tp)], [_split(f * h, tp)]]
+
+
 def embedding_tensors(model: ModelSpec, *, tp: int) -> list[int]:
     """Token embedding (vocab-split) and, for gpt, learned positions (replicated)."""
     tensors = [_split(model.vocab * model.hidden, tp)]
@@ -68,7 +79,10 @@ class StageShape:
     tensors: tuple[int, ...]
     """Element counts of every parameter tensor on the rank."""
     units: tuple[int, ...]
-    """Elements per module ZeRO-3 gathers at once (embedding, each block, head)."""
+    """Elements per unit whose parameters are live together (embedding, each block, head)."""
+    modules: tuple[tuple[int, ...], ...] = ()
+    """Parameter tensors of each module that owns some, in forward order: ZeRO-3 gathers one
+    module's own parameters at a time (a tied LM head gathers the embedding matrix again)."""
 
     @property
     def params(self) -> int:
@@ -81,19 +95,23 @@ def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
     block = block_tensors(model, tp=tp)
     shapes = []
     for i, n_layers in enumerate(stage_layers(model.layers, pp=pp)):
-        tensors, units = [], []
+        tensors, units, modules = [], [], []
         if i == 0:
             emb = embedding_tensors(model, tp=tp)
             tensors += emb
             units.append(sum(emb))
+            modules += [[n] for n in emb]
         tensors += block * n_layers
         units += [sum(block)] * n_layers
+        modules += block_modules(model, tp=tp) * n_layers
         if i == pp - 1:
             head = head_tensors(model, tp=tp, pp=pp)
             tensors += head
             units.append(sum(head))
+            norm = head[:2] if model.architecture == "gpt" else head[:1]
+            modules += [norm, [_split(model.vocab * model.hidden, tp)]]  # final norm, LM head (tied or not)
         shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors),
-                                 units=tuple(units)))
+                                 units=tuple(units), modules=tuple(tuple(m) for m in modules)))
     return shapes
 
 
@@ -109,3 +127,8 @@ def persistent_elements(shape: StageShape, *, threshold: int, cap: int) -> int:
     """
     small = sum(n for n in shape.tensors if n < threshold)
     return min(small, cap)
+
+
+def gathered_modules(shape: StageShape, *, threshold: int) -> int:
+    """ZeRO-3: modules gathered one by one, those owning a tensor of `threshold` elements or more."""
+    return sum(1 for tensors in shape.modules if max(tensors) >= threshold)

@@ -29,7 +29,7 @@ from zeroplan.schemas.plan import Plan
 from . import checkpoint
 from .comm import Collectives
 from .dist import ProcessGroups
-from .metrics import StepMeter, peak_memory
+from .metrics import StepMeter, StepReporter, peak_memory
 from .offload import MasterOptimizer
 from .parallel import tp_split_of
 from .precision import LossScaler
@@ -58,6 +58,8 @@ class Engine:
         self.last_comms: dict = {}
         self._runs: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None
         self.meter = StepMeter(device=groups.device, global_batch_size=plan.batch.global_batch_size)
+        self.reporter: StepReporter | None = None
+        """Per-step metrics for the tuner ($ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS; set by initialize)."""
 
     # -- the loop --------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -80,6 +82,8 @@ class Engine:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"backward needs the scalar loss tensor, got {type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        if self.reporter is not None:
+            self.reporter.on_backward(loss)
         scale = self.scaler.loss_scale / self.accumulation
         self.zero.begin_backward(boundary=self.is_gradient_accumulation_boundary())
         (loss.float() * scale).backward()
@@ -95,6 +99,8 @@ class Engine:
         self.global_steps += 1
         self.meter.end()
         self.last_comms = self.coll.logger.snapshot()
+        if self.reporter is not None:
+            self.reporter.on_step(self)
 
     def _optimizer_step(self) -> None:
         grad = self.zero.grad
@@ -255,6 +261,13 @@ class Engine:
 
     def get_lr(self) -> float:
         return self.schedule.lr()
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per rank per forward (DeepSpeed's accessor, for sizing a data loader)."""
+        return self.plan.batch.micro_batch_size
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation
 
     def close(self) -> None:
         """Remove the hooks and swap files; destroy the process group if `initialize` created it."""

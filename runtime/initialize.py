@@ -24,6 +24,7 @@ from .engine import Engine
 from .from_config import plan_from_config
 from .offload import Offload
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
+from .metrics import StepReporter
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
 from .zero import build_zero, shard_numel
@@ -60,7 +61,15 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     'rowwise' or 'vocab'; see parallel/tensor_plan.py), by default the model's own: GPT_PLAN
     for the built-in GPT, a `tp_plan` attribute for others. Each tp rank keeps its slice of the
     full model built on every rank, and ZeRO then shards the slices over the dp group.
+
+    Under `zeroplan autotune --script`, $ZEROPLAN_MODEL_INFO makes this return a stand-in that
+    measures the model at its first forward and ends the run (user_model.ModelInfoRun), and
+    $ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS make the engine report steps and stop (metrics.py).
     """
+    from .user_model import MODEL_INFO_ENV, ModelInfoRun  # here: `python -m ...user_model` imports this module
+
+    if os.environ.get(MODEL_INFO_ENV):
+        return ModelInfoRun(model, output=Path(os.environ[MODEL_INFO_ENV]))
     if config is not None:
         if plan is not None:
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
@@ -91,8 +100,10 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
-    return Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+    engine = Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
+                    schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+    engine.reporter = StepReporter.from_env(rank=groups.rank)
+    return engine
 
 
 def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
@@ -111,3 +122,4 @@ def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
     sync_tp_replicas(model, tp_coll)
     apply_tensor_parallel(model, plan=plan, coll=tp_coll)
     return tp_coll
+

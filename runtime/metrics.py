@@ -8,16 +8,23 @@
   across fork and exec from the launcher), plus `torch.cuda.max_memory_allocated` and
   `max_memory_reserved` on GPU;
 - communication: calls and bytes per collective in the step (comm.CommsLogger).
+
+`StepReporter` writes these per step for the tuner from any script (see its docstring).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from zeroplan.schemas import ConfigError, Problem
 
 
 def peak_rss_bytes() -> int:
@@ -84,3 +91,93 @@ class StepMeter:
         if self.last_tokens:
             out["tokens_per_s"] = self.last_tokens / last if last > 0 else 0.0
         return out
+
+
+# -- metrics for the tuner from any training script ------------------------------------------
+
+METRICS_ENV = "ZEROPLAN_METRICS"
+"""Path rank 0 appends one JSON line per optimizer step to (and a summary line at the end)."""
+MAX_STEPS_ENV = "ZEROPLAN_MAX_STEPS"
+"""Optimizer steps after which `engine.step()` ends the run (raises TrialComplete)."""
+
+
+class TrialComplete(SystemExit):
+    """Raised by `engine.step()` when $ZEROPLAN_MAX_STEPS optimizer steps are done.
+
+    Like DeepSpeed's autotuner, which ends a profiled run from inside the engine once its
+    profiling steps are done, a script needs no change to run as a trial: the exception is a
+    SystemExit with status 0, so unless caught it ends the process quietly (no traceback) and
+    `finally` blocks and `with` exits still run. The engine has already written the summary
+    and closed its process group. Catch it (`except zeroplan.TrialComplete`) to do more
+    before exiting; do not train on with the engine.
+    """
+
+    def __init__(self, steps: int):
+        super().__init__(0)
+        self.steps = steps
+
+
+def gather_peaks(*, peak_bytes: int, group) -> list[int]:
+    """Every rank's peak memory in `group` (a collective: every rank calls it)."""
+    peak = torch.tensor([peak_bytes], dtype=torch.float64)
+    peaks = [torch.zeros_like(peak) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(peaks, peak, group=group)
+    return [int(p.item()) for p in peaks]
+
+
+class StepReporter:
+    """Per-step metrics for `zeroplan autotune`'s trial runner, from inside the Engine.
+
+    Set up by `initialize` when $ZEROPLAN_METRICS or $ZEROPLAN_MAX_STEPS is set (`zeroplan train
+    PLAN --steps N --metrics FILE -- script.py` sets both). Rank 0 writes, after every optimizer
+    step, `{"step", "step_time_s", "samples_per_s", "loss", "peak_rss_bytes", ...}` (steps from 1,
+    the loss being rank 0's mean over the step's micro-batches), and at the last step a summary
+    line with every rank's peak memory; then `step()` raises TrialComplete.
+    """
+
+    def __init__(self, *, path: Path | None, max_steps: int | None, rank0: bool):
+        self.path, self.max_steps, self.rank0 = path, max_steps, rank0
+        self._losses: list[torch.Tensor] = []
+        self._times: list[float] = []
+        if self.path is not None and rank0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    @classmethod
+    def from_env(cls, *, rank: int) -> "StepReporter | None":
+        path, steps = os.environ.get(METRICS_ENV), os.environ.get(MAX_STEPS_ENV)
+        if not path and not steps:
+            return None
+        try:
+            max_steps = int(steps) if steps else None
+        except ValueError:
+            max_steps = -1
+        if max_steps is not None and max_steps < 1:
+            raise ConfigError(Problem(f"${MAX_STEPS_ENV}", "must be a whole number >= 1", given=steps))
+        return cls(path=Path(path) if path else None, max_steps=max_steps, rank0=rank == 0)
+
+    def on_backward(self, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach().float().reshape(()))
+
+    def on_step(self, engine) -> None:
+        """After an optimizer step (every rank): write its line; end the run at the last step."""
+        line = {"step": engine.global_steps, **engine.metrics()}
+        if self._losses:
+            line["loss"] = float(torch.stack(self._losses).mean())
+        self._losses.clear()
+        self._times.append(line.get("step_time_s", 0.0))
+        self._write(line)
+        if self.max_steps is not None and engine.global_steps >= self.max_steps:
+            peaks = gather_peaks(peak_bytes=line["peak_rss_bytes"], group=engine.groups.dp_group)
+            times = self._times[1:] or self._times  # the first step includes warm-up
+            mean = sum(times) / len(times)
+            self._write({"summary": True, "steps": engine.global_steps, "mean_step_time_s": mean,
+                         "samples_per_s": engine.plan.batch.global_batch_size / mean if mean else 0.0,
+                         "peak_rss_bytes_per_rank": peaks})
+            engine.close()
+            raise TrialComplete(engine.global_steps)
+
+    def _write(self, record: dict) -> None:
+        if self.path is not None and self.rank0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -4,10 +4,13 @@ Measurements (best of a few repetitions, after a warm-up):
 1. matmul: an n x n product in fp32 and in bf16, 2n^3 FLOPs, with the threads one rank gets;
 2. memory: a large tensor copy (read + write) on the device, and on the host;
 3. host<->device: a pinned copy to the GPU (on cpu the host copy stands in);
-4. collectives: all-reduce, all-gather and reduce-scatter at several sizes across N local
-   processes (gloo on cpu, NCCL on GPUs, same code), fitted to t = latency * steps + bytes / bw
-   with ring accounting (compiler/comm.py), steps = 2(n-1) or n-1;
-5. disk: write (fsync) then read back a file under --path, its pages dropped from the cache
+4. collectives: all-reduce, all-gather and reduce-scatter across N local processes (gloo on
+   cpu, NCCL on GPUs, same code): latency per ring step from a 1 KiB message, bandwidth per
+   kind from larger ones (ring accounting, compiler/comm.py; steps = 2(n-1) or n-1). The kinds
+   differ: gloo's all-gather and reduce-scatter run at a fraction of its all-reduce's rate;
+5. framework overhead: forward + backward of a tiny GPT with 1 and 9 blocks, per micro-step
+   and per block (what small micro-batches pay more often);
+6. disk: write (fsync) then read back a file under --path, its pages dropped from the cache
    first (posix_fadvise DONTNEED) so the read hits the disk.
 One node is measured, so the inter-node figures repeat the intra-node ones (said in `notes`).
 """
@@ -110,39 +113,94 @@ def _collective(op: str, numel: int, world: int, device: str):
     return lambda: dist.reduce_scatter_single(shard, full)
 
 
-def _collective_worker(rank: int, world: int, device: str, store: str, sizes: list[int], out: str) -> None:
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+SMALL_MESSAGE = 1024
+"""Bytes of the message latency is measured with: far below where bandwidth matters."""
+
+
+def _collective_worker(rank: int, world: int, device: str, store: str, sizes: list[int], reps: int,
+                       out: str) -> None:
     if device == "cuda":
         torch.cuda.set_device(rank)
+    else:  # the share of cores a training rank gets (runtime.launch sets OMP_NUM_THREADS so)
+        torch.set_num_threads(max(len(os.sched_getaffinity(0)) // world, 1))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=rank, world_size=world)
     try:
-        times = {op: [_best_seconds(_collective(op, n // 4, world, device), reps=3, sync=_sync(device))
-                      for n in sizes] for op in ("all_reduce", "all_gather", "reduce_scatter")}
+        times = {op: [_best_seconds(_collective(op, max(n // 4, world), world, device), reps=reps,
+                                    sync=_sync(device)) for n in [SMALL_MESSAGE, *sizes]]
+                 for op in COLLECTIVES}
         if rank == 0:
             Path(out).write_text(json.dumps(times))
     finally:
         dist.destroy_process_group()
 
 
+def ring_steps(op: str, world: int) -> int:
+    return (2 if op == "all_reduce" else 1) * (world - 1)
+
+
 def _fit(sizes: list[int], seconds: list[float], *, op: str, world: int) -> tuple[float, float]:
-    """(bandwidth, latency per ring step) from a least-squares line through (bytes sent, seconds)."""
+    """(bandwidth, latency per ring step) of one op.
+
+    `seconds[0]` is the small message: its time, over the ring steps, is the latency (launch,
+    synchronisation, the library's own work per call). The bandwidth is the mean, over the
+    larger sizes, of bytes sent (ring accounting) per second beyond that latency.
+    """
+    steps = ring_steps(op, world)
     factor = 2 if op == "all_reduce" else 1
+    latency = seconds[0] / steps
     sent = [factor * (world - 1) * s / world for s in sizes]
-    mean_x, mean_y = sum(sent) / len(sent), sum(seconds) / len(seconds)
-    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(sent, seconds))
-             / sum((x - mean_x) ** 2 for x in sent))
-    slope = slope if slope > 0 else seconds[-1] / sent[-1]
-    intercept = max(mean_y - slope * mean_x, 0.0)
-    return 1 / slope, intercept / (factor * (world - 1))
+    big = list(zip(sent, seconds[1:]))
+    slopes = [(t - seconds[0]) / x for x, t in big if t > seconds[0]]
+    slope = max(sum(slopes) / len(slopes), 1e-12) if slopes else seconds[-1] / sent[-1]
+    return 1 / slope, latency
 
 
-def collective_rates(*, nproc: int, device: str, sizes: list[int]) -> dict[str, tuple[float, float]]:
-    """{op: (bandwidth, latency)} measured across `nproc` local processes."""
+def collective_rates(*, nproc: int, device: str, sizes: list[int], reps: int = 3) -> dict[str, tuple[float, float]]:
+    """{op: (bandwidth, latency per ring step)} measured across `nproc` local processes."""
     with tempfile.TemporaryDirectory(prefix="zeroplan-probe-") as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.spawn(_collective_worker, args=(nproc, device, os.path.join(tmp, "store"), sizes, out), nprocs=nproc)
+        mp.spawn(_collective_worker, args=(nproc, device, os.path.join(tmp, "store"), sizes, reps, out),
+                 nprocs=nproc)
         times = json.loads(Path(out).read_text())
     return {op: _fit(sizes, t, op=op, world=nproc) for op, t in times.items()}
+
+
+def framework_overheads(*, device: str, reps: int = 20) -> tuple[float, float]:
+    """(seconds per micro-step, seconds per transformer block) of fixed framework work.
+
+    Forward + backward of the built-in GPT at a width, sequence and vocabulary too small for
+    arithmetic to count (hidden 8, 4 tokens), with 1 and 9 blocks, a post-accumulate-grad hook
+    on every parameter as the ZeRO stages register: the difference over 8 blocks is the cost
+    of one block's dispatch, autograd nodes and hooks, the rest the per-micro-step cost. The
+    two models are timed alternately, best of `reps` each, so a burst of load from other work
+    on the machine does not land on one of them only.
+    """
+    from zeroplan.schemas import ModelSpec
+
+    from .models import GPT
+
+    def micro_step(layers: int):
+        spec = ModelSpec(name="probe", layers=layers, hidden=8, heads=2, ffn=32, vocab=16, seq_len=4)
+        model = GPT(spec).to(device)
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda param: None)
+        ids = torch.zeros(1, 4, dtype=torch.long, device=device)
+
+        def run() -> None:
+            model(ids, ids).backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    steps = {layers: micro_step(layers) for layers in (1, 9)}
+    best = {layers: float("inf") for layers in steps}
+    for _ in range(reps):
+        for layers, run in steps.items():
+            best[layers] = min(best[layers], _best_seconds(run, reps=1, sync=_sync(device)))
+    per_layer = max((best[9] - best[1]) / 8, 0.0)
+    return max(best[1] - per_layer, 0.0), per_layer
 
 
 def _sizes(device: str, quick: bool) -> dict:
@@ -169,14 +227,20 @@ def probe_cluster(*, nproc: int | None = None, path: str | Path = ".", quick: bo
         notes.append("cpu: device memory is host memory; host<->device copies are host copies")
     fp32 = matmul_flops(device=device, dtype=torch.float32, n=sizes["matmul"])
     bf16 = matmul_flops(device=device, dtype=torch.bfloat16, n=sizes["matmul"] // (2 if device == "cpu" else 1))
+    per_op: dict[str, float] = {}
     if nproc > 1:
         rates = collective_rates(nproc=nproc, device=device, sizes=sizes["collective"])
         bandwidth, latency = rates["all_reduce"]
-        notes.append("collectives (bandwidth B/s, latency s per ring step): " + ", ".join(
-            f"{op} {bw:.3g} / {lat:.3g}" for op, (bw, lat) in rates.items()))
+        per_op = {op: bw for op, (bw, _) in rates.items() if op != "all_reduce"}
+        notes.append("collectives (bandwidth B/s, latency s per ring step, from a "
+                     f"{SMALL_MESSAGE}-byte message): " + ", ".join(
+                         f"{op} {bw:.3g} / {lat:.3g}" for op, (bw, lat) in rates.items()))
     else:
         bandwidth, latency = device_copy / 2, 0.0
         notes.append("one rank: no collectives measured; bandwidth is half the copy rate")
+    micro_step, per_layer = framework_overheads(device=device)
+    notes.append(f"framework overhead: {micro_step * 1e3:.3g} ms per micro-step + {per_layer * 1e3:.3g} ms "
+                 "per transformer block (forward + backward of a tiny GPT)")
     notes.append("one node measured: inter-node rates repeat the intra-node ones")
     path = Path(path)
     write, read = disk_bandwidth(path, nbytes=sizes["disk"])
@@ -191,4 +255,6 @@ def probe_cluster(*, nproc: int | None = None, path: str | Path = ".", quick: bo
                            host_memory_bandwidth=host_copy / (nproc if device == "cpu" else 1),
                            intra_node_bandwidth=bandwidth, intra_node_latency=latency,
                            inter_node_bandwidth=bandwidth, inter_node_latency=latency,
-                           host_to_device_bandwidth=h2d, disk_write_bandwidth=write, disk_read_bandwidth=read))
+                           host_to_device_bandwidth=h2d, disk_write_bandwidth=write, disk_read_bandwidth=read,
+                           intra_node_collective_bandwidth=per_op, micro_step_overhead=micro_step,
+                           layer_overhead=per_layer))

@@ -1,7 +1,9 @@
-"""Train the built-in GPT on synthetic Markov-chain data under a plan; run under torchrun
-(or plainly for one process) by `zeroplan train`.
+"""Train the built-in GPT on synthetic Markov-chain data, or your model (`--model
+module:function`, see user_model.py), under a plan; run under torchrun (or plainly for one
+process) by `zeroplan train`.
 
     python -m zeroplan.runtime.train --plan plan.json --model tiny --steps 50 --metrics m.jsonl
+    python -m zeroplan.runtime.train --plan plan.json --model my_model:build --steps 50
 
 Rank 0 shows a progress bar (loss, samples/s, peak memory), prints a line every
 `logging.steps_per_print` steps, and writes one JSON line per step to --metrics, then a
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +22,12 @@ from pathlib import Path
 import torch
 
 from zeroplan.schemas import ConfigError, ModelSpec, Plan
+from zeroplan.schemas.model import is_model_function
 
 from .initialize import initialize
+from .metrics import MAX_STEPS_ENV, METRICS_ENV, gather_peaks
 from .models import GPT, MarkovChainData
+from .user_model import build_user_model, tokens_per_sample, user_batches
 
 MIB = 2 ** 20
 
@@ -29,22 +35,37 @@ MIB = 2 ** 20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m zeroplan.runtime.train", description=__doc__.splitlines()[0])
     p.add_argument("--plan", required=True, type=Path, help="plan.json from `zeroplan compile`")
-    p.add_argument("--model", default="tiny", help="gpt preset (tiny, small, medium) or a ModelSpec JSON")
+    p.add_argument("--model", default="tiny", help="gpt preset (tiny, small, medium), a ModelSpec JSON, "
+                   "or module:function returning (model, get_batch)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--metrics", type=Path, default=None, help="write per-step metrics as JSON lines here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
-    plan = Plan.load(args.plan)
-    spec = ModelSpec.load(args.model)
+def _workload(args: argparse.Namespace, plan: Plan):
+    """(engine, micro-batch iterator, model name, tokens per sample) of the built-in GPT or a user model."""
     torch.manual_seed(args.seed)
+    batch = plan.batch
+    if is_model_function(args.model):
+        model, get_batch = build_user_model(args.model)
+        engine = initialize(model, plan=plan)
+        tokens = tokens_per_sample(get_batch(batch.micro_batch_size, 0))
+        return engine, user_batches(get_batch, micro_batch_size=batch.micro_batch_size), args.model, tokens
+    spec = ModelSpec.load(args.model)
     engine = initialize(GPT(spec), plan=plan)
-    groups, batch = engine.groups, plan.batch
     data = MarkovChainData(vocab=spec.vocab, seq_len=spec.seq_len, seed=args.seed).iterate(
         global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
-        dp=groups.dp_size, dp_rank=groups.dp_rank)
+        dp=engine.groups.dp_size, dp_rank=engine.groups.dp_rank)
+    return engine, data, spec.name, spec.seq_len
+
+
+def run(args: argparse.Namespace) -> dict:
+    plan = Plan.load(args.plan)
+    for name in (METRICS_ENV, MAX_STEPS_ENV):  # this loop has --steps and --metrics of its own
+        os.environ.pop(name, None)
+    engine, data, name, tokens = _workload(args, plan)
+    groups = engine.groups
     rank0 = groups.rank == 0
     out = args.metrics.open("w") if (rank0 and args.metrics) else None
     losses, started = [], time.perf_counter()
@@ -61,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                 bar(line)
                 if (step + 1) % plan.logging.steps_per_print == 0 or step + 1 == args.steps:
                     print(_text(line, args.steps), flush=True)
-    summary = _summary(engine, losses, wall=time.perf_counter() - started, spec=spec)
+    summary = _summary(engine, losses, wall=time.perf_counter() - started, name=name, tokens_per_sample=tokens)
     if out:
         out.write(json.dumps(summary) + "\n")
         out.close()
@@ -71,18 +92,16 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _summary(engine, losses: list[float], *, wall: float, spec: ModelSpec) -> dict:
-    peak = torch.tensor([engine.metrics()["peak_rss_bytes"]], dtype=torch.float64)
-    peaks = [torch.zeros_like(peak) for _ in range(engine.groups.dp_size)]
-    torch.distributed.all_gather(peaks, peak, group=engine.groups.dp_group)
+def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_sample: int) -> dict:
+    peaks = gather_peaks(peak_bytes=engine.metrics()["peak_rss_bytes"], group=engine.groups.dp_group)
     times = engine.meter.times[1:] or engine.meter.times  # the first step includes warm-up
     mean = sum(times) / len(times)
-    return {"summary": True, "model": spec.name, "stage": engine.plan.zero.stage,
+    return {"summary": True, "model": name, "stage": engine.plan.zero.stage,
             "world_size": engine.groups.world_size, "dtype": engine.plan.precision.param_dtype,
             "steps": len(losses), "loss_start": losses[0], "loss_end": losses[-1],
             "mean_step_time_s": mean, "samples_per_s": engine.plan.batch.global_batch_size / mean,
-            "tokens_per_s": engine.plan.batch.global_batch_size * spec.seq_len / mean,
-            "peak_rss_bytes_per_rank": [int(p.item()) for p in peaks], "wall_s": wall,
+            "tokens_per_s": engine.plan.batch.global_batch_size * tokens_per_sample / mean,
+            "peak_rss_bytes_per_rank": peaks, "wall_s": wall,
             "comms_per_step": engine.last_comms}
 
 

@@ -13,7 +13,8 @@ Nominal sources, per preset:
   fp32 67 TFLOP/s, HBM3 3.35 TB/s (H100) and HBM3e 4.8 TB/s (H200), NVLink 900 GB/s both
   directions, PCIe Gen5 x16. DGX H100/H200: 8 x 400 Gb/s NDR InfiniBand per node, 2 TB host memory.
 - Latencies are typical NCCL ring-step figures, not datasheet values.
-- `cpu`: modest figures for a small shared CPU box (2 cores, 24 GiB), to be replaced by a probe.
+- `cpu`: rounded `zeroplan probe` figures of a small shared CPU box (2 cores, 24 GiB, gloo), to
+  be replaced by a probe of the machine at hand.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError, Problem
 from .types import FrozenModel
 
 GiB = 1 << 30
+CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "send_recv"]
 LOCAL_CLUSTER_FILE = "cluster.json"
 """Where the `local` preset is read from (relative to the working directory)."""
 
@@ -57,6 +59,33 @@ class ClusterRates(FrozenModel):
     """Bytes/s written to the NVMe path by one node."""
     disk_read_bandwidth: float = Field(gt=0)
     """Bytes/s read from the NVMe path by one node."""
+    intra_node_collective_bandwidth: dict[CollectiveOp, float] = {}
+    """Bytes/s (ring accounting) of one kind of collective within a node, where it differs from
+    `intra_node_bandwidth` (the all-reduce's): gloo's all-gather and reduce-scatter reach a
+    fraction of its all-reduce rate. Kinds not listed use `intra_node_bandwidth`."""
+    micro_step_overhead: float = Field(default=0.0, ge=0)
+    """Seconds of fixed work per micro-step on one rank, whatever the model's size: the forward
+    and backward calls, the loss, the engine's bookkeeping. 0: not measured."""
+    layer_overhead: float = Field(default=0.0, ge=0)
+    """Seconds of fixed work per transformer block per micro-step, forward and backward together
+    (operator dispatch, autograd nodes, per-parameter hooks), whatever the block's width.
+    The cost model charges `micro_step_overhead + layers * layer_overhead` per micro-step;
+    on an accelerator this work overlaps queued kernels, so the nominal presets leave it 0.
+    0: not measured."""
+
+    @field_validator("intra_node_collective_bandwidth")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"bandwidths must be > 0 bytes/s, given {bad}")
+        return value
+
+    def collective_bandwidth(self, op: str, *, inter_node: bool) -> float:
+        """Bytes/s of one `op` (all_reduce, all_gather, reduce_scatter, send_recv)."""
+        if inter_node:
+            return self.inter_node_bandwidth
+        return self.intra_node_collective_bandwidth.get(op, self.intra_node_bandwidth)
 
 
 class ClusterSpec(FrozenModel):
@@ -148,10 +177,13 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
         name="cpu", nnodes=1, nproc_per_node=2, device="cpu", device_name="cpu",
         device_memory_bytes=24 * GiB, host_memory_bytes=24 * GiB, nvme_free_bytes=20 * GiB,
         rates=ClusterRates(
-            matmul_flops_fp32=2e10, matmul_flops_16bit=1e10, memory_bandwidth=1e10, host_memory_bandwidth=1e10,
-            intra_node_bandwidth=1e9, intra_node_latency=5e-5, inter_node_bandwidth=1e8, inter_node_latency=1e-4,
-            host_to_device_bandwidth=1e10, disk_write_bandwidth=5e8, disk_read_bandwidth=5e8),
+            matmul_flops_fp32=4e10, matmul_flops_16bit=1e9, memory_bandwidth=8e9, host_memory_bandwidth=4e9,
+            intra_node_bandwidth=8e8, intra_node_latency=3e-4, inter_node_bandwidth=1e8, inter_node_latency=1e-3,
+            host_to_device_bandwidth=8e9, disk_write_bandwidth=1e8, disk_read_bandwidth=5e8,
+            intra_node_collective_bandwidth={"all_gather": 2.5e8, "reduce_scatter": 2.5e8},
+            micro_step_overhead=1e-3, layer_overhead=2e-3),
         rates_source="nominal",
-        notes=("modest nominal figures for a 2-core, 24 GiB machine; run `zeroplan probe` for measured ones",)),
+        notes=("figures of a shared 2-core, 24 GiB AMD EPYC box (zeroplan probe, rounded, one thread per rank, "
+               "gloo); run `zeroplan probe` for this machine's",)),
 }
 """Built-in clusters: one node of 8 GPUs (or 2 CPU ranks); `--nnodes`/`--nproc-per-node` reshape them."""

@@ -112,6 +112,11 @@ class ModelSpec(FrozenModel):
                               source=str(path)) from e
 
 
+def is_model_function(ref: str) -> bool:
+    """`--model module:function` (or `file.py:function`): a user model, not a preset or a JSON file."""
+    return ":" in ref and not Path(ref).is_file()
+
+
 def _gpt(name: str, *, layers: int, hidden: int, heads: int, vocab: int, seq_len: int) -> ModelSpec:
     return ModelSpec(name=name, architecture="gpt", layers=layers, hidden=hidden, heads=heads,
                      ffn=4 * hidden, vocab=vocab, seq_len=seq_len, tied_embeddings=True)

@@ -15,6 +15,7 @@ _LAZY = {
     "compile": ("zeroplan.compiler", "compile"),
     "tune": ("zeroplan.autotune.tune", "tune"),
     "initialize": ("zeroplan.runtime", "initialize"),
+    "TrialComplete": ("zeroplan.runtime.metrics", "TrialComplete"),
 }
 
 __all__ = ["AUTO", "ConfigError", "ConfigWarning", "TrainConfig", "load_config", "__version__", *_LAZY]

@@ -1,5 +1,6 @@
-"""End to end: `zeroplan autotune` on the tiny GPT at 2 processes, then `zeroplan train` on the
-best plan it wrote. Real compile, real torchrun trials, a real SQLite study."""
+"""End to end: `zeroplan autotune` on the tiny GPT at 2 processes (the cluster probed first, as
+`--cluster auto` does), then `zeroplan train` on the best plan it wrote. Real compile, a real
+probe, real torchrun trials, a real SQLite study."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_autotune_tiny_then_train_the_best_plan(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "best plan:" in run.stdout
     out = tmp_path / "tuned"
+    # no --cluster: this machine is probed once and the candidates ranked with what was measured
+    assert "measured now" in run.stdout and (out / "cluster.json").is_file()
     best = Plan.load(out / "best_plan.json")
     assert best.zero.stage in (0, 3) and best.world.world_size == 2
     assert best.provenance.trial_number in (0, 1) and best.provenance.measured_samples_per_s > 0

@@ -1,4 +1,4 @@
-"""`zeroplan train`: run training under a plan (the built-in model, or your script)."""
+"""`zeroplan train`: run training under a plan (the built-in model, your model, or your script)."""
 
 from __future__ import annotations
 
@@ -18,23 +18,31 @@ def train(
     script: Annotated[Optional[list[str]], typer.Argument(
         help="After `--`: a training script and its arguments; it calls zeroplan.initialize(model).",
         show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", help="Built-in GPT preset (tiny, small, medium).")] = "tiny",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps of the built-in model.")] = 20,
+    model: Annotated[str, typer.Option("--model", help="Built-in GPT preset (tiny, small, medium), or "
+                                       "module:function returning (model, get_batch).")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (default 20). With a "
+                                                 "script: engine.step() ends the run after N steps.")] = None,
     metrics: Annotated[Optional[Path], typer.Option(
-        "--metrics", help="Write per-step metrics as JSON lines (built-in model).")] = None,
+        "--metrics", help="Write per-step metrics as JSON lines (rank 0).")] = None,
 ) -> None:
     """Launch the plan's processes (torchrun; none for one process) and train."""
     from zeroplan.runtime.launch import launch
+    from zeroplan.runtime.metrics import MAX_STEPS_ENV, METRICS_ENV
 
     if not plan.is_file():
         raise ConfigError(Problem("", f"plan file {plan} not found", suggestion="run `zeroplan compile` first"))
+    env = {}
     if script:
         target, module = list(script), False
+        if steps is not None:
+            env[MAX_STEPS_ENV] = str(steps)
+        if metrics is not None:
+            env[METRICS_ENV] = str(metrics.resolve())
     else:
-        target = ["zeroplan.runtime.train", "--plan", str(plan), "--model", model, "--steps", str(steps)]
+        target = ["zeroplan.runtime.train", "--plan", str(plan), "--model", model, "--steps", str(steps or 20)]
         if metrics is not None:
             target += ["--metrics", str(metrics)]
         module = True
-    code = launch(plan_path=plan, target=target, module=module)
+    code = launch(plan_path=plan, target=target, module=module, env=env)
     if code:
         raise typer.Exit(code)

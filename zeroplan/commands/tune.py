@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, apply_overrides, read_config_file, validate_config
+from zeroplan.schemas import ConfigError, apply_overrides, read_config_file, validate_config
 
 from .common import user_errors
 
@@ -26,8 +26,16 @@ def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> str | N
 @user_errors
 def autotune(
     config: Annotated[Path, typer.Argument(help="Config with 'auto' knobs or an autotuning.space block.")],
-    model: Annotated[str, typer.Option(help="Built-in model preset the trials train.")] = "tiny",
-    cluster: Annotated[str, typer.Option(help="Cluster preset or cluster.json (zeroplan probe).")] = "cpu",
+    script_args: Annotated[Optional[list[str]], typer.Argument(
+        help="After `--`: arguments of the --script.", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="What trials train: a built-in preset (tiny, small, medium), or "
+                                       "module:function returning (model, get_batch).")] = "tiny",
+    script: Annotated[Optional[Path], typer.Option(help="Your training script (it calls zeroplan.initialize); "
+                                                   "trials run it instead of --model.")] = None,
+    model_spec: Annotated[Optional[str], typer.Option("--model-spec", help="Model shape for the estimates (a "
+                                                      "preset or ModelSpec JSON); default: measured.")] = None,
+    cluster: Annotated[str, typer.Option(help="Cluster preset, cluster.json, or auto: this machine, measured "
+                                         "(cluster.json here, else a quick probe into --out).")] = "auto",
     nnodes: Annotated[int, typer.Option(min=1)] = 1,
     nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1)] = 2,
     max_trials: Annotated[Optional[int], typer.Option(min=1, help="Default: autotuning.max_trials.")] = None,
@@ -42,13 +50,20 @@ def autotune(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value.")] = None,
 ) -> None:
     """Search ZeRO stage, micro-batch, offload and degrees by measuring short runs."""
+    from zeroplan.autotune.cluster import resolve_cluster
+    from zeroplan.autotune.models import resolve_model
     from zeroplan.autotune.progress import live_progress
     from zeroplan.autotune.tune import TuneSettings, tune
 
     data = apply_overrides(read_config_file(config), set_ or ())
     block = validate_config(copy.deepcopy(data), source=str(config)).autotuning
+    if script_args and script is None:
+        raise ConfigError(f"arguments after `--` ({' '.join(script_args)}) are for a --script; none was given")
+    if script is not None and not script.is_file():
+        raise ConfigError(f"--script {script}: no such file")
     settings = TuneSettings(
-        model_name=model, nnodes=nnodes, nproc_per_node=nproc_per_node,
+        model_name=model, nnodes=nnodes, nproc_per_node=nproc_per_node, launch_dir=Path.cwd(),
+        script=(str(script), *(script_args or ())) if script is not None else (),
         out_dir=out or Path(block.results_dir),
         objective=_choice(objective, OBJECTIVES, "--objective") or block.metric,
         max_trials=max_trials or block.max_trials, timeout_s=timeout or block.time_budget_s,
@@ -57,9 +72,11 @@ def autotune(
         sampler=_choice(sampler, SAMPLERS, "--sampler") or block.sampler, pruner=block.pruner,
         memory_safety_margin=block.memory_safety_margin, seed=block.seed,
         overwrite=not resume or block.overwrite)
+    spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
+    machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
+    typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
     with live_progress(total=settings.max_trials) as callback:
-        result = tune(data=data, model=ModelSpec.load(model), cluster=ClusterSpec.load(cluster),
-                      settings=settings, callbacks=[callback])
+        result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     typer.echo(f"study {result.study.study_name}: {counts}")
     if result.best_plan is None:

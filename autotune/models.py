@@ -1,0 +1,104 @@
+"""What the trials train, and the model shape the compiler ranks and prunes them with.
+
+Three kinds of workload, one per `zeroplan autotune` form:
+- `--model PRESET` (or a ModelSpec JSON): the built-in GPT; the spec is the preset;
+- `--model module:function`: your model and batch function (runtime/user_model.py has the
+  contract); its spec is measured from the nn.Module in a subprocess
+  (`python -m zeroplan.runtime.user_model`), so the tuner itself never imports torch;
+- `--script train.py [-- ARGS]`: your training script, which calls `zeroplan.initialize`;
+  its spec comes from one "model info" run of the script ($ZEROPLAN_MODEL_INFO: the first
+  forward measures the model, writes the spec and ends the run), as DeepSpeed's autotuner
+  starts with a model-info experiment.
+`--model-spec PRESET|FILE` skips the measurement. The measured spec is kept in
+`<out>/model_spec.json` (read it to see what the estimates assume).
+
+Trials run `zeroplan train PLAN --model M --steps N --metrics FILE` (the first two kinds) or
+`zeroplan train PLAN --steps N --metrics FILE -- train.py ARGS` (a script: the engine writes
+the metrics and ends the run after N steps). The directory autotune was started from is put
+on PYTHONPATH, and a script runs there, so relative imports and paths work as they do by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from zeroplan.schemas import ConfigError, ModelSpec, Problem
+from zeroplan.schemas.model import is_model_function
+
+SPEC_FILE = "model_spec.json"
+MEASURE_TIMEOUT_S = 600
+MODEL_INFO_ENV = "ZEROPLAN_MODEL_INFO"  # runtime.user_model.MODEL_INFO_ENV (not imported: it imports torch)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every trial runs."""
+
+    model: str = "tiny"
+    """`zeroplan train --model`: a preset, a ModelSpec JSON, or module:function."""
+    script: tuple[str, ...] = ()
+    """A training script and its arguments; when given, trials run it instead of `--model`."""
+    cwd: Path = Path(".")
+    """Where autotune was started: on the trials' PYTHONPATH, and a script's working directory."""
+
+    def command(self, plan_path: Path, steps: int, metrics: Path) -> list[str]:
+        base = [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--steps", str(steps),
+                "--metrics", str(metrics)]
+        return [*base, "--", *self.script] if self.script else [*base, "--model", self._model_ref()]
+
+    def _model_ref(self) -> str:
+        """`--model` for a trial, which runs in its own directory: a file path made absolute."""
+        module, sep, fn = self.model.rpartition(":")
+        if sep and is_model_function(self.model) and (module.endswith(".py") or "/" in module):
+            return f"{(self.cwd / module).resolve()}:{fn}"
+        return self.model
+
+    def env(self) -> dict[str, str]:
+        path = [str(self.cwd.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]
+        return {"PYTHONPATH": os.pathsep.join(path)}
+
+    def run_dir(self, trial_dir: Path) -> Path:
+        """A script runs where autotune was started; the built-in loop in its trial directory."""
+        return self.cwd.resolve() if self.script else trial_dir
+
+
+def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
+    """The ModelSpec the compiler uses for this workload (see the module docstring)."""
+    if model_spec is not None:
+        return ModelSpec.load(model_spec)
+    if not workload.script and not is_model_function(workload.model):
+        return ModelSpec.load(workload.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = (out_dir / SPEC_FILE).resolve()
+    output.unlink(missing_ok=True)
+    env = {**os.environ, **workload.env()}
+    if workload.script:
+        command, what = [sys.executable, *workload.script], f"script {workload.script[0]}"
+        env[MODEL_INFO_ENV] = str(output)
+    else:
+        command = [sys.executable, "-m", "zeroplan.runtime.user_model", workload.model, "-o", str(output)]
+        what = workload.model
+    _run_measurement(command, env=env, cwd=workload.cwd, what=what, output=output)
+    return ModelSpec.load(output)
+
+
+def _run_measurement(command: Sequence[str], *, env: dict, cwd: Path, what: str, output: Path) -> None:
+    try:
+        done = subprocess.run(list(command), env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=MEASURE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        raise ConfigError(Problem("--model", f"measuring {what} timed out after {MEASURE_TIMEOUT_S} s",
+                                  suggestion="pass --model-spec PRESET|FILE")) from e
+    if done.returncode == 0 and output.is_file():
+        return
+    tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-4:])
+    why = (f"exited {done.returncode}" if done.returncode else
+           "ended without calling zeroplan.initialize(model) and a forward")
+    raise ConfigError(Problem("--script" if "script" in what else "--model", f"measuring {what} failed: {why}"
+                              + (f": {tail}" if tail else ""),
+                              suggestion="fix the error above, or pass --model-spec PRESET|FILE"))
