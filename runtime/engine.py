@@ -166,13 +166,17 @@ class Engine:
                  "rng": get_rng_state(self.device), "client_state": client_state or {},
                  "counters": [self.global_steps, self.micro_steps, self.skipped_steps]}
         return checkpoint.save(directory=save_dir, tag=tag, rank=self.groups.rank, tensors=tensors, state=state,
-                               meta=self._meta(), barrier=lambda: dist.barrier(self.groups.dp_group))
+                               meta=self._meta(), barrier=lambda: dist.barrier())  # every rank of every stage
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict:
         """Restore everything `save_checkpoint` wrote; returns the client state."""
         path = checkpoint.resolve(load_dir, tag)
         meta, tensors, state = checkpoint.load(path=path, rank=self.groups.rank)
         mine = self._meta()
+        if meta.get("pp_size", 1) != self.groups.pp_size:
+            raise checkpoint.CheckpointError(
+                f"{path}: saved with pp={meta.get('pp_size', 1)} pipeline stages, this run has pp={self.groups.pp_size}; "
+                "resume with the same parallel.pp, or load a full_state_dict() export into the new layout")
         for key in ("world_size", "stage", "slots"):
             if meta.get(key) != mine[key]:
                 raise checkpoint.CheckpointError(

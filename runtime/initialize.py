@@ -22,6 +22,7 @@ from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
 from .optim import build_optimizer
+from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
 from .zero import build_zero
@@ -61,16 +62,21 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
         raise ConfigError(Problem("offload", "this runtime does not offload yet",
                                   suggestion="compile the plan with offload_optimizer/offload_param device none"))
-    if plan.parallel.tp != 1 or plan.parallel.pp != 1:
-        raise ConfigError(Problem("parallel", f"this runtime runs data parallelism only, but the plan has "
-                                  f"tp({plan.parallel.tp}) and pp({plan.parallel.pp})",
-                                  suggestion="compile the plan with tp = pp = 1"))
+    if plan.parallel.tp != 1:
+        raise ConfigError(Problem("parallel.tp", f"this runtime does not run tensor parallelism yet, but the plan "
+                                  f"has tp({plan.parallel.tp})", suggestion="compile the plan with tp = 1"))
+    _check_pipeline(plan)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)
-    with torch.no_grad():
+    with torch.no_grad():  # over the world: with pp > 1 every rank still holds the whole model here
         for t in list(model.parameters()) + list(model.buffers()):
-            coll.broadcast(t.data, src=0)
+            if groups.world_size > 1:
+                torch.distributed.broadcast(t.data, src=0)
+    stage = None
+    if plan.parallel.pp > 1:
+        stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
+        model = stage.module
     precision = plan.precision
     param_dtype = DTYPES[precision.param_dtype]
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
@@ -81,5 +87,14 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
-    return Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                  schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
+                 schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+    return Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
+
+
+def _check_pipeline(plan: Plan) -> None:
+    """pp > 1 runs ZeRO stages 0-2 (the compiler refuses stage 3 with pp; a hand-made plan is refused here)."""
+    if plan.parallel.pp > 1 and plan.zero.stage == 3:
+        raise ConfigError(Problem("zero.stage", f"ZeRO stage 3 with pp({plan.parallel.pp}) > 1 is not supported: "
+                                  "stage 3 gathers parameters per module while pipeline stages own disjoint modules",
+                                  suggestion="compile the plan with zero_optimization.stage 0, 1 or 2, or parallel.pp 1"))
