@@ -126,13 +126,16 @@ def _published_gap(engine, full: dict) -> float:
 
 
 def run_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
-    """Run (id, worker function name, kwargs) jobs in one spawn; per job the result or the
+    """Run (id, worker function name or "module:function", kwargs) jobs in one spawn; per job the result or the
     traceback, so one failing case names itself and the others still report."""
+    import importlib
+
     import rt_jobs
 
     out = {}
     for job_id, fn, kwargs in jobs:
-        target = globals().get(fn) or getattr(rt_jobs, fn)
+        module, _, name = fn.rpartition(":")  # "module:function" names a worker in another test module
+        target = getattr(importlib.import_module(module), name) if module else globals().get(fn) or getattr(rt_jobs, fn)
         try:
             out[job_id] = target(**kwargs)
         except Exception:
