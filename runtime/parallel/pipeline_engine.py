@@ -216,3 +216,9 @@ class PipelineEngine(Engine):
         dist.all_gather_object(slots, meta["slots"], group=self.groups.pp_group)
         return {**meta, "pp_size": self.stage.stages, "slots": slots,
                 "partition_method": self.plan.parallel.pipeline_partition_method}
+
+    def close(self) -> None:
+        """The Engine's close; drop the pipeline's group references too (see ProcessGroups.close)."""
+        super().close()
+        self.pipe.group = None
+        self.tied_spans = []
