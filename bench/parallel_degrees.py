@@ -9,9 +9,10 @@ only the layout differs. Each is compiled and run through the CLI a user would t
 Layouts run round-robin for `--rounds` rounds (the machine is shared and noisy); a layout's
 figure is the median over rounds of its mean step time (the first step, with warm-up, left
 out). Ratios are against dp-only measured in the same run. Tensor-parallel layouts are tried
-as well: while the runtime refuses tp > 1 they are listed as skipped with the runtime's reason.
+as well; a layout the compiler or the runtime refuses (e.g. tp not dividing the heads) is listed
+as skipped with its reason.
 
-Usage: python -m bench.parallel_degrees [--model small] [--nproc 4] [--steps 6] [--rounds 2]
+Usage: python -m bench.parallel_degrees [--model small] [--nproc 4] [--steps 6] [--rounds 2] [--gpipe]
 """
 
 from __future__ import annotations
@@ -48,16 +49,18 @@ class Layout:
     skipped: str | None = None
 
 
-def layouts(nproc: int) -> list[Layout]:
-    """dp-only, then every pp (1F1B; GPipe at the smallest pp) and tp degree dividing nproc."""
+def layouts(nproc: int, *, gpipe: bool) -> list[Layout]:
+    """dp-only, every pp degree dividing nproc (1F1B; GPipe too when asked), every tp degree,
+    and tp2 x pp2 when 4 divides nproc."""
+    divisors = [d for d in range(2, nproc + 1) if nproc % d == 0]
     out = [Layout(f"dp{nproc}", {"parallel.dp": nproc})]
-    for pp in (d for d in range(2, nproc + 1) if nproc % d == 0):
-        out.append(Layout(f"dp{nproc // pp} x pp{pp} 1f1b", {"parallel.pp": pp, "parallel.pipeline.schedule": "1f1b"}))
-        if pp == 2:
-            out.append(Layout(f"dp{nproc // pp} x pp{pp} gpipe", {"parallel.pp": pp,
-                                                                 "parallel.pipeline.schedule": "gpipe"}))
-    for tp in (d for d in range(2, nproc + 1) if nproc % d == 0):
-        out.append(Layout(f"dp{nproc // tp} x tp{tp}", {"parallel.tp": tp}))
+    for pp in divisors:
+        for schedule in ("1f1b", "gpipe") if gpipe else ("1f1b",):
+            out.append(Layout(f"dp{nproc // pp} x pp{pp} {schedule}",
+                              {"parallel.pp": pp, "parallel.pipeline.schedule": schedule}))
+    out += [Layout(f"dp{nproc // tp} x tp{tp}", {"parallel.tp": tp}) for tp in divisors]
+    if nproc % 4 == 0:
+        out.append(Layout(f"dp{nproc // 4} x tp2 x pp2 1f1b", {"parallel.tp": 2, "parallel.pp": 2}))
     return out
 
 
@@ -86,9 +89,14 @@ def measure(layout: Layout, *, args, work: Path, config: Path, round_: int) -> N
 
 
 def _last_error(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's `error:` line with the problems listed under it, else the last exception line."""
     lines = [x.strip() for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
-    errors = [x for x in lines if x.startswith("error: ")] or [x for x in lines if "Error" in x]
-    return (errors or lines or ["no output"])[-1][:300]
+    starts = [i for i, x in enumerate(lines) if x.startswith("error: ")]
+    if starts:
+        problems = [x for x in lines[starts[-1] + 1:] if x.startswith("- ")]
+        return " ".join([lines[starts[-1]], *problems])[:400]
+    errors = [x for x in lines if "Error" in x]
+    return (errors or lines or ["no output"])[-1][:400]
 
 
 def row(layout: Layout, base: float | None) -> list[str]:
@@ -138,11 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--gpipe", action="store_true", help="also run GPipe (same bubble as 1F1B, more activations)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per training run")
     ap.add_argument("--out", type=Path, default=None, help="results file (default bench/results/parallel_degrees-DATE.md)")
     args = ap.parse_args(argv)
     command = "python -m bench.parallel_degrees " + shlex.join(argv if argv is not None else sys.argv[1:])
-    all_layouts = layouts(args.nproc)
+    all_layouts = layouts(args.nproc, gpipe=args.gpipe)
     with tempfile.TemporaryDirectory(prefix="zeroplan-degrees-") as tmp:
         work = Path(tmp)
         config = work / "config.json"

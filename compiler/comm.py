@@ -15,7 +15,8 @@ allgather_bucket_size chunks; stage 2 reduce-scatters every micro-batch's gradie
 then all-gathers parameters; stage 3 all-gathers parameters in forward and again in backward of
 every micro-batch and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
 parallelism all-reduces activations twice per block forward and twice backward (Shoeybi et al.
-2019, figure 4), twice more when checkpointing recomputes the forward; pipelining sends one
+2019, figure 4), twice more when checkpointing recomputes the forward, plus the vocab-parallel
+embedding, LM head and loss (see _tp_collectives); pipelining sends one
 activation forward and one gradient backward per micro-batch and stage boundary.
 """
 
@@ -104,18 +105,27 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
 
 
 def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    """Megatron's f and g operators (runtime/parallel/tensor_comm.py), per micro-batch: forward,
+    two activation all-reduces per block (attention and MLP outputs), one for the vocab-split
+    embedding (first stage) and two small fp32 ones for the vocab-parallel loss (last stage:
+    the row maxima, then [sum of exp, target logit]); backward, two per block (attention and MLP
+    inputs) and one for the LM head's input (last stage); at the step, the squared norm of the
+    tp-split gradients."""
     t = plan.parallel.tp
     if t == 1:
         return []
     e, m = BYTES[plan.precision.param_dtype], plan.batch.gradient_accumulation_steps
-    activation = e * model.seq_len * plan.batch.micro_batch_size * model.hidden
+    tokens = model.seq_len * plan.batch.micro_batch_size
+    per_call = ring_bytes("all_reduce", e * tokens * model.hidden, t)
     forward_per_layer = 2 * (2 if plan.activation_checkpointing.enabled else 1)
     embedding = 1 if shape.index == 0 else 0  # the vocab-split embedding sums its partial outputs
+    head = 1 if shape.last else 0
     fwd_calls = m * (forward_per_layer * shape.layers + embedding)
-    bwd_calls = m * 2 * shape.layers
-    per_call = ring_bytes("all_reduce", activation, t)
-    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call, fwd_calls),
-            Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls)]
+    bwd_calls = m * (2 * shape.layers + head)
+    loss_bytes = m * head * (ring_bytes("all_reduce", 4 * tokens, t) + ring_bytes("all_reduce", 8 * tokens, t))
+    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call + loss_bytes, fwd_calls + 2 * m * head),
+            Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls),
+            Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1)]
 
 
 def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:

@@ -192,7 +192,10 @@ def _offload(plan: Plan, states: dict[str, int], shape: StageShape) -> tuple[dic
             host.update(moved)
         else:
             nvme += sum(moved.values())
-            host["swap_buffers"] += opt.buffer_count * opt.buffer_size * 4
+            # runtime/offload/nvme.py: buffer_count tiles of master + moments, each tile
+            # min(sub_group_size, buffer_size) elements (the whole shard at most).
+            tile = min(plan.zero.sub_group_size, opt.buffer_size, shard)
+            host["swap_buffers"] += min(opt.buffer_count, -(-shard // tile)) * tile * 4 * 3
     if plan.zero.stage == 3 and par.device != "none":
         e_p = BYTES[plan.precision.param_dtype]
         persistent = persistent_elements(shape, threshold=plan.zero.param_persistence_threshold,

@@ -97,6 +97,22 @@ def bucket_warnings(plan: Plan, model: ModelSpec) -> list[str]:
             f"the model size (e.g. {max(rank_params // 20, 1):,}), or 'auto'"]
 
 
+def swap_warnings(plan: Plan, model: ModelSpec) -> list[str]:
+    """NVMe optimizer offload whose swap tile holds the rank's whole shard: the tile buffer
+    keeps in memory everything the files were meant to hold, so nothing is saved."""
+    opt = plan.offload.optimizer
+    if opt.device != "nvme":
+        return []
+    shard = model.total_params // (plan.parallel.tp * plan.parallel.pp) // plan.parallel.dp
+    tile = min(plan.zero.sub_group_size, opt.buffer_size)
+    if tile < shard:
+        return []
+    return [f"zero_optimization.sub_group_size ({plan.zero.sub_group_size:,}) and offload_optimizer.buffer_size "
+            f"({opt.buffer_size:,}) make one swap tile of the whole optimizer shard ({shard:,} elements per "
+            f"rank): its buffers hold in memory what nvme offload keeps on disk, so memory does not fall; "
+            f"set zero_optimization.sub_group_size well below the shard (e.g. {max(shard // 10, 1):,})"]
+
+
 def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
                      calibration: Calibration | None = None) -> Plan:
     """A copy of `plan` with memory, communication and step-time predictions and warnings."""
@@ -106,7 +122,7 @@ def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
     p = plan.parallel
     warnings = degree_warnings(dp=p.dp, tp=p.tp, pp=p.pp, stage=plan.zero.stage, nproc_per_node=cluster.nproc_per_node,
                                micro_batches=p.pipeline_micro_batches)
-    warnings += fit_warnings(memory, cluster=cluster) + bucket_warnings(plan, model)
+    warnings += fit_warnings(memory, cluster=cluster) + bucket_warnings(plan, model) + swap_warnings(plan, model)
     estimates = Estimates(
         memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
         nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,

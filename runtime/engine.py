@@ -9,8 +9,9 @@ Step phases at the boundary: 1. the ZeRO stage has reduced the gradients into ea
 shard during backward; 2. fp16: an inf/nan on any rank (all_reduce MAX) skips the step on all
 and lowers the loss scale; 3. the global gradient norm is all-reduced from the shards' squared
 norms, and the shard is unscaled and clipped in one multiply (torch's clip_grad_norm_
-coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard; 5. the stage
-publishes the new weights to the model (all-gather for stages 1-3); 6. the schedule advances.
+coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard wherever it lives
+(device, host or NVMe: runtime/offload); 5. the stage publishes the new weights to the model
+(all-gather for stages 1-3); 6. the schedule advances.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from . import checkpoint
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, peak_memory
-from .optim import FlatOptimizer
+from .offload import MasterOptimizer
+from .parallel import tp_split_of
 from .precision import LossScaler
 from .rng import get_rng_state, set_rng_state
 from .schedulers import Schedule
@@ -40,9 +42,11 @@ class Engine:
     """Built by `zeroplan.runtime.initialize`; `__init__` only stores."""
 
     def __init__(self, *, model: nn.Module, plan: Plan, groups: ProcessGroups, coll: Collectives,
-                 zero: ZeroStage, optimizer: FlatOptimizer, schedule: Schedule, scaler: LossScaler,
-                 param_dtype: torch.dtype):
+                 zero: ZeroStage, optimizer: MasterOptimizer, schedule: Schedule, scaler: LossScaler,
+                 param_dtype: torch.dtype, tp_coll: Collectives | None = None):
         self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
+        self.tp_coll = tp_coll
+        """Collectives over the tp group (None when tp = 1); the tensor-parallel layers hold it too."""
         self.zero, self.optimizer, self.schedule, self.scaler = zero, optimizer, schedule, scaler
         self.param_dtype = param_dtype
         self.device = groups.device
@@ -52,6 +56,7 @@ class Engine:
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
         self.last_comms: dict = {}
+        self._runs: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None
         self.meter = StepMeter(device=groups.device, global_batch_size=plan.batch.global_batch_size)
 
     # -- the loop --------------------------------------------------------------------------
@@ -95,6 +100,8 @@ class Engine:
         grad = self.zero.grad
         if self.scaler.check_overflow:
             overflow = self.coll.any_true(not bool(torch.isfinite(grad).all()), device=self.device)
+            if self.tp_coll is not None:  # tp ranks hold different gradients; all skip or none
+                overflow = self.tp_coll.any_true(overflow, device=self.device)
             if overflow:
                 self.skipped_steps += 1
                 self.scaler.update_scale(True)
@@ -109,23 +116,55 @@ class Engine:
             coef *= clip / (norm + 1e-6)
         if coef != 1.0:
             grad.mul_(coef)
-        self.optimizer.step(param=self.zero.master, grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
+        self.optimizer.step(grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
         self.zero.publish()
         self.schedule.step()
         self.scaler.update_scale(False)
         self.zero.zero_grad()
 
     def _grad_norm(self) -> float:
-        """Global L2 norm: each rank's squared shard norm, summed over ranks.
+        """Global L2 norm: each rank's squared shard norm, summed over dp ranks, and over tp
+        ranks for tensor-parallel parameters only: a parameter replicated on every tp rank
+        (a norm, a row-parallel bias) has the same gradient there and counts once.
 
         Accumulated in float64 (an fp32 accumulation over tens of millions of elements drifts
         by ~0.3% on this CPU) one 1M-element chunk at a time: a float64 copy of the whole
         gradient cost an extra pass and 8 bytes per element of peak memory.
         """
-        sq = _squared_norm(self.zero.grad).float().reshape(1)
+        return float(self._grad_sq().sqrt().item())
+
+    def _grad_sq(self) -> torch.Tensor:
+        """The squared global norm (one fp32 element) over dp and tp; see `_grad_norm`."""
+        if self.tp_coll is None:
+            sq = _squared_norm_of_runs(self.zero.grad, self._norm_runs()[0]).float().reshape(1)
+        else:
+            sq = torch.stack([_squared_norm_of_runs(self.zero.grad, runs) for runs in self._norm_runs()]).float()
         if not self.zero.grad_norm_replicated:
-            self.coll.sum_scalar(sq)
-        return float(sq.sqrt().item())
+            self.coll.all_reduce(sq)
+        if self.tp_coll is not None:
+            split = sq[1:].clone()
+            self.tp_coll.all_reduce(split)
+            sq = sq[0] + split
+        return sq.sum().reshape(1)
+
+    def _counts_in_norm(self, index: int) -> bool:
+        """Whether slot `index` counts in the gradient norm (a pipeline counts a tied copy once)."""
+        return True
+
+    def _norm_runs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Shard ranges [lo, hi) of tp-replicated and of tp-split parameters (merged when adjacent)."""
+        if self._runs is None:
+            runs: tuple[list, list] = ([], [])
+            for slot, p in zip(self.zero.layout.slots, self.zero.layout.params):
+                if not self._counts_in_norm(slot.index):
+                    continue
+                kind = runs[tp_split_of(p) is not None]
+                if kind and kind[-1][1] == slot.offset:
+                    kind[-1] = (kind[-1][0], slot.offset + slot.chunk)
+                else:
+                    kind.append((slot.offset, slot.offset + slot.chunk))
+            self._runs = runs
+        return self._runs
 
     def train_batch(self, data_iter: Iterator) -> torch.Tensor:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; the mean loss."""
@@ -140,17 +179,27 @@ class Engine:
 
     # -- state -----------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model in fp32 on every rank, keyed like the model's state_dict (a collective)."""
-        fulls = self.zero.full_parameters()
-        out = {}
+        """The whole model in fp32 on every rank, keyed like the model's state_dict (a collective).
+
+        Under tensor parallelism the tp slices are gathered and joined, so the keys and shapes
+        are those of the model before it was split: a single-process model loads it as it is.
+        """
+        fulls = self.zero.full_parameters(read_master=self.optimizer.read_master)
+        out, joined = {}, {}
         for name, t in self.module.state_dict(keep_vars=True).items():
             index = self.zero.layout.index_of(t)
             if index is not None:
-                out[name] = fulls[index].view(self.zero.layout.slots[index].shape)
+                value = fulls[index].view(self.zero.layout.slots[index].shape)
             elif isinstance(t, nn.Parameter):
-                out[name] = t.detach().float().clone()
+                value = t.detach().float().clone()
             else:
-                out[name] = t.detach().clone()
+                value = t.detach().clone()
+            split = tp_split_of(t)
+            if split is not None:
+                if id(t) not in joined:  # a tied parameter is gathered once
+                    joined[id(t)] = split.gather(value, self.tp_coll)
+                value = joined[id(t)]
+            out[name] = value
         return out
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None) -> Path:
@@ -160,30 +209,21 @@ class Engine:
                                "accumulated gradients; save after engine.step() at a boundary")
         tag = tag or f"global_step{self.global_steps}"
         _check_loadable(client_state or {})
-        tensors = {"master": self.zero.master, **{f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()},
+        tensors = {**self.optimizer.checkpoint_tensors(),
                    **{f"module.{k}": v for k, v in self._local_tensors().items()}}
         state = {"schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": get_rng_state(self.device), "client_state": client_state or {},
-                 "counters": [self.global_steps, self.micro_steps, self.skipped_steps]}
+                 "counters": [self.global_steps, self.micro_steps, self.skipped_steps], "layout": self._rank_layout()}
+        # Every rank writes into one directory: the barriers span the world, not one dp group.
         return checkpoint.save(directory=save_dir, tag=tag, rank=self.groups.rank, tensors=tensors, state=state,
-                               meta=self._meta(), barrier=lambda: dist.barrier())  # every rank of every stage
+                               meta=self._meta(), barrier=lambda: dist.barrier(group=dist.group.WORLD))
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict:
         """Restore everything `save_checkpoint` wrote; returns the client state."""
         path = checkpoint.resolve(load_dir, tag)
         meta, tensors, state = checkpoint.load(path=path, rank=self.groups.rank)
-        mine = self._meta()
-        if meta.get("pp_size", 1) != self.groups.pp_size:
-            raise checkpoint.CheckpointError(
-                f"{path}: saved with pp={meta.get('pp_size', 1)} pipeline stages, this run has pp={self.groups.pp_size}; "
-                "resume with the same parallel.pp, or load a full_state_dict() export into the new layout")
-        for key in ("world_size", "stage", "slots"):
-            if meta.get(key) != mine[key]:
-                raise checkpoint.CheckpointError(
-                    f"{path}: saved with {key}={_short(meta.get(key))}, this run has {_short(mine[key])}; "
-                    "resume with the same world size, ZeRO stage and model")
-        self.zero.master.copy_(tensors["master"])
-        self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+        _check_fits(path, saved={**meta, **state.get("layout", {})}, mine={**self._meta(), **self._rank_layout()})
+        self.optimizer.load_checkpoint_tensors({k: v for k, v in tensors.items() if not k.startswith("module.")})
         for name, t in self._local_tensors().items():
             t.copy_(tensors[f"module.{name}"])
         self.zero.publish()
@@ -203,9 +243,15 @@ class Engine:
         return out
 
     def _meta(self) -> dict:
-        return {"world_size": self.groups.dp_size, "stage": self.zero.stage, "global_steps": self.global_steps,
-                "param_dtype": str(self.param_dtype).replace("torch.", ""),
+        """Rank 0's record of the run (meta.json); `world_size` is the dp size the shards are cut for."""
+        return {"world_size": self.groups.dp_size, "tp_size": self.groups.tp_size, "pp_size": self.groups.pp_size,
+                "stage": self.zero.stage,
+                "global_steps": self.global_steps, "param_dtype": str(self.param_dtype).replace("torch.", ""),
                 "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
+
+    def _rank_layout(self) -> dict:
+        """What this rank's shard holds (its state file): tp slices can differ between tp ranks."""
+        return {"tp_rank": self.groups.tp_rank, "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
 
     # -- measurements ------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -222,16 +268,26 @@ class Engine:
         return self.schedule.lr()
 
     def close(self) -> None:
-        """Remove the hooks; destroy the process group if `initialize` created it."""
+        """Remove the hooks and swap files; destroy the process group if `initialize` created it."""
         self.zero.close()
+        self.optimizer.close()
         self.groups.close()
         self.coll.close()
+        if self.tp_coll is not None:
+            self.tp_coll.close()
 
 
 def _squared_norm(flat: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for part in flat.split(chunk):
         total += torch.linalg.vector_norm(part, dtype=torch.float64).square()
+    return total
+
+
+def _squared_norm_of_runs(flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for lo, hi in runs:
+        total += _squared_norm(flat[lo:hi])
     return total
 
 
@@ -288,6 +344,22 @@ def _check_loadable(client_state: dict) -> None:
     except Exception as e:
         raise TypeError("client_state must hold only tensors, numbers, strings, lists and dicts (checkpoints "
                         f"are read back without unpickling objects): {e}") from e
+
+
+def _check_fits(path: Path, *, saved: dict, mine: dict) -> None:
+    """Refuse a checkpoint cut for other degrees, another ZeRO stage or another model; the
+    message lists every difference (the parameter slots only when the rest agree)."""
+    before_tp = {"tp_size": 1, "tp_rank": 0, "pp_size": 1}  # checkpoints from before tensor and pipeline parallelism
+    names = {"world_size": "dp size", "tp_size": "tp size", "tp_rank": "tp rank", "pp_size": "pp size",
+             "stage": "ZeRO stage"}
+    wrong = [k for k in names if saved.get(k, before_tp.get(k)) != mine[k]]
+    if not wrong and saved.get("slots") != mine["slots"]:
+        wrong = ["slots"]
+    if wrong:
+        was = " and ".join(f"{names.get(k, k)} {_short(saved.get(k, before_tp.get(k)))}" for k in wrong)
+        now = " and ".join(f"{names.get(k, k)} {_short(mine[k])}" for k in wrong)
+        raise checkpoint.CheckpointError(f"{path}: saved with {was}, this run has {now}; "
+                                         "resume with the same dp, tp and pp degrees, ZeRO stage and model")
 
 
 def _short(value) -> str:

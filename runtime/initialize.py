@@ -1,9 +1,10 @@
 """`initialize(model, plan=...)`: build the Engine for a model from a Plan.
 
 Each part gets only its slice of the plan, keyword-only: the process groups from
-`plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, the optimizer from
-`plan.optimizer`/`plan.kernels`, the schedule from `plan.scheduler`, the loss scaler from
-`plan.precision`.
+`plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, where the master, optimizer
+state and stage-3 partition live from `plan.offload` (swap paths are checked before anything
+is built), the optimizer from `plan.optimizer`/`plan.kernels`, the schedule from
+`plan.scheduler`, the loss scaler from `plan.precision`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
-from .optim import build_optimizer
+from .offload import Offload
+from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
-from .zero import build_zero
+from .zero import build_zero, shard_numel
 
 PLAN_ENV = "ZEROPLAN_PLAN"
 """Environment variable `zeroplan train PLAN -- script.py` sets to the plan's path."""
@@ -46,49 +48,56 @@ def resolve_plan(plan: Plan | str | Path | None) -> Plan:
 def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                config: str | Path | Mapping[str, Any] | None = None,
                model_spec: ModelSpec | str | Path | None = None,
-               cluster: ClusterSpec | str | Path | None = None) -> Engine:
+               cluster: ClusterSpec | str | Path | None = None,
+               tp_plan: Mapping[str, Any] | None = None) -> Engine:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
     `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
     here; see from_config.py for `model_spec=` and `cluster=`. Initialises torch.distributed
     from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
+
+    With plan.parallel.tp > 1 the model is split by `tp_plan` (module-name pattern -> 'colwise',
+    'rowwise' or 'vocab'; see parallel/tensor_plan.py), by default the model's own: GPT_PLAN
+    for the built-in GPT, a `tp_plan` attribute for others. Each tp rank keeps its slice of the
+    full model built on every rank, and ZeRO then shards the slices over the dp group.
     """
     if config is not None:
         if plan is not None:
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
-    if plan.offload.optimizer.device != "none" or plan.offload.param.device != "none":
-        raise ConfigError(Problem("offload", "this runtime does not offload yet",
-                                  suggestion="compile the plan with offload_optimizer/offload_param device none"))
-    if plan.parallel.tp != 1:
-        raise ConfigError(Problem("parallel.tp", f"this runtime does not run tensor parallelism yet, but the plan "
-                                  f"has tp({plan.parallel.tp})", suggestion="compile the plan with tp = 1"))
     _check_pipeline(plan)
+    precision = plan.precision
+    param_dtype = DTYPES[precision.param_dtype]
+    offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
+                      cuda=plan.world.device == "cuda")
+    offload.preflight(numel=shard_numel(model, stage=plan.zero.stage, world=plan.parallel.dp),
+                      param_itemsize=torch.empty((), dtype=param_dtype).element_size(),
+                      ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)
-    with torch.no_grad():  # over the world: with pp > 1 every rank still holds the whole model here
+    if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
+        _broadcast_whole(model)
+    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan)
+    with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            if groups.world_size > 1:
-                torch.distributed.broadcast(t.data, src=0)
+            coll.broadcast(t.data, src=0)
     stage = None
-    if plan.parallel.pp > 1:
+    if groups.pp_size > 1:
         stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
         model = stage.module
-    precision = plan.precision
-    param_dtype = DTYPES[precision.param_dtype]
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
-                      predivide=plan.optimizer.gradient_predivide_factor)
-    optimizer = build_optimizer(optimizer=plan.optimizer, kernels=plan.kernels, numel=zero.layout.numel,
-                                device=groups.device)
+                      predivide=plan.optimizer.gradient_predivide_factor,
+                      place_master=offload.place_master, param_store=offload.param_store)
+    optimizer = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
     parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                 schedule=schedule, scaler=scaler, param_dtype=param_dtype)
+                 schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
     return Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
 
 
@@ -98,3 +107,28 @@ def _check_pipeline(plan: Plan) -> None:
         raise ConfigError(Problem("zero.stage", f"ZeRO stage 3 with pp({plan.parallel.pp}) > 1 is not supported: "
                                   "stage 3 gathers parameters per module while pipeline stages own disjoint modules",
                                   suggestion="compile the plan with zero_optimization.stage 0, 1 or 2, or parallel.pp 1"))
+
+
+def _broadcast_whole(model: nn.Module) -> None:
+    """Rank 0's whole model to every rank, before tp slices it and pp cuts it into stages."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
+
+
+def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
+                     tp_plan: Mapping[str, Any] | None) -> Collectives | None:
+    """Split `model` over the tp group (in place): the tp ranks' full copies are made equal
+    first, so every slice comes from one initialisation. None when tp = 1."""
+    if groups.tp_size == 1:
+        return None
+    plan = tp_plan if tp_plan is not None else default_plan(model, tp=groups.tp_size)
+    if not plan:
+        raise ConfigError(Problem("parallel.tp", f"tp({groups.tp_size}) > 1 needs a tensor-parallel plan for "
+                                  f"{type(model).__name__}", suggestion="pass initialize(model, tp_plan={'layer.*.fc': "
+                                  "'colwise', 'layer.*.out': 'rowwise', ...}), give the model a tp_plan attribute, "
+                                  "or compile with parallel.tp = 1"))
+    tp_coll = tp_collectives(group=groups.tp_group, logger=logger)
+    sync_tp_replicas(model, tp_coll)
+    apply_tensor_parallel(model, plan=plan, coll=tp_coll)
+    return tp_coll

@@ -1,11 +1,17 @@
 """Optimizers that step one flat fp32 shard: the rank's master weights.
 
 A ZeRO shard is one contiguous tensor, so every element-wise optimizer runs as a single
-tensor update. `FlatOptimizer` is the small interface the Engine calls; implementations:
+tensor update. `FlatOptimizer` is the small interface the master owners (runtime/offload)
+call; implementations:
 - `TorchAdam`: torch's functional Adam/AdamW (`torch.optim.adam.adam`, foreach or fused);
 - `KernelAdam`: `zeroplan.runtime.kernels.adam_step`, the native kernel (plan.kernels.optimizer
   'cpu_adam' or 'cuda_fused'), with the same state tensors so checkpoints interchange;
 - `TorchSGD`: torch's functional SGD with momentum, dampening and Nesterov.
+
+A step can also run tile by tile over state that does not live in the optimizer (NVMe
+offload swaps each tile's state in and out): `begin_step()`, then `update(...)` once per tile
+with that tile's element-wise state (named as `state_names`), then `end_step()`. The update is
+element-wise, so any tiling gives the same result as one `step` over the whole shard.
 """
 
 from __future__ import annotations
@@ -23,15 +29,42 @@ from zeroplan.schemas.plan import KernelsPlan, OptimizerPlan
 
 
 class FlatOptimizer(ABC):
-    """Steps `param` (flat fp32) with `grad` (flat fp32, already unscaled and clipped)."""
+    """Steps `param` (flat fp32) with `grad` (flat fp32, already unscaled and clipped).
 
-    @abstractmethod
+    `state` holds the element-wise state (one tensor per name of `state_names`, each as long
+    as the shard; empty tensors when the state lives elsewhere); `counters` the scalar state.
+    """
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, *, plan: OptimizerPlan, numel: int, device: torch.device):
+        self.plan = plan
+        self.state = {name: torch.zeros(numel, dtype=torch.float32, device=device) for name in self.state_names}
+
     def step(self, *, param: torch.Tensor, grad: torch.Tensor, lr: float, beta1: float | None = None) -> None:
-        """One update; `beta1` overrides the plan's (OneCycle momentum cycling)."""
+        """One update of the whole shard; `beta1` overrides the plan's (OneCycle momentum cycling)."""
+        self.begin_step()
+        self.update(param=param, grad=grad, state=self.state, lr=lr, beta1=beta1)
+        self.end_step()
+
+    def begin_step(self) -> None:
+        """Advance the counters of a step, before its first tile."""
+
+    def end_step(self) -> None:
+        """Finish a step, after its last tile."""
 
     @abstractmethod
+    def update(self, *, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               beta1: float | None = None) -> None:
+        """Update one tile (or the whole shard) in place, with that tile's element-wise state."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, torch.Tensor]:
+        """The scalar state (step counts), as 0-d tensors."""
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state, as named tensors (for checkpoints)."""
+        return {**self.state, **self.counters()}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         own = self.state_tensors()
@@ -45,14 +78,20 @@ class FlatOptimizer(ABC):
 
 
 class _AdamState(FlatOptimizer):
-    def __init__(self, *, plan: OptimizerPlan, numel: int, device: torch.device):
-        self.plan = plan
-        self.exp_avg = torch.zeros(numel, dtype=torch.float32, device=device)
-        self.exp_avg_sq = torch.zeros(numel, dtype=torch.float32, device=device)
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.steps = torch.zeros((), dtype=torch.float32)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.steps}
+    def begin_step(self) -> None:
+        self.steps += 1
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        return {"step": self.steps}
+
+    def _beta1(self, beta1: float | None) -> float:
+        return self.plan.betas[0] if beta1 is None else beta1
 
 
 class TorchAdam(_AdamState):
@@ -60,13 +99,15 @@ class TorchAdam(_AdamState):
         super().__init__(**kwargs)
         self.fused = fused
 
-    def step(self, *, param, grad, lr, beta1=None) -> None:
+    def update(self, *, param, grad, state, lr, beta1=None) -> None:
         p = self.plan
-        _adam([param], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
+        # torch's functional Adam increments the step tensor it is given: hand it a copy of the
+        # count before this step, so every tile of the step sees the same count.
+        before = [(self.steps - 1).to(param.device)]
+        _adam([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], before,
               foreach=None if self.fused else True, fused=True if self.fused else None,
-              decoupled_weight_decay=p.decoupled_weight_decay, amsgrad=False,
-              beta1=p.betas[0] if beta1 is None else beta1, beta2=p.betas[1], lr=lr,
-              weight_decay=p.weight_decay, eps=p.eps, maximize=False)
+              decoupled_weight_decay=p.decoupled_weight_decay, amsgrad=False, beta1=self._beta1(beta1),
+              beta2=p.betas[1], lr=lr, weight_decay=p.weight_decay, eps=p.eps, maximize=False)
 
 
 class KernelAdam(_AdamState):
@@ -74,40 +115,41 @@ class KernelAdam(_AdamState):
         super().__init__(**kwargs)
         self.adam_step = adam_step
 
-    def step(self, *, param, grad, lr, beta1=None) -> None:
+    def update(self, *, param, grad, state, lr, beta1=None) -> None:
         p = self.plan
-        self.steps += 1
-        self.adam_step(param=param, grad=grad, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq,
-                       step=int(self.steps.item()), lr=lr, beta1=p.betas[0] if beta1 is None else beta1,
-                       beta2=p.betas[1], eps=p.eps, weight_decay=p.weight_decay,
-                       decoupled=p.decoupled_weight_decay)
+        self.adam_step(param=param, grad=grad, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
+                       step=int(self.steps.item()), lr=lr, beta1=self._beta1(beta1), beta2=p.betas[1], eps=p.eps,
+                       weight_decay=p.weight_decay, decoupled=p.decoupled_weight_decay)
 
 
 class TorchSGD(FlatOptimizer):
     def __init__(self, *, plan: OptimizerPlan, numel: int, device: torch.device):
-        self.plan = plan
-        self.momentum_buffer = torch.zeros(numel, dtype=torch.float32, device=device) if plan.momentum else None
+        self.state_names = ("momentum_buffer",) if plan.momentum else ()
+        super().__init__(plan=plan, numel=numel, device=device)
         self.started = torch.zeros((), dtype=torch.float32)
 
-    def step(self, *, param, grad, lr, beta1=None) -> None:
+    def update(self, *, param, grad, state, lr, beta1=None) -> None:
         p = self.plan
-        buffers = [self.momentum_buffer if self.started.item() else None]
+        momentum = state.get("momentum_buffer")
+        buffers = [momentum if self.started.item() else None]
         _sgd([param], [grad], buffers, weight_decay=p.weight_decay, momentum=p.momentum, lr=lr,
              dampening=p.dampening, nesterov=p.nesterov, maximize=False, foreach=False)
-        if self.momentum_buffer is not None and not self.started.item():
-            self.momentum_buffer.copy_(buffers[0])
+        if momentum is not None and not self.started.item():
+            momentum.copy_(buffers[0])
+
+    def end_step(self) -> None:
         self.started.fill_(1)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"started": self.started}
-        if self.momentum_buffer is not None:
-            out["momentum_buffer"] = self.momentum_buffer
-        return out
+    def counters(self) -> dict[str, torch.Tensor]:
+        return {"started": self.started}
 
 
 def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: int,
                     device: torch.device) -> FlatOptimizer:
-    """The flat-shard optimizer for the plan's optimizer type and kernel choice."""
+    """The flat-shard optimizer for the plan's optimizer type and kernel choice.
+
+    `numel` sizes the element-wise state it keeps; 0 when the caller keeps it (NVMe swap files).
+    """
     if optimizer.type == "SGD":
         return TorchSGD(plan=optimizer, numel=numel, device=device)
     if kernels.optimizer in ("cpu_adam", "cuda_fused"):

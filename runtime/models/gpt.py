@@ -3,10 +3,14 @@
 Learned position embeddings; pre-LN blocks (LayerNorm with bias, fused qkv Linear(h, 3h) and
 out-projection Linear(h, h), MLP Linear(h, ffn) + GELU + Linear(ffn, h), all with biases); a
 final LayerNorm; the LM head tied to the token embedding (GPT-2, Radford et al. 2019). Its
-parameter count is exactly `spec.total_params` (tests check it).
+parameter count is exactly `spec.total_params` (tests check it). Tensor parallelism
+(runtime/parallel/tensor_plan.py, GPT_PLAN) replaces its Linear/Embedding layers and loss in
+place; attention reads its local head count from the qkv weight.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +22,16 @@ from zeroplan.schemas import ModelSpec
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.heads = spec.heads
+        self.head_dim = spec.hidden // spec.heads
         self.qkv = nn.Linear(spec.hidden, 3 * spec.hidden)
         self.proj = nn.Linear(spec.hidden, spec.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        heads = self.qkv.weight.shape[0] // (3 * self.head_dim)  # this rank's heads under tensor parallelism
+        q, k, v = self.qkv(x).view(b, t, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+        return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -43,7 +48,7 @@ class Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
-def embed(wte: nn.Embedding, wpe: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+def embed(wte: nn.Module, wpe: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
     """Token plus learned position embeddings of [batch, seq] ids."""
     t = input_ids.shape[1]
     if t > wpe.num_embeddings:
@@ -51,15 +56,15 @@ def embed(wte: nn.Embedding, wpe: nn.Embedding, input_ids: torch.Tensor) -> torc
     return wte(input_ids) + wpe(torch.arange(t, device=input_ids.device))
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of [batch, seq, vocab] logits against [batch, seq] labels, in fp32."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+def next_token_loss(loss: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`loss` (cross-entropy, or its vocabulary-parallel form) of [batch, seq, vocab] logits, in fp32."""
+    return loss(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 class Embeddings(nn.Module):
     """The first pipeline layer: ids -> hidden states (the GPT's own wte and wpe modules)."""
 
-    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding):
+    def __init__(self, wte: nn.Module, wpe: nn.Embedding):
         super().__init__()
         self.wte, self.wpe = wte, wpe
 
@@ -70,7 +75,7 @@ class Embeddings(nn.Module):
 class Head(nn.Module):
     """The last pipeline layer: hidden states -> logits (the GPT's own ln_f and lm_head)."""
 
-    def __init__(self, ln_f: nn.LayerNorm, lm_head: nn.Linear):
+    def __init__(self, ln_f: nn.LayerNorm, lm_head: nn.Module):
         super().__init__()
         self.ln_f, self.lm_head = ln_f, lm_head
 
@@ -92,6 +97,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.loss = nn.CrossEntropyLoss()
+        """A module, so tensor parallelism can swap in the vocabulary-parallel cross-entropy."""
         self.apply(self._init)
 
     @staticmethod
@@ -109,12 +116,13 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if labels is None:
             return logits
-        return next_token_loss(logits, labels)
+        return next_token_loss(self.loss, logits, labels)
 
     def pipeline_layers(self) -> list[nn.Module]:
         """The forward as single-tensor layers for pipeline stages (parallel/pipeline.py): the
         embeddings, each block, the final norm and LM head; they share this model's modules."""
         return [Embeddings(self.wte, self.wpe), *self.blocks, Head(self.ln_f, self.lm_head)]
 
-    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(logits, labels)
+    def pipeline_loss(self):
+        """The last stage's loss(logits, labels); it holds the loss module only, not the model."""
+        return functools.partial(next_token_loss, self.loss)

@@ -3,7 +3,8 @@
 A model can be pipelined when it says how its forward decomposes (the protocol DeepSpeed's
 `PipelineModule` expresses with its `layers` and `loss_fn`):
     model.pipeline_layers() -> list[nn.Module]   each maps one tensor to the next
-    model.pipeline_loss(output, labels) -> loss   applied on the last stage
+    model.pipeline_loss() -> loss_fn             loss_fn(output, labels) on the last stage; it must
+                                                 not hold the model (each stage keeps only its layers)
 The built-in GPT implements it (embeddings, blocks, final norm + LM head); `PipelineModule`
 wraps any `nn.Sequential` (or list of modules) with a loss function. A plain `nn.Sequential`
 has no loss, so it is refused with a message that points at `PipelineModule`.
@@ -49,8 +50,8 @@ class PipelineModule(nn.Module):
     def pipeline_layers(self) -> list[nn.Module]:
         return list(self.layers)
 
-    def pipeline_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(output, labels)
+    def pipeline_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self.loss_fn
 
 
 # -- partition arithmetic (no torch) -------------------------------------------------------------
@@ -132,12 +133,11 @@ class TiedParameter:
 class PipelineStage(nn.Module):
     """The consecutive layers of one stage, keyed by their index in the whole sequence."""
 
-    def __init__(self, *, layers: dict[int, nn.Module], stage: int, stages: int,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], plain_names: dict[str, str],
+    def __init__(self, *, layers: dict[int, nn.Module], stage: int, stages: int, plain_names: dict[str, str],
                  tied: tuple[TiedParameter, ...]):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): m for i, m in layers.items()})
-        self.stage, self.stages, self.loss_fn = stage, stages, loss_fn
+        self.stage, self.stages = stage, stages
         self.plain_names = plain_names
         """This module's state_dict names -> the plain model's state_dict names."""
         self.tied = tied
@@ -161,7 +161,7 @@ def model_layers(model: nn.Module) -> tuple[list[nn.Module], Callable]:
     if not (hasattr(model, "pipeline_layers") and hasattr(model, "pipeline_loss")):
         hint = ("wrap it as zeroplan.runtime.parallel.PipelineModule(layers=..., loss_fn=...)"
                 if isinstance(model, nn.Sequential) else
-                "give the model pipeline_layers() and pipeline_loss(output, labels), or build it as a "
+                "give the model pipeline_layers() and pipeline_loss(), or build it as a "
                 "zeroplan.runtime.parallel.PipelineModule")
         raise ConfigError(Problem("parallel.pp", f"pp > 1 needs the model as a sequence of layers and a loss, "
                                   f"and {type(model).__name__} does not say how it splits", suggestion=hint))
@@ -169,7 +169,7 @@ def model_layers(model: nn.Module) -> tuple[list[nn.Module], Callable]:
     bad = [type(m).__name__ for m in layers if not isinstance(m, nn.Module)]
     if bad:
         raise TypeError(f"pipeline_layers() must return nn.Module objects, got {', '.join(bad)}")
-    return layers, model.pipeline_loss
+    return layers, model.pipeline_loss()
 
 
 def _stage_users(layers: list[nn.Module], bounds: list[int]) -> dict[int, set[int]]:
@@ -182,8 +182,8 @@ def _stage_users(layers: list[nn.Module], bounds: list[int]) -> dict[int, set[in
     return users
 
 
-def split_model(model: nn.Module, *, stage: int, stages: int, method: str) -> PipelineStage:
-    """This stage's part of `model`: its layers (the same module objects) and name mappings."""
+def split_model(model: nn.Module, *, stage: int, stages: int, method: str) -> tuple[PipelineStage, Callable]:
+    """This stage's part of `model` (its layers, the same module objects, and name mappings) and the loss."""
     layers, loss_fn = model_layers(model)
     bounds = partition(layers, stages=stages, method=method)
     users = _stage_users(layers, bounds)
@@ -198,8 +198,7 @@ def split_model(model: nn.Module, *, stage: int, stages: int, method: str) -> Pi
             plain[name] = _plain_name(module_paths, layer, local, default=name)
             if isinstance(t, nn.Parameter) and len(users.get(id(t), ())) > 1:
                 tied.append(TiedParameter(local_name=name, stages=tuple(sorted(users[id(t)]))))
-    return PipelineStage(layers=mine, stage=stage, stages=stages, loss_fn=loss_fn, plain_names=plain,
-                         tied=_unique(tied))
+    return PipelineStage(layers=mine, stage=stage, stages=stages, plain_names=plain, tied=_unique(tied)), loss_fn
 
 
 def _plain_name(module_paths: dict[int, str], layer: nn.Module, local: str, *, default: str) -> str:

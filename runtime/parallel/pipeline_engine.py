@@ -28,7 +28,7 @@ boundary) or see that the step is over, so this small executor runs the schedule
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..dist import ProcessGroups
-from ..engine import Engine, _cast_floats, _squared_norm, _tokens
+from ..engine import Engine, _cast_floats, _tokens
 from .pipeline import PipelineStage, split_model, tied_stage_sets
 from .pipeline_comm import PipeComm, sum_tied, tied_groups
 from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
@@ -48,6 +48,8 @@ class StageSetup:
     """What `initialize` builds for a pipeline rank besides the Engine's usual parts."""
 
     module: PipelineStage
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """The last stage's loss(output, labels); it holds no reference to other stages' layers."""
     tied: dict[tuple[int, ...], dist.ProcessGroup]
 
 
@@ -56,9 +58,9 @@ def build_stage(model: nn.Module, *, groups: ProcessGroups, method: str) -> Stag
     groups are created on every rank)."""
     pp = groups.pp_size
     stage_sets = tied_stage_sets(model, stages=pp, method=method)
-    module = split_model(model, stage=groups.pp_rank, stages=pp, method=method)
-    return StageSetup(module=module, tied=tied_groups(topology=groups.topology, stage_sets=stage_sets,
-                                                      rank=groups.rank))
+    module, loss_fn = split_model(model, stage=groups.pp_rank, stages=pp, method=method)
+    return StageSetup(module=module, loss_fn=loss_fn,
+                      tied=tied_groups(topology=groups.topology, stage_sets=stage_sets, rank=groups.rank))
 
 
 def split_batch(batch) -> tuple[object, torch.Tensor | None]:
@@ -82,19 +84,23 @@ class PipelineEngine(Engine):
         self.stage = stage.module
         self.pipe = PipeComm(group=self.groups.pp_group, stage=self.stage.stage, stages=self.stage.stages,
                              device=self.device, logger=self.coll.logger)
-        self.tied_spans = self._tied_spans(stage.tied)
+        self.loss_fn = stage.loss_fn
+        self.tied_spans, self._uncounted = self._tied_spans(stage.tied)
         self.actions = build_schedule(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
                                       stages=self.stage.stages, micro_batches=self.accumulation)
         self.max_in_flight = 0
         """The most micro-batches whose activations this stage held at once in the last step."""
 
-    def _tied_spans(self, groups: dict[tuple[int, ...], dist.ProcessGroup]) -> list:
-        spans = []
+    def _tied_spans(self, groups: dict[tuple[int, ...], dist.ProcessGroup]) -> tuple[list, set[int]]:
+        """(offset, length, group) of each tied parameter's shard slice; the slots this stage
+        leaves out of the gradient norm."""
+        spans, uncounted = [], set()
         for tied in self.stage.tied:
-            param = self.stage.get_parameter(tied.local_name)
-            slot = self.zero.layout.slots[self.zero.layout.index_of(param)]
-            spans.append((slot.offset, slot.chunk, groups[tied.stages], tied.stages[0] == self.stage.stage))
-        return spans
+            slot = self.zero.layout.slots[self.zero.layout.index_of(self.stage.get_parameter(tied.local_name))]
+            spans.append((slot.offset, slot.chunk, groups[tied.stages]))
+            if tied.stages[0] != self.stage.stage:
+                uncounted.add(slot.index)
+        return spans, uncounted
 
     # -- the DeepSpeed-style loop is train_batch only ---------------------------------------------
     def _refuse(self, *args, **kwargs):
@@ -135,7 +141,7 @@ class PipelineEngine(Engine):
                 x = inputs.setdefault(mb, _cast_floats(batches[mb][0], self.param_dtype))
                 out = stage(x)
                 if stage.is_last:
-                    out = stage.loss_fn(out, batches[mb][1])
+                    out = self.loss_fn(out, batches[mb][1])
                     losses.append(out.detach().float())
                 outputs[mb] = out
                 self.max_in_flight = max(self.max_in_flight, len(outputs))
@@ -167,7 +173,7 @@ class PipelineEngine(Engine):
     # -- the optimizer step: the Engine's, with the pipeline's reductions ---------------------------
     def _optimizer_step(self) -> None:
         if self.tied_spans:
-            sum_tied(self.zero.grad, spans=[(o, n, g) for o, n, g, _ in self.tied_spans], logger=self.coll.logger)
+            sum_tied(self.zero.grad, spans=self.tied_spans, logger=self.coll.logger)
         if self.scaler.check_overflow and self._overflow_anywhere():
             self.skipped_steps += 1
             self.scaler.update_scale(True)
@@ -182,20 +188,16 @@ class PipelineEngine(Engine):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def _grad_norm(self) -> float:
-        """Global L2 norm: squared shard norms summed over dp (unless replicated) and over pp; a
-        tied parameter's copies hold the same summed gradient, so only its first stage counts it."""
-        grad = self.zero.grad
-        sq = _squared_norm(grad)
-        for offset, length, _group, counted in self.tied_spans:
-            if not counted:
-                sq -= _squared_norm(grad[offset:offset + length])
-        sq = sq.float().reshape(1)
-        if not self.zero.grad_norm_replicated:
-            self.coll.sum_scalar(sq)
+    def _counts_in_norm(self, index: int) -> bool:
+        """A tied parameter's copies hold the same summed gradient: only its first stage counts it."""
+        return index not in self._uncounted
+
+    def _grad_sq(self) -> torch.Tensor:
+        """The Engine's squared norm over dp and tp (this stage's parameters), summed over pp."""
+        sq = super()._grad_sq()
         self.coll.logger.record("all_reduce", sq)
         dist.all_reduce(sq, group=self.groups.pp_group)
-        return float(sq.clamp_min(0).sqrt().item())
+        return sq
 
     # -- state ----------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -208,14 +210,6 @@ class PipelineEngine(Engine):
         for part in parts:
             out.update(part)
         return out
-
-    def _meta(self) -> dict:
-        """The Engine's, with the pipeline's size and every stage's slots (a collective over pp)."""
-        meta = super()._meta()
-        slots: list = [None] * self.stage.stages
-        dist.all_gather_object(slots, meta["slots"], group=self.groups.pp_group)
-        return {**meta, "pp_size": self.stage.stages, "slots": slots,
-                "partition_method": self.plan.parallel.pipeline_partition_method}
 
     def close(self) -> None:
         """The Engine's close; drop the pipeline's group references too (see ProcessGroups.close)."""

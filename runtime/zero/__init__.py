@@ -3,9 +3,17 @@
 `build_zero` takes the model and the narrow slices it needs, keyword-only, shards the fp32
 master weights, casts the model to the training dtype and returns the stage object the
 Engine drives (see base.ZeroStage for the calls).
+
+Where the master and the stage-3 partition live is the caller's choice, through two factories
+(runtime/offload passes its own): `place_master(layout, rank)` takes this rank's initial fp32
+shard and returns the device master, or None when it keeps the master elsewhere;
+`param_store(layout, rank, dtype, master)` returns the stage-3 partition's store, or None for
+the default: a tensor on the device.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,35 +24,52 @@ from ..comm import Collectives
 from .base import ZeroStage, init_master, module_order_parameters, trainable_parameters
 from .comm import BucketReducer
 from .layout import ShardLayout
+from .pstore import DeviceParams, ParamStore
 from .stage0 import Stage0
 from .stage12 import Stage1, Stage2
 from .stage3 import Stage3, is_persistent
 
-__all__ = ["ZeroStage", "build_zero"]
+__all__ = ["ParamStore", "ZeroStage", "build_zero", "shard_numel"]
+
+PlaceMaster = Callable[[ShardLayout, int], "torch.Tensor | None"]
+MakeParamStore = Callable[[ShardLayout, int, torch.dtype, "torch.Tensor | None"], "ParamStore | None"]
+
+
+def shard_numel(model: nn.Module, *, stage: int, world: int) -> int:
+    """Elements of one rank's shard (padded), before anything is built: for pre-flight checks."""
+    w = 1 if stage == 0 else world
+    return sum(-(-p.numel() // w) for _, p in trainable_parameters(model))
 
 
 def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: torch.device,
-               param_dtype: torch.dtype, reduce_dtype: torch.dtype, predivide: float) -> ZeroStage:
+               param_dtype: torch.dtype, reduce_dtype: torch.dtype, predivide: float,
+               place_master: PlaceMaster | None = None, param_store: MakeParamStore | None = None) -> ZeroStage:
     """Shard `model` for `zero.stage` over `coll`'s group; the model is cast to `param_dtype`."""
     stage = zero.stage
     named = module_order_parameters(model) if stage == 3 else trainable_parameters(model)
     if not named:
         raise ValueError("the model has no parameter with requires_grad=True; there is nothing to train")
     layout = ShardLayout(params=named, world=1 if stage == 0 else coll.size)
-    master = init_master(layout, coll.rank if layout.world > 1 else 0, device)
+    rank = coll.rank if layout.world > 1 else 0
+    if place_master is None:
+        master = init_master(layout, rank, device)
+    else:
+        master = place_master(layout, rank)
     model.to(dtype=param_dtype)
     common = dict(model=model, layout=layout, coll=coll, master=master, param_dtype=param_dtype,
                   allgather_bucket_size=zero.allgather_bucket_size, overlap=zero.overlap_comm)
+    grad = torch.zeros(layout.numel, dtype=torch.float32, device=device)
     if stage == 0:
-        built = Stage0(grad=torch.zeros_like(master), **common)
+        built = Stage0(grad=grad, **common)
     elif stage == 1:
         total = sum(s.numel for s in layout.slots)
-        built = Stage1(grad=torch.zeros_like(master),
-                       accumulation=torch.zeros(total, dtype=torch.float32, device=device), **common)
+        built = Stage1(grad=grad, accumulation=torch.zeros(total, dtype=torch.float32, device=device), **common)
     elif stage == 2:
-        built = Stage2(grad=torch.zeros_like(master), **common)
+        built = Stage2(grad=grad, **common)
     else:
-        built = _stage3(model=model, zero=zero, layout=layout, master=master, common=common)
+        store = _partition(layout=layout, rank=rank, master=master, param_dtype=param_dtype,
+                           param_store=param_store)
+        built = _stage3(model=model, zero=zero, layout=layout, grad=grad, pstore=store, common=common)
     built.reducer = BucketReducer(layout=layout, coll=coll, bucket_size=zero.reduce_bucket_size,
                                   reduce_dtype=reduce_dtype, scatter=stage > 0, overlap=zero.overlap_comm,
                                   predivide=predivide, grad_shard=built.grad, accumulate=stage >= 2,
@@ -53,7 +78,19 @@ def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: t
     return built
 
 
-def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, master: torch.Tensor,
+def _partition(*, layout: ShardLayout, rank: int, master: torch.Tensor | None, param_dtype: torch.dtype,
+               param_store: MakeParamStore | None) -> ParamStore:
+    """The stage-3 partition: the caller's store, or a device tensor (the fp32 master itself
+    when training in fp32), cut from the parameters already cast to `param_dtype`."""
+    store = param_store(layout, rank, param_dtype, master) if param_store is not None else None
+    if store is not None:
+        return store
+    if master is not None and param_dtype == torch.float32:
+        return DeviceParams(master)
+    return DeviceParams(layout.read_params(0, layout.numel, rank, dtype=param_dtype))
+
+
+def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, grad: torch.Tensor, pstore: ParamStore,
             common: dict) -> Stage3:
     persistent = {s.index for s in layout.slots if is_persistent(s.numel, zero.param_persistence_threshold)}
     units: dict[nn.Module, list[int]] = {}
@@ -62,7 +99,5 @@ def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, master: to
         own = [i for i in own if i is not None and i not in persistent]
         if own:
             units[module] = sorted(own)
-    param_dtype = common["param_dtype"]
-    pshard = master if param_dtype == torch.float32 else master.to(param_dtype)
-    return Stage3(grad=torch.zeros_like(master), units=units, persistent=persistent, pshard=pshard,
+    return Stage3(grad=grad, units=units, persistent=persistent, pstore=pstore,
                   prefetch_bucket_size=zero.prefetch_bucket_size, **common)

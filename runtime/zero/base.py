@@ -6,12 +6,19 @@ Engine -> stage calls, per optimizer step:
   around each backward; at the boundary the Engine reads `grad` (fp32 shard, averaged over
   dp ranks), steps the optimizer on `master`, then calls publish() (master -> model
   parameters) and zero_grad().
+
+When the optimizer is offloaded (runtime/offload), `master` is None: the fp32 master lives in
+host memory or in swap files, and its owner hands each updated range to `write_params` before
+`publish`. Stages 1-2 then publish from the model's own parameters (each rank's chunk of every
+parameter is exactly its shard in the parameters' dtype), so no shard-sized copy stays on the
+device; stage 3 publishes from its parameter store.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,11 +46,7 @@ def module_order_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def init_master(layout: ShardLayout, rank: int, device: torch.device) -> torch.Tensor:
     """This rank's fp32 shard of the current (full) parameters."""
-    master = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-    for slot, p in zip(layout.slots, layout.params):
-        flat = p.detach().reshape(-1).to(torch.float32)
-        master[slot.offset:slot.offset + slot.chunk] = layout.chunk_of(flat, slot, rank)
-    return master
+    return layout.read_params(0, layout.numel, rank, dtype=torch.float32).to(device)
 
 
 class ZeroStage(ABC):
@@ -53,10 +56,12 @@ class ZeroStage(ABC):
     grad_norm_replicated = False
     """True when every rank holds the whole gradient (stage 0): the norm needs no all-reduce."""
 
-    def __init__(self, *, model: nn.Module, layout: ShardLayout, coll: Collectives, master: torch.Tensor,
+    def __init__(self, *, model: nn.Module, layout: ShardLayout, coll: Collectives, master: torch.Tensor | None,
                  grad: torch.Tensor, param_dtype: torch.dtype, allgather_bucket_size: int, overlap: bool):
         self.model, self.layout, self.coll = model, layout, coll
         self.master, self.grad = master, grad
+        """`master`: the fp32 master shard on the device; None when the optimizer is offloaded."""
+        self.rank = coll.rank if layout.world > 1 else 0
         self.param_dtype = param_dtype
         self.allgather_bucket_size = allgather_bucket_size
         self.overlap = overlap
@@ -107,30 +112,47 @@ class ZeroStage(ABC):
     def publish(self) -> None:
         """Make the model's parameters equal the (updated) master weights."""
 
-    def full_parameters(self) -> list[torch.Tensor]:
-        """Every trainable parameter whole, fp32, on every rank (a collective)."""
+    def write_params(self, lo: int, values: torch.Tensor) -> None:
+        """Updated master values of shard range [lo, lo + len(values)), for the next `publish`
+        (offloaded optimizer only: a resident master is published as it is)."""
+        self.layout.write_params(lo, values, self.rank)
+
+    def full_parameters(self, *, read_master: Callable[[int, int], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Every trainable parameter whole, fp32, on every rank (a collective).
+
+        `read_master(offset, length)` returns that range of the fp32 master shard on the
+        device (default: a slice of the resident master)."""
+        read = read_master or self._resident_master
         out: list[torch.Tensor] = [torch.empty(0)] * len(self.layout)
 
         def keep(i: int, full: torch.Tensor) -> None:
             out[i] = full.clone()
 
         for start, end in gather_groups(self.layout, self.allgather_bucket_size):
-            gather_slots(layout=self.layout, coll=self.coll, shard=self.master, start=start, end=end,
-                         async_op=False).finish(keep)
+            gather_slots(layout=self.layout, coll=self.coll, part=read(*self.layout.span(start, end)),
+                         start=start, end=end, async_op=False).finish(keep)
         return out
 
-    def param_shard(self) -> torch.Tensor:
-        """The master shard in the parameters' dtype (the master itself when that is fp32)."""
-        return self.master if self.param_dtype == torch.float32 else self.master.to(self.param_dtype)
+    def _resident_master(self, offset: int, length: int) -> torch.Tensor:
+        return self.master[offset:offset + length]
+
+    def publish_parts(self) -> Callable[[int, int], torch.Tensor]:
+        """(offset, length) -> that range of this rank's shard in the parameters' dtype: what
+        the all-gather of `publish` sends."""
+        if self.master is None:
+            return lambda offset, length: self.layout.read_params(offset, offset + length, self.rank,
+                                                                  dtype=self.param_dtype)
+        shard = self.master if self.param_dtype == torch.float32 else self.master.to(self.param_dtype)
+        return lambda offset, length: shard[offset:offset + length]
 
     def gather_into_model(self, ranges: list[tuple[int, int]]) -> None:
         """All-gather the updated shard for slot ranges into the model's parameters."""
-        shard = self.param_shard()
+        part = self.publish_parts()
 
         def write(i: int, full: torch.Tensor) -> None:
             self.layout.params[i].data.copy_(full)
 
-        handles = [gather_slots(layout=self.layout, coll=self.coll, shard=shard, start=s, end=e,
-                                async_op=self.overlap) for s, e in ranges]
+        handles = [gather_slots(layout=self.layout, coll=self.coll, part=part(*self.layout.span(s, e)), start=s,
+                                end=e, async_op=self.overlap) for s, e in ranges]
         for h in handles:
             h.finish(write)

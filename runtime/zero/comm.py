@@ -131,13 +131,16 @@ class BucketReducer:
 class GatherHandle:
     """An all-gather of slots [start, end) in flight; `finish` writes whole parameters."""
 
-    def __init__(self, *, layout: ShardLayout, start: int, end: int, out: torch.Tensor, work):
+    def __init__(self, *, layout: ShardLayout, start: int, end: int, part: torch.Tensor, out: torch.Tensor, work):
         self.layout, self.start, self.end, self.out, self.work = layout, start, end, out, work
+        self.part = part
+        """The sent shard range, kept alive until the collective is waited."""
 
     def finish(self, write: Callable[[int, torch.Tensor], None]) -> None:
         if self.work is not None:
             self.work.wait()
             self.work = None
+        self.part = None
         offset, length = self.layout.span(self.start, self.end)
         rows = self.out.view(self.layout.world, length)
         for slot in self.layout.slots[self.start:self.end]:
@@ -145,13 +148,13 @@ class GatherHandle:
             write(slot.index, read_rows(rows[:, o:o + slot.chunk], slot.numel).view(slot.shape))
 
 
-def gather_slots(*, layout: ShardLayout, coll: Collectives, shard: torch.Tensor, start: int, end: int,
+def gather_slots(*, layout: ShardLayout, coll: Collectives, part: torch.Tensor, start: int, end: int,
                  async_op: bool) -> GatherHandle:
-    """Launch the all-gather of this rank's shard slice for slots [start, end)."""
-    offset, length = layout.span(start, end)
-    out = torch.empty(layout.world * length, dtype=shard.dtype, device=shard.device)
-    work = coll.all_gather(out, shard[offset:offset + length], async_op=async_op)
-    return GatherHandle(layout=layout, start=start, end=end, out=out, work=work)
+    """Launch the all-gather of slots [start, end); `part` is this rank's shard range for them
+    (`layout.span(start, end)`), in the dtype and on the device the collective runs in."""
+    out = torch.empty(layout.world * part.numel(), dtype=part.dtype, device=part.device)
+    work = coll.all_gather(out, part, async_op=async_op)
+    return GatherHandle(layout=layout, start=start, end=end, part=part, out=out, work=work)
 
 
 def gather_groups(layout: ShardLayout, max_elements: int) -> list[tuple[int, int]]:

@@ -12,6 +12,8 @@ With W = 1 (ZeRO stage 0) the shard is the whole flat parameter vector, unpadded
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ class ShardLayout:
         self.numel = offset
         """Elements per rank's shard."""
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._offsets = [s.offset for s in slots]
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -68,6 +71,33 @@ class ShardLayout:
             else:
                 out.append((i, i + 1))
         return out
+
+    def pieces(self, lo: int, hi: int, rank: int) -> Iterator[tuple[int, int, int, int]]:
+        """The real (unpadded) elements of shard range [lo, hi) of rank `rank`, per parameter:
+        (slot index, position in the range, start in the flat parameter, length)."""
+        first = max(bisect_right(self._offsets, lo) - 1, 0)
+        for slot in self.slots[first:]:
+            if slot.offset >= hi:
+                return
+            a, b = max(lo, slot.offset), min(hi, slot.offset + slot.chunk)
+            start = rank * slot.chunk + a - slot.offset
+            length = min(b - a, slot.numel - start)
+            if length > 0:
+                yield slot.index, a - lo, start, length
+
+    def read_params(self, lo: int, hi: int, rank: int, *, dtype: torch.dtype) -> torch.Tensor:
+        """Shard range [lo, hi) of rank `rank` cut from the whole parameters (padding is zero)."""
+        device = self.params[0].device if self.params else None
+        out = torch.zeros(hi - lo, dtype=dtype, device=device)
+        for index, at, start, length in self.pieces(lo, hi, rank):
+            out[at:at + length] = self.params[index].detach().reshape(-1)[start:start + length]
+        return out
+
+    def write_params(self, lo: int, values: torch.Tensor, rank: int) -> None:
+        """Write shard range [lo, lo + len(values)) of rank `rank` into its chunks of the whole
+        parameters (cast to their dtype): the inverse of `read_params`."""
+        for index, at, start, length in self.pieces(lo, lo + values.numel(), rank):
+            self.params[index].data.view(-1)[start:start + length].copy_(values[at:at + length])
 
     def chunk_of(self, flat_full: torch.Tensor, slot: Slot, rank: int) -> torch.Tensor:
         """Rank `rank`'s chunk of a full flat parameter (zero-padded at the end)."""

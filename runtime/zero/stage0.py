@@ -36,5 +36,6 @@ class Stage0(ZeroStage):
         for slot, p in zip(self.layout.slots, self.layout.params):
             p.data.copy_(self.master[slot.offset:slot.offset + slot.chunk].view(slot.shape))
 
-    def full_parameters(self) -> list[torch.Tensor]:
+    def full_parameters(self, *, read_master=None) -> list[torch.Tensor]:
+        """Every parameter whole from the resident master (stage 0 is never offloaded)."""
         return [self.master[s.offset:s.offset + s.chunk].view(s.shape).clone() for s in self.layout.slots]

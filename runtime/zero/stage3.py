@@ -1,7 +1,7 @@
 """ZeRO stage 3: parameters partitioned too (ZeRO paper, arXiv:1910.02054, P_os+g+p).
 
-Each rank keeps only its chunk of every parameter (in the parameters' dtype, `pshard`; the
-fp32 master itself when training in fp32). A module's own parameters are gathered whole just
+Each rank keeps only its chunk of every parameter (in the parameters' dtype, the partition in
+`pstore`; on the device it is the fp32 master itself when training in fp32). A module's own parameters are gathered whole just
 before they are used and released right after:
 
   forward   pre-hook: all_gather the module's parameters (waiting on a prefetch if one is in
@@ -14,7 +14,9 @@ before they are used and released right after:
             modules before it in forward order). A parameter is released as soon as its
             gradient is accumulated (post-accumulate-grad hook), after the gradient is handed
             to the bucketed reduce-scatter of stage 2.
-  step      the fp32 master shard is updated in place; parameters under
+  step      the fp32 master shard is updated and written to the partition (`pstore`, see
+            pstore.py: device memory, or host memory / NVMe files with `offload_param`, read
+            back ahead of each gather); parameters under
             `param_persistence_threshold` elements stay whole on every rank and are
             all-gathered after the step, like stage 1-2 parameters.
 
@@ -37,25 +39,26 @@ from torch import nn
 
 from .base import ZeroStage
 from .comm import GatherHandle, gather_groups, gather_slots
+from .pstore import ParamStore
 from .stage12 import Stage2
 
 
 class Stage3(Stage2):
     stage = 3
 
-    def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], pshard: torch.Tensor,
+    def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], pstore: ParamStore,
                  prefetch_bucket_size: int, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         """Module -> slot indices of its own partitioned parameters."""
         self.persistent = persistent
-        self.pshard = pshard
+        self.pstore = pstore
         self.prefetch_bucket_size = prefetch_bucket_size
         self._home = {}
         for module, slots in units.items():
             for i in slots:
                 self._home.setdefault(i, module)
-        nan = torch.full((1,), float("nan"), dtype=pshard.dtype, device=pshard.device)
+        nan = torch.full((1,), float("nan"), dtype=pstore.dtype, device=pstore.device)
         self._released = [nan.expand(slot.shape) for slot in self.layout.slots]
         self._gathered: set[int] = set(persistent)
         self._inflight: dict[int, GatherHandle] = {}
@@ -81,7 +84,8 @@ class Stage3(Stage2):
     def _launch(self, module: nn.Module, *, async_op: bool) -> None:
         need = [i for i in self.units[module] if i not in self._gathered and i not in self._inflight]
         for start, end in self.layout.runs(need):
-            handle = gather_slots(layout=self.layout, coll=self.coll, shard=self.pshard, start=start, end=end,
+            part = self.pstore.read(*self.layout.span(start, end))
+            handle = gather_slots(layout=self.layout, coll=self.coll, part=part, start=start, end=end,
                                   async_op=async_op)
             for i in range(start, end):
                 self._inflight[i] = handle
@@ -105,14 +109,23 @@ class Stage3(Stage2):
         self._gathered.discard(index)
 
     def _prefetch(self, order: list[nn.Module]) -> None:
-        budget = self.prefetch_bucket_size
+        """Launch the gathers of the next modules, up to `prefetch_bucket_size` elements, and
+        ask the store to bring in the partitions of the ones after them (disk reads run ahead
+        of the gathers that need them)."""
+        budget, reads = self.prefetch_bucket_size, []
         for module in order:
-            if budget <= 0:
-                return
+            if budget <= (-self.prefetch_bucket_size if self.pstore.reads_ahead else 0):
+                break
             need = [i for i in self.units[module] if i not in self._gathered and i not in self._inflight]
-            if need:
+            if not need:
+                continue
+            if budget > 0:
                 self._launch(module, async_op=True)
-                budget -= sum(self.layout.slots[i].numel for i in need)
+            else:
+                reads += [self.layout.span(s, e) for s, e in self.layout.runs(need)]
+            budget -= sum(self.layout.slots[i].numel for i in need)
+        if reads:
+            self.pstore.prefetch(reads)
 
     # -- forward hooks ---------------------------------------------------------------------
     def forward_context(self):
@@ -175,15 +188,22 @@ class Stage3(Stage2):
     # -- step ------------------------------------------------------------------------------
     def publish(self) -> None:
         self.release_all()
-        if self.pshard is not self.master:
-            self.pshard.copy_(self.master)
+        if self.master is not None:
+            self.pstore.write(0, self.master)
         if self.persistent:
             ranges = [r for s, e in self.layout.runs(sorted(self.persistent))
                       for r in _split(gather_groups(self.layout, self.allgather_bucket_size), s, e)]
             self.gather_into_model(ranges)
 
-    def param_shard(self) -> torch.Tensor:
-        return self.pshard
+    def write_params(self, lo: int, values: torch.Tensor) -> None:
+        self.pstore.write(lo, values)
+
+    def publish_parts(self):
+        return self.pstore.read
+
+    def close(self) -> None:
+        super().close()
+        self.pstore.close()
 
 
 def _split(groups: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

@@ -54,9 +54,12 @@ def test_stage1_without_reduce_scatter_all_reduces_once_per_step(tiny, compile_d
 def test_tensor_parallel_all_reduces_four_times_per_block(tiny, compile_dict):
     plan = compile_dict({"train_micro_batch_size_per_gpu": 2, "parallel": {"tp": 2}}, nproc_per_node=2)
     sent, calls = _sent(plan)
-    activation = 4 * tiny.seq_len * 2 * tiny.hidden
-    assert calls["tp.all_reduce"] == 4 * tiny.layers + 1  # + the vocab-split embedding's sum
-    assert sent["tp.all_reduce"] == calls["tp.all_reduce"] * activation  # 2(t-1)/t = 1 at t = 2
+    tokens = tiny.seq_len * 2
+    activation = 4 * tokens * tiny.hidden
+    # + the embedding's sum and the LM head's input gradient; the loss's two and the norm's one are small
+    assert calls["tp.all_reduce"] == 4 * tiny.layers + 2 + 2 + 1
+    small = 4 * tokens + 8 * tokens + 4  # the loss's row maxima and [sum of exp, target], the norm
+    assert sent["tp.all_reduce"] == (4 * tiny.layers + 2) * activation + small  # 2(t-1)/t = 1 at t = 2
 
 
 def test_pipeline_sends_one_activation_per_micro_batch_and_boundary(tiny, compile_dict):

@@ -161,3 +161,20 @@ def test_a_bucket_larger_than_the_model_is_warned_about_at_stages_2_and_3():
     (warning,) = warnings_for(3, 5e8)
     assert "holds the whole model (98,032,128 parameters per rank)" in warning
     assert warnings_for(3, 5e6) == [] and warnings_for(1, 5e8) == []
+
+
+def test_an_nvme_swap_tile_holding_the_whole_shard_is_warned_about(tmp_path):
+    from zeroplan.compiler import compile
+    from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, load_config
+
+    def warnings_for(sub_group_size: float) -> list[str]:
+        cfg = load_config({"train_batch_size": 4, "zero_optimization": {
+            "stage": 2, "sub_group_size": sub_group_size, "reduce_bucket_size": 5e6,
+            "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+        plan = compile(cfg, MODEL_PRESETS["medium"], CLUSTER_PRESETS["cpu"], nproc_per_node=2)
+        return [w for w in plan.estimates.warnings if "swap tile" in w]
+
+    (warning,) = warnings_for(1e9)
+    assert "whole optimizer shard (49,016,064 elements per rank)" in warning
+    assert "zero_optimization.sub_group_size" in warning
+    assert warnings_for(5e6) == []

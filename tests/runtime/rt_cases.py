@@ -91,7 +91,8 @@ def case_plan(case: dict):
     return make_plan(stage=case["stage"], world=case["world"], accum=case["accum"], micro=micro,
                      dtype=case.get("dtype", "fp32"), overlap=case.get("overlap", False),
                      persistence=case.get("persistence", 40), optimizer=case.get("optimizer"),
-                     reduce_bucket=case.get("reduce_bucket", 500))
+                     reduce_bucket=case.get("reduce_bucket", 500), offload=case.get("offload"),
+                     kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9))
 
 
 def loss_of(out):
@@ -126,16 +127,14 @@ def _published_gap(engine, full: dict) -> float:
 
 
 def run_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
-    """Run (id, worker function name or "module:function", kwargs) jobs in one spawn; per job the result or the
+    """Run (id, worker function name, kwargs) jobs in one spawn; per job the result or the
     traceback, so one failing case names itself and the others still report."""
     import importlib
 
-    import rt_jobs
-
     out = {}
     for job_id, fn, kwargs in jobs:
-        module, _, name = fn.rpartition(":")  # "module:function" names a worker in another test module
-        target = getattr(importlib.import_module(module), name) if module else globals().get(fn) or getattr(rt_jobs, fn)
+        module, _, name = fn.rpartition(":")  # "module:function" names a worker outside rt_jobs
+        target = globals().get(fn) or getattr(importlib.import_module(module or "rt_jobs"), name)
         try:
             out[job_id] = target(**kwargs)
         except Exception:

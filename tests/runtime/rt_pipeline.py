@@ -34,13 +34,13 @@ def build_model(kind: str) -> nn.Module:
 
 
 def pipe_plan(*, stage: int, dp: int, pp: int, accum: int, schedule: str = "1f1b", method: str = "parameters",
-              dtype: str = "fp32"):
-    """make_plan's optimizer (AdamW, clipping at 0.5) and schedule, at dp x pp."""
-    micro = GLOBAL_BATCH // (dp * accum)
-    base = make_plan(stage=stage, world=dp * pp, accum=accum, micro=micro, dtype=dtype)
+              dtype: str = "fp32", tp: int = 1):
+    """make_plan's optimizer (AdamW, clipping at 0.5) and schedule, at dp x tp x pp."""
+    micro, world = GLOBAL_BATCH // (dp * accum), dp * tp * pp
+    base = make_plan(stage=stage, world=world, accum=accum, micro=micro, dtype=dtype)
     return base.model_copy(update={
-        "world": WorldPlan(nnodes=1, nproc_per_node=dp * pp, world_size=dp * pp),
-        "parallel": ParallelPlan(dp=dp, pp=pp, pipeline_schedule=schedule, pipeline_micro_batches=accum,
+        "world": WorldPlan(nnodes=1, nproc_per_node=world, world_size=world),
+        "parallel": ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=schedule, pipeline_micro_batches=accum,
                                  pipeline_partition_method=method),
         "batch": BatchPlan(global_batch_size=GLOBAL_BATCH, micro_batch_size=micro, gradient_accumulation_steps=accum)})
 
@@ -70,7 +70,7 @@ def data_iter(case: dict, *, dp_rank: int, start: int = 0):
 def _engine(case: dict):
     plan = pipe_plan(stage=case["stage"], dp=case["dp"], pp=case["pp"], accum=case["accum"],
                      schedule=case.get("schedule", "1f1b"), method=case.get("method", "parameters"),
-                     dtype=case.get("dtype", "fp32"))
+                     dtype=case.get("dtype", "fp32"), tp=case.get("tp", 1))
     return initialize(build_model(case["model"]), plan=plan)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from zeroplan.schemas import Plan
 from zeroplan.schemas.batch import BatchPlan
-from zeroplan.schemas.plan import (LossScalePlan, OptimizerPlan, ParallelPlan, PrecisionPlan, SchedulerPlan,
-                                   WorldPlan, ZeroPlan)
+from zeroplan.schemas.plan import (KernelsPlan, LossScalePlan, OffloadPlan, OptimizerPlan, ParallelPlan,
+                                   PrecisionPlan, SchedulerPlan, WorldPlan, ZeroPlan)
 
 WARMUP_DECAY = SchedulerPlan(type="WarmupDecayLR", params={
     "warmup_min_lr": 1e-4, "warmup_max_lr": 3e-3, "warmup_num_steps": 2, "warmup_type": "linear",
@@ -15,7 +15,8 @@ WARMUP_DECAY = SchedulerPlan(type="WarmupDecayLR", params={
 def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: str = "fp32",
               reduce_bucket: int = 500, allgather_bucket: int = 1000, overlap: bool = False,
               prefetch: int = 2000, persistence: int = 40, optimizer: OptimizerPlan | None = None,
-              scheduler: SchedulerPlan | None = WARMUP_DECAY, loss_scaling: LossScalePlan | None = None) -> Plan:
+              scheduler: SchedulerPlan | None = WARMUP_DECAY, loss_scaling: LossScalePlan | None = None,
+              offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9) -> Plan:
     """A concrete plan for `world` CPU ranks, ZeRO `stage`, `accum` micro-batches of `micro`."""
     if optimizer is None:
         optimizer = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5)
@@ -29,5 +30,6 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
         zero=ZeroPlan(stage=stage, reduce_bucket_size=reduce_bucket, allgather_bucket_size=allgather_bucket,
                       overlap_comm=overlap, prefetch_bucket_size=prefetch, param_persistence_threshold=persistence,
                       model_persistence_threshold=0, max_live_parameters=10**9, max_reuse_distance=10**9,
-                      sub_group_size=10**9),
-        precision=precision, optimizer=optimizer, scheduler=scheduler)
+                      sub_group_size=sub_group),
+        precision=precision, optimizer=optimizer, scheduler=scheduler, offload=offload or OffloadPlan(),
+        kernels=KernelsPlan(optimizer=kernel))

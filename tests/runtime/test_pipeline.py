@@ -3,7 +3,9 @@ GPT as a layer sequence, the plan's pipeline fields and the refusals (ZeRO-3 wit
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -129,7 +131,7 @@ def test_gpt_layers_reproduce_its_forward():
     x = ids
     for layer in model.pipeline_layers():
         x = layer(x)
-    assert torch.equal(model.pipeline_loss(x, labels), model(ids, labels))
+    assert torch.equal(model.pipeline_loss()(x, labels), model(ids, labels))
 
 
 def test_stages_cover_the_plain_state_dict_and_share_the_tied_embedding():
@@ -137,13 +139,24 @@ def test_stages_cover_the_plain_state_dict_and_share_the_tied_embedding():
     plain = model.state_dict()
     names, tied = [], []
     for s in range(3):
-        stage = split_model(model, stage=s, stages=3, method="parameters")
+        stage, _ = split_model(model, stage=s, stages=3, method="parameters")
         names += [stage.plain_names[k] for k in stage.state_dict()]
         tied += [(s, t.stages) for t in stage.tied]
     assert sorted(names) == sorted(plain), "the stages' tensors are not exactly the plain model's"
     assert tied == [(0, (0, 2)), (2, (0, 2))]
-    first = split_model(model, stage=0, stages=3, method="parameters")
+    first, _ = split_model(model, stage=0, stages=3, method="parameters")
     assert first.get_parameter(first.tied[0].local_name) is model.wte.weight
+
+
+def test_a_stage_keeps_only_its_layers():
+    """Neither the stage nor its loss may hold the whole model: the other stages' layers are freed."""
+    model = GPT(SPEC)
+    later_block = weakref.ref(model.blocks[3])
+    stage, loss_fn = split_model(model, stage=0, stages=2, method="uniform")  # embeddings, blocks 0-1
+    del model
+    gc.collect()
+    assert later_block() is None, "a block of another stage is still referenced"
+    assert loss_fn is not None and len(stage.layers) == 3
 
 
 def test_pipeline_module_wraps_a_sequential():
@@ -151,7 +164,8 @@ def test_pipeline_module_wraps_a_sequential():
     model = PipelineModule(layers=seq, loss_fn=F.mse_loss)
     x, y = torch.randn(5, 4), torch.randn(5, 2)
     assert torch.equal(model(x, y), F.mse_loss(seq(x), y))
-    stage = split_model(model, stage=1, stages=2, method="type:linear")
+    stage, loss_fn = split_model(model, stage=1, stages=2, method="type:linear")
+    assert loss_fn is F.mse_loss
     assert list(stage.plain_names.values()) == ["layers.2.weight", "layers.2.bias"]
     with pytest.raises(ConfigError, match=r"PipelineModule\(layers=\.\.\., loss_fn=\.\.\.\)"):
         model_layers(seq)

@@ -1,4 +1,5 @@
-"""Pipeline parallelism equals single-process PyTorch (STYLE 10), on 2 and 4 gloo ranks.
+"""Pipeline parallelism equals single-process PyTorch (STYLE 10), on 2 and 4 gloo ranks, alone,
+with data parallelism (ZeRO 0-2) and with tensor parallelism (tp=2 x pp=2).
 
 Four AdamW steps with clipping (max norm 0.5, exceeded at every step) and WarmupDecayLR on
 the same global batch of 12: the consolidated parameters match torch.optim.AdamW in one
@@ -23,16 +24,16 @@ FP32_TOL = 1e-5
 CLIP = 0.5
 
 
-def _case(model, stage, dp, pp, accum, schedule="1f1b", method="parameters", **extra):
-    return dict(id=f"{model}-z{stage}-dp{dp}-pp{pp}-a{accum}-{schedule}-{method}", model=model, stage=stage, dp=dp,
-                pp=pp, accum=accum, schedule=schedule, method=method, **extra)
+def _case(model, stage, dp, pp, accum, schedule="1f1b", method="parameters", tp=1):
+    return dict(id=f"{model}-z{stage}-dp{dp}-tp{tp}-pp{pp}-a{accum}-{schedule}-{method}", model=model, stage=stage,
+                dp=dp, tp=tp, pp=pp, accum=accum, schedule=schedule, method=method)
 
 
 CASES = {
     2: [_case("gpt", 0, 1, 2, 4, "1f1b"), _case("gpt", 1, 1, 2, 3, "gpipe", "uniform"),
         _case("seq", 0, 1, 2, 4, "1f1b", "type:linear"), _case("seq", 2, 1, 2, 2, "gpipe")],
     4: [_case("gpt", 1, 2, 2, 3, "1f1b"), _case("gpt", 2, 2, 2, 3, "gpipe"), _case("gpt", 0, 1, 4, 6, "1f1b"),
-        _case("gpt", 2, 1, 4, 3, "gpipe", "uniform")],
+        _case("gpt", 1, 1, 2, 4, "1f1b", tp=2)],
 }
 ALL = [c for cases in CASES.values() for c in cases]
 CKPT = dict(model="gpt", stage=1, dp=2, pp=2, accum=3)
@@ -63,7 +64,7 @@ def _reference(model: str) -> dict:
 
 @pytest.mark.parametrize("case", ALL, ids=[c["id"] for c in ALL])
 def test_pipeline_matches_single_process(spawned, case, one_thread):
-    got = job_result(spawned(case["dp"] * case["pp"]), case["id"])
+    got = job_result(spawned(case["dp"] * case["tp"] * case["pp"]), case["id"])
     want = _reference(case["model"])
     assert sorted(got["params"]) == sorted(want), "full_state_dict is not the plain model's state_dict"
     if case["model"] == "gpt":
@@ -79,7 +80,7 @@ def test_pipeline_matches_single_process(spawned, case, one_thread):
 
 @pytest.mark.parametrize("case", ALL, ids=[c["id"] for c in ALL])
 def test_every_stage_returns_the_loss_and_keeps_the_schedule_bound(spawned, case):
-    got = job_result(spawned(case["dp"] * case["pp"]), case["id"])
+    got = job_result(spawned(case["dp"] * case["tp"] * case["pp"]), case["id"])
     m, pp = case["accum"], case["pp"]
     by_dp: dict[int, set] = {}
     for _stage, dp_rank, _in_flight, losses in got["per_rank"]:
@@ -109,4 +110,4 @@ def test_checkpoint_round_trip_at_dp2_pp2(spawned):
     straight, resumed = got["losses"]
     assert straight == resumed
     assert got["client"] == {"epoch": 7}
-    assert "saved with pp=2 pipeline stages, this run has pp=1" in got["refusal"]
+    assert "pp size 2" in got["refusal"] and "pp size 1" in got["refusal"], got["refusal"]

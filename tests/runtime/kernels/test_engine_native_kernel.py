@@ -17,7 +17,7 @@ def _train(kernel: str, steps: int = 3) -> dict[str, torch.Tensor]:
     spec = MODEL_PRESETS["tiny"]
     plan = make_plan(stage=1, world=1, micro=2).model_copy(update={"kernels": KernelsPlan(optimizer=kernel)})
     engine = zeroplan.initialize(GPT(spec), plan=plan)
-    assert type(engine.optimizer).__name__ == ("KernelAdam" if kernel == "cpu_adam" else "TorchAdam")
+    assert type(engine.optimizer.optimizer).__name__ == ("KernelAdam" if kernel == "cpu_adam" else "TorchAdam")
     data = MarkovChainData(vocab=spec.vocab, seq_len=32, seed=0).iterate(
         global_batch_size=2, micro_batch_size=2, dp=1, dp_rank=0)
     try:

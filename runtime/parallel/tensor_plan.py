@@ -1,0 +1,252 @@
+"""Applying tensor parallelism to a model from a plan of module-name patterns.
+
+    apply_tensor_parallel(model, plan={"blocks.*.fc": "colwise", "blocks.*.out": "rowwise"}, coll=tp)
+
+Each pattern (fnmatch: `*` matches any run of characters, dots included) names modules to
+replace by their parallel version; the style says how:
+
+    "colwise" / Colwise(fused=1, gather_output=False)   nn.Linear -> ColumnParallelLinear
+    "rowwise" / Rowwise(input_is_parallel=True)          nn.Linear -> RowParallelLinear
+    "vocab"                                              nn.Embedding -> VocabParallelEmbedding,
+        nn.Linear (an LM head) -> ColumnParallelLinear over the vocabulary (logits stay split),
+        nn.CrossEntropyLoss -> VocabParallelCrossEntropy (takes the split logits)
+
+Initialisation stays reproducible and equal to single-process training: every rank builds
+the full model (same seed), `sync_tp_replicas` makes the tp group's copies equal to its first
+rank's, and each rank keeps its slice of the initialised weights. Parameters tied to one
+another (an LM head tied to the embedding) stay tied when both are split the same way.
+
+Dropout: the built-in GPT has none. A model with dropout keeps it reproducible as Megatron's
+model-parallel RNG does: replicated regions (after a row-parallel all-reduce) draw from the
+default generator, seeded alike on every tp rank (the data-parallel seed), and regions whose
+activations are split (inside attention, between fc and out) from a second generator seeded
+with seed + 2718 + tp_rank, so masks differ between the slices yet repeat run to run. No
+tracker is provided here; with the built-in model nothing draws random numbers in forward.
+
+The built-in GPT's plan (`GPT_PLAN`) splits attention by heads (the fused [q|k|v] weight is
+cut block by block, so each rank keeps whole heads of q, k and v), the MLP in two, and the
+vocabulary of the tied embedding / LM head and the loss. With tp > 1 its forward without
+labels returns this rank's vocabulary slice of the logits (Megatron's parallel_output).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+from zeroplan.schemas import ConfigError, Problem
+
+from ..comm import Collectives
+from .tensor import (ColumnParallelLinear, RowParallelLinear, TpSplit, VocabParallelCrossEntropy,
+                     VocabParallelEmbedding, shard_parameter)
+from .tensor_comm import piece, split_sizes
+
+
+@dataclass(frozen=True)
+class Colwise:
+    """Split a Linear's output features; `fused` equal blocks ([q|k|v]: 3) are split alike."""
+
+    fused: int = 1
+    gather_output: bool = False
+
+
+@dataclass(frozen=True)
+class Rowwise:
+    """Split a Linear's input features; the input is already split unless `input_is_parallel` is False."""
+
+    input_is_parallel: bool = True
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Split by vocabulary: an embedding's rows, an LM head's outputs, a cross-entropy's classes."""
+
+
+Style = Union[Colwise, Rowwise, Vocab]
+STYLES: dict[str, Style] = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab()}
+
+GPT_PLAN: dict[str, str | Style] = {
+    "wte": "vocab",
+    "blocks.*.attn.qkv": Colwise(fused=3),
+    "blocks.*.attn.proj": "rowwise",
+    "blocks.*.fc": "colwise",
+    "blocks.*.out": "rowwise",
+    "lm_head": "vocab",
+    "loss": "vocab",
+}
+"""The built-in GPT's plan (runtime/models/gpt.py)."""
+
+
+def _problem(pattern: str, message: str, given=None, suggestion: str | None = None) -> ConfigError:
+    return ConfigError(Problem(f"tp_plan[{pattern!r}]", message, given=given, suggestion=suggestion))
+
+
+def _style(pattern: str, style) -> Style:
+    if isinstance(style, (Colwise, Rowwise, Vocab)):
+        return style
+    if isinstance(style, str) and style in STYLES:
+        return STYLES[style]
+    raise _problem(pattern, "unknown tensor-parallel style", given=style,
+                   suggestion="use 'colwise', 'rowwise', 'vocab', Colwise(...) or Rowwise(...)")
+
+
+def default_plan(model: nn.Module, *, tp: int) -> dict | None:
+    """The plan a model brings: GPT_PLAN for the built-in GPT, else a `tp_plan` attribute, else None."""
+    from ..models.gpt import GPT
+
+    if isinstance(model, GPT):
+        heads = model.spec.heads
+        if heads % tp:
+            raise ConfigError(Problem("parallel.tp", f"tp({tp}) does not divide heads({heads}) of model "
+                                      f"{model.spec.name}", given=tp,
+                                      suggestion=f"compile the plan with parallel.tp a divisor of {heads}"))
+        return dict(GPT_PLAN)
+    plan = getattr(model, "tp_plan", None)
+    return dict(plan) if plan is not None else None
+
+
+def sync_tp_replicas(model: nn.Module, coll: Collectives) -> None:
+    """Make every tp rank's full model equal to the first tp rank's (before slicing)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            coll.broadcast(t.data, src=0)
+
+
+def apply_tensor_parallel(model: nn.Module, *, plan: Mapping[str, str | Style], coll: Collectives,
+                          strict: bool = True) -> nn.Module:
+    """Replace the modules `plan` names with their tensor-parallel versions over `coll`'s group,
+    each keeping this rank's slice of the module's current (initialised) weights. In place;
+    returns `model`. `strict`: a pattern that matches no module is an error (a typo); pass
+    False when the model is one pipeline stage holding part of the modules.
+    """
+    styles = {pattern: _style(pattern, s) for pattern, s in plan.items()}
+    targets = _match(model, styles)
+    if strict:
+        unused = sorted(set(styles) - {p for p, _ in targets.values()})
+        if unused:
+            raise _problem(unused[0], "the pattern matches no module of the model",
+                           suggestion="patterns are fnmatch over qualified names from model.named_modules(), "
+                           "e.g. 'blocks.*.fc'")
+    vocab = _vocab_size(model, targets)
+    tied: dict[int, tuple[TpSplit, nn.Parameter]] = {}
+    for name, (pattern, style) in targets.items():
+        module = model.get_submodule(name)
+        new = _convert(module, style, pattern=pattern, name=name, coll=coll, vocab=vocab, tied=tied)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return model
+
+
+def _match(model: nn.Module, styles: dict[str, Style]) -> dict[str, tuple[str, Style]]:
+    out = {}
+    for name, _ in model.named_modules():
+        hits = [p for p in styles if name and fnmatch.fnmatchcase(name, p)]
+        if len(hits) > 1:
+            raise _problem(hits[1], f"module {name!r} matches more than one pattern: {hits}",
+                           suggestion="make the patterns disjoint")
+        if hits:
+            out[name] = (hits[0], styles[hits[0]])
+    return out
+
+
+def _vocab_size(model: nn.Module, targets: dict[str, tuple[str, Style]]) -> int | None:
+    """The vocabulary a 'vocab' cross-entropy splits: that of the plan's vocab embedding / head."""
+    sizes = set()
+    for name, (_, style) in targets.items():
+        module = model.get_submodule(name)
+        if isinstance(style, Vocab) and isinstance(module, nn.Embedding):
+            sizes.add(module.num_embeddings)
+        elif isinstance(style, Vocab) and isinstance(module, nn.Linear):
+            sizes.add(module.out_features)
+    if len(sizes) > 1:
+        raise ConfigError(Problem("tp_plan", f"the 'vocab' modules disagree on the vocabulary size: {sorted(sizes)}",
+                                  suggestion="split by vocabulary only the embedding, LM head and loss of one vocabulary"))
+    return sizes.pop() if sizes else None
+
+
+def _convert(module: nn.Module, style: Style, *, pattern: str, name: str, coll: Collectives,
+             vocab: int | None, tied: dict) -> nn.Module:
+    kind = type(module).__name__
+    if isinstance(style, Vocab) and isinstance(module, nn.CrossEntropyLoss):
+        return _vocab_loss(module, pattern=pattern, coll=coll, vocab=vocab)
+    if isinstance(style, Vocab) and isinstance(module, nn.Embedding):
+        return _vocab_embedding(module, pattern=pattern, name=name, coll=coll, tied=tied)
+    if not isinstance(module, nn.Linear):
+        raise _problem(pattern, f"module {name!r} is a {kind}; style {style} applies to nn.Linear"
+                       + (", nn.Embedding and nn.CrossEntropyLoss" if isinstance(style, Vocab) else ""),
+                       suggestion="remove the pattern or narrow it to the Linear layers")
+    if isinstance(style, Rowwise):
+        return _rowwise(module, style, pattern=pattern, name=name, coll=coll, tied=tied)
+    return _colwise(module, style if isinstance(style, Colwise) else Colwise(), pattern=pattern, name=name,
+                    coll=coll, tied=tied)
+
+
+def _colwise(module: nn.Linear, style: Colwise, *, pattern: str, name: str, coll: Collectives,
+             tied: dict) -> ColumnParallelLinear:
+    fused = style.fused
+    if module.out_features % fused:
+        raise _problem(pattern, f"{name!r} has {module.out_features} output features, not {fused} equal blocks",
+                       given=fused)
+    if style.gather_output and fused > 1:
+        raise _problem(pattern, "gather_output with fused blocks would interleave the blocks' slices",
+                       suggestion="use Colwise(fused=..., gather_output=False)")
+    sizes = split_sizes(module.out_features // fused, coll.size)
+    if min(sizes) == 0:
+        raise _problem(pattern, f"{name!r}: {module.out_features // fused} output features cannot be split "
+                       f"over tp({coll.size})", suggestion="use a smaller parallel.tp")
+    split = TpSplit(dim=0, sizes=sizes, fused=fused)
+    weight = _shared(module.weight, split, coll, tied, pattern=pattern, name=name)
+    bias = None if module.bias is None else _shared(module.bias, split, coll, tied, pattern=pattern, name=name)
+    return ColumnParallelLinear(weight=weight, bias=bias, coll=coll, out_sizes=sizes, gather_output=style.gather_output)
+
+
+def _rowwise(module: nn.Linear, style: Rowwise, *, pattern: str, name: str, coll: Collectives,
+             tied: dict) -> RowParallelLinear:
+    sizes = split_sizes(module.in_features, coll.size)
+    if min(sizes) == 0:
+        raise _problem(pattern, f"{name!r}: {module.in_features} input features cannot be split over "
+                       f"tp({coll.size})", suggestion="use a smaller parallel.tp")
+    weight = _shared(module.weight, TpSplit(dim=1, sizes=sizes), coll, tied, pattern=pattern, name=name)
+    bias = None if module.bias is None else _shared(module.bias, None, coll, tied, pattern=pattern, name=name)
+    return RowParallelLinear(weight=weight, bias=bias, coll=coll, in_sizes=sizes,
+                             input_is_parallel=style.input_is_parallel)
+
+
+def _vocab_embedding(module: nn.Embedding, *, pattern: str, name: str, coll: Collectives,
+                     tied: dict) -> VocabParallelEmbedding:
+    if module.padding_idx is not None or module.max_norm is not None or module.sparse:
+        raise _problem(pattern, f"{name!r}: a vocab-parallel embedding supports no padding_idx, max_norm "
+                       "or sparse gradients", suggestion="remove the pattern, or those options")
+    sizes = split_sizes(module.num_embeddings, coll.size)
+    weight = _shared(module.weight, TpSplit(dim=0, sizes=sizes), coll, tied, pattern=pattern, name=name)
+    return VocabParallelEmbedding(weight=weight, coll=coll, vocab_start=piece(sizes, coll.rank)[0])
+
+
+def _vocab_loss(module: nn.CrossEntropyLoss, *, pattern: str, coll: Collectives,
+                vocab: int | None) -> VocabParallelCrossEntropy:
+    if vocab is None:
+        raise _problem(pattern, "a 'vocab' cross-entropy needs the plan to split an embedding or LM head "
+                       "by vocabulary too (its logits must be split)", suggestion="add the LM head as 'vocab'")
+    if module.weight is not None or module.label_smoothing:
+        raise _problem(pattern, "the vocab-parallel cross-entropy supports no class weights or label smoothing")
+    start = piece(split_sizes(vocab, coll.size), coll.rank)[0]
+    return VocabParallelCrossEntropy(coll=coll, vocab_start=start, ignore_index=module.ignore_index,
+                                     reduction=module.reduction)
+
+
+def _shared(param: nn.Parameter, split: TpSplit | None, coll: Collectives, tied: dict, *, pattern: str,
+            name: str) -> nn.Parameter:
+    """This rank's slice of `param`; the same new parameter for every module tied to it."""
+    if id(param) in tied:
+        seen, new = tied[id(param)]
+        if seen != split:
+            raise _problem(pattern, f"{name!r} shares a parameter with a module split another way "
+                           f"({seen} vs {split})", suggestion="split tied modules alike")
+        return new
+    new = shard_parameter(param, split, coll)
+    tied[id(param)] = (split, new)
+    return new
