@@ -40,7 +40,8 @@ def _parallel_plan(config: TrainConfig, *, dp: int, tp: int, pp: int, accum: int
                                 given=micro_batches,
                                 suggestion="remove parallel.pipeline.micro_batches or make them equal"))
     plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule,
-                        pipeline_micro_batches=micro_batches if pp > 1 else 1)
+                        pipeline_micro_batches=micro_batches if pp > 1 else 1,
+                        pipeline_partition_method=pipe.partition_method)
     return plan, problems
 
 

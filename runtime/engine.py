@@ -137,8 +137,12 @@ class Engine:
         by ~0.3% on this CPU) one 1M-element chunk at a time: a float64 copy of the whole
         gradient cost an extra pass and 8 bytes per element of peak memory.
         """
+        return float(self._grad_sq().sqrt().item())
+
+    def _grad_sq(self) -> torch.Tensor:
+        """The squared global norm (one fp32 element) over dp and tp; see `_grad_norm`."""
         if self.tp_coll is None:
-            sq = _squared_norm(self.zero.grad).float().reshape(1)
+            sq = _squared_norm_of_runs(self.zero.grad, self._norm_runs()[0]).float().reshape(1)
         else:
             sq = torch.stack([_squared_norm_of_runs(self.zero.grad, runs) for runs in self._norm_runs()]).float()
         if not self.zero.grad_norm_replicated:
@@ -147,13 +151,19 @@ class Engine:
             split = sq[1:].clone()
             self.tp_coll.all_reduce(split)
             sq = sq[0] + split
-        return float(sq.sum().sqrt().item())
+        return sq.sum().reshape(1)
+
+    def _counts_in_norm(self, index: int) -> bool:
+        """Whether slot `index` counts in the gradient norm (a pipeline counts a tied copy once)."""
+        return True
 
     def _norm_runs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Shard ranges [lo, hi) of tp-replicated and of tp-split parameters (merged when adjacent)."""
         if self._runs is None:
             runs: tuple[list, list] = ([], [])
             for slot, p in zip(self.zero.layout.slots, self.zero.layout.params):
+                if not self._counts_in_norm(slot.index):
+                    continue
                 kind = runs[tp_split_of(p) is not None]
                 if kind and kind[-1][1] == slot.offset:
                     kind[-1] = (kind[-1][0], slot.offset + slot.chunk)
@@ -240,7 +250,8 @@ class Engine:
 
     def _meta(self) -> dict:
         """Rank 0's record of the run (meta.json); `world_size` is the dp size the shards are cut for."""
-        return {"world_size": self.groups.dp_size, "tp_size": self.groups.tp_size, "stage": self.zero.stage,
+        return {"world_size": self.groups.dp_size, "tp_size": self.groups.tp_size, "pp_size": self.groups.pp_size,
+                "stage": self.zero.stage,
                 "global_steps": self.global_steps, "param_dtype": str(self.param_dtype).replace("torch.", ""),
                 "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
 
@@ -351,8 +362,9 @@ def _check_loadable(client_state: dict) -> None:
 def _check_fits(path: Path, *, saved: dict, mine: dict) -> None:
     """Refuse a checkpoint cut for other degrees, another ZeRO stage or another model; the
     message lists every difference (the parameter slots only when the rest agree)."""
-    before_tp = {"tp_size": 1, "tp_rank": 0}  # checkpoints from before tensor parallelism
-    names = {"world_size": "dp size", "tp_size": "tp size", "tp_rank": "tp rank", "stage": "ZeRO stage"}
+    before_tp = {"tp_size": 1, "tp_rank": 0, "pp_size": 1}  # checkpoints from before tensor and pipeline parallelism
+    names = {"world_size": "dp size", "tp_size": "tp size", "tp_rank": "tp rank", "pp_size": "pp size",
+             "stage": "ZeRO stage"}
     wrong = [k for k in names if saved.get(k, before_tp.get(k)) != mine[k]]
     if not wrong and saved.get("slots") != mine["slots"]:
         wrong = ["slots"]
@@ -360,7 +372,7 @@ def _check_fits(path: Path, *, saved: dict, mine: dict) -> None:
         was = " and ".join(f"{names.get(k, k)} {_short(saved.get(k, before_tp.get(k)))}" for k in wrong)
         now = " and ".join(f"{names.get(k, k)} {_short(mine[k])}" for k in wrong)
         raise checkpoint.CheckpointError(f"{path}: saved with {was}, this run has {now}; "
-                                         "resume with the same dp and tp degrees, ZeRO stage and model")
+                                         "resume with the same dp, tp and pp degrees, ZeRO stage and model")
 
 
 def _short(value) -> str:

@@ -25,6 +25,7 @@ from .from_config import plan_from_config
 from .offload import Offload
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
+from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
 from .zero import build_zero, shard_numel
@@ -75,9 +76,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
-    if plan.parallel.pp != 1:
-        raise ConfigError(Problem("parallel.pp", f"this runtime does not run pipeline parallelism yet, but the "
-                                  f"plan has pp({plan.parallel.pp})", suggestion="compile the plan with pp = 1"))
+    _check_pipeline(plan)
     precision = plan.precision
     param_dtype = DTYPES[precision.param_dtype]
     offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
@@ -88,10 +87,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model.to(groups.device)
+    if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
+        _broadcast_whole(model)
     tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan)
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             coll.broadcast(t.data, src=0)
+    stage = None
+    if groups.pp_size > 1:
+        stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
+        model = stage.module
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
                       predivide=plan.optimizer.gradient_predivide_factor,
@@ -100,10 +105,26 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     coll.logger.reset()
-    engine = Engine(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                    schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
+                 schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+    engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
     return engine
+
+
+def _check_pipeline(plan: Plan) -> None:
+    """pp > 1 runs ZeRO stages 0-2 (the compiler refuses stage 3 with pp; a hand-made plan is refused here)."""
+    if plan.parallel.pp > 1 and plan.zero.stage == 3:
+        raise ConfigError(Problem("zero.stage", f"ZeRO stage 3 with pp({plan.parallel.pp}) > 1 is not supported: "
+                                  "stage 3 gathers parameters per module while pipeline stages own disjoint modules",
+                                  suggestion="compile the plan with zero_optimization.stage 0, 1 or 2, or parallel.pp 1"))
+
+
+def _broadcast_whole(model: nn.Module) -> None:
+    """Rank 0's whole model to every rank, before tp slices it and pp cuts it into stages."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
 
 
 def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,

@@ -168,7 +168,7 @@ class StepReporter:
         self._times.append(line.get("step_time_s", 0.0))
         self._write(line)
         if self.max_steps is not None and engine.global_steps >= self.max_steps:
-            peaks = gather_peaks(peak_bytes=line["peak_rss_bytes"], group=engine.groups.dp_group)
+            peaks = gather_peaks(peak_bytes=line["peak_rss_bytes"], group=None)  # every rank, all stages
             times = self._times[1:] or self._times  # the first step includes warm-up
             mean = sum(times) / len(times)
             self._write({"summary": True, "steps": engine.global_steps, "mean_step_time_s": mean,

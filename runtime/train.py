@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     losses, started = [], time.perf_counter()
     with _progress(enabled=rank0, total=args.steps) as bar:
         for step in range(args.steps):
-            loss = engine.train_batch(data)
+            loss = engine.train_batch(data)  # with pp > 1 the last stage's loss, on every stage
             engine.coll.all_reduce(loss)  # after the step's metrics snapshot: not counted in its comms
             losses.append(float(loss) / groups.dp_size)
             line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics()}
@@ -93,11 +93,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_sample: int) -> dict:
-    peaks = gather_peaks(peak_bytes=engine.metrics()["peak_rss_bytes"], group=engine.groups.dp_group)
+    peaks = gather_peaks(peak_bytes=engine.metrics()["peak_rss_bytes"], group=None)  # every rank: all stages
     times = engine.meter.times[1:] or engine.meter.times  # the first step includes warm-up
     mean = sum(times) / len(times)
+    p = engine.plan.parallel
     return {"summary": True, "model": name, "stage": engine.plan.zero.stage,
-            "world_size": engine.groups.world_size, "dtype": engine.plan.precision.param_dtype,
+            "world_size": engine.groups.world_size, "dp": p.dp, "tp": p.tp, "pp": p.pp,
+            "pipeline_schedule": p.pipeline_schedule if p.pp > 1 else None, "dtype": engine.plan.precision.param_dtype,
             "steps": len(losses), "loss_start": losses[0], "loss_end": losses[-1],
             "mean_step_time_s": mean, "samples_per_s": engine.plan.batch.global_batch_size / mean,
             "tokens_per_s": engine.plan.batch.global_batch_size * tokens_per_sample / mean,

@@ -5,13 +5,52 @@ the world size once tp and pp are known, tp and pp default to 1. "auto" hands th
 compile (cost model) or autotune (measurement).
 """
 
+import re
+from typing import Annotated
+
+from pydantic import PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
 from .errors import ConfigError, Problem
 from .types import AutoPositive, StrictModel, choice, is_auto
+
+PARTITION_METHODS = ("parameters", "uniform", "type:<regex>")
+
+
+def parse_partition_method(method: str) -> tuple[str, re.Pattern | None]:
+    """('parameters' | 'uniform' | 'type', the compiled case-insensitive regex or None), as
+    DeepSpeed's PipelineModule reads `partition_method`; ValueError for anything else."""
+    if method in ("parameters", "uniform"):
+        return method, None
+    if method.startswith("type:") and method[5:]:
+        try:
+            return "type", re.compile(method[5:], re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"partition_method {method!r}: bad regex ({e})") from e
+    raise ValueError(f"partition_method {method!r} is none of {', '.join(PARTITION_METHODS)}")
+
+
+def _partition_method(value: object) -> str:
+    if isinstance(value, str):
+        try:
+            parse_partition_method(value)
+            return value
+        except ValueError as e:
+            raise PydanticCustomError("value_error", "{reason}", {"reason": str(e)}) from e
+    raise PydanticCustomError("type", "expected 'parameters', 'uniform' or 'type:<regex>'")
+
+
+PartitionMethod = Annotated[str, PlainValidator(_partition_method),
+                            WithJsonSchema({"type": "string", "pattern": "^(parameters|uniform|type:.+)$"})]
 
 
 class PipelineConfig(StrictModel):
     schedule: choice("1f1b", "gpipe") = "1f1b"
     """Pipeline schedule: 1F1B (less activation memory) or GPipe (all forwards, then all backwards)."""
+    partition_method: PartitionMethod = "parameters"
+    """How layers are cut into stages (DeepSpeed's PipelineModule `partition_method`): 'parameters'
+    balances trainable parameter counts, 'uniform' layer counts, 'type:<regex>' the layers whose
+    class name matches the regex (case-insensitive), e.g. 'type:Block'."""
     micro_batches: AutoPositive | None = None
     """Micro-batches per step through the pipeline; None means the gradient-accumulation count."""
 

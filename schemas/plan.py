@@ -51,6 +51,8 @@ class ParallelPlan(FrozenModel):
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     pipeline_micro_batches: int = Field(default=1, ge=1)
     """Micro-batches per step through the pipeline (the accumulation count when pp > 1)."""
+    pipeline_partition_method: str = "parameters"
+    """How layers are cut into pp stages: 'parameters', 'uniform' or 'type:<regex>' (parallel.pipeline)."""
 
 
 class ZeroPlan(FrozenModel):

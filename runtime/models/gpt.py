@@ -10,6 +10,8 @@ place; attention reads its local head count from the qkv weight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,41 @@ class Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
+def embed(wte: nn.Module, wpe: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token plus learned position embeddings of [batch, seq] ids."""
+    t = input_ids.shape[1]
+    if t > wpe.num_embeddings:
+        raise ValueError(f"sequence length {t} exceeds the model's seq_len {wpe.num_embeddings}")
+    return wte(input_ids) + wpe(torch.arange(t, device=input_ids.device))
+
+
+def next_token_loss(loss: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`loss` (cross-entropy, or its vocabulary-parallel form) of [batch, seq, vocab] logits, in fp32."""
+    return loss(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class Embeddings(nn.Module):
+    """The first pipeline layer: ids -> hidden states (the GPT's own wte and wpe modules)."""
+
+    def __init__(self, wte: nn.Module, wpe: nn.Embedding):
+        super().__init__()
+        self.wte, self.wpe = wte, wpe
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return embed(self.wte, self.wpe, input_ids)
+
+
+class Head(nn.Module):
+    """The last pipeline layer: hidden states -> logits (the GPT's own ln_f and lm_head)."""
+
+    def __init__(self, ln_f: nn.LayerNorm, lm_head: nn.Module):
+        super().__init__()
+        self.ln_f, self.lm_head = ln_f, lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(x))
+
+
 class GPT(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -73,14 +110,19 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab], or the mean next-token cross-entropy when `labels` is given."""
-        t = input_ids.shape[1]
-        if t > self.spec.seq_len:
-            raise ValueError(f"sequence length {t} exceeds the model's seq_len {self.spec.seq_len}")
-        pos = torch.arange(t, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)
+        x = embed(self.wte, self.wpe, input_ids)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
         if labels is None:
             return logits
-        return self.loss(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return next_token_loss(self.loss, logits, labels)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The forward as single-tensor layers for pipeline stages (parallel/pipeline.py): the
+        embeddings, each block, the final norm and LM head; they share this model's modules."""
+        return [Embeddings(self.wte, self.wpe), *self.blocks, Head(self.ln_f, self.lm_head)]
+
+    def pipeline_loss(self):
+        """The last stage's loss(logits, labels); it holds the loss module only, not the model."""
+        return functools.partial(next_token_loss, self.loss)

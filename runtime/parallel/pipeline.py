@@ -1,0 +1,226 @@
+"""Pipeline partitioning: a model as a sequence of layers, cut into pp stages.
+
+A model can be pipelined when it says how its forward decomposes (the protocol DeepSpeed's
+`PipelineModule` expresses with its `layers` and `loss_fn`):
+    model.pipeline_layers() -> list[nn.Module]   each maps one tensor to the next
+    model.pipeline_loss() -> loss_fn             loss_fn(output, labels) on the last stage; it must
+                                                 not hold the model (each stage keeps only its layers)
+The built-in GPT implements it (embeddings, blocks, final norm + LM head); `PipelineModule`
+wraps any `nn.Sequential` (or list of modules) with a loss function. A plain `nn.Sequential`
+has no loss, so it is refused with a message that points at `PipelineModule`.
+
+Partition methods (DeepSpeed's `partition_method`):
+- `parameters` (default): balance the trainable parameter counts of the stages;
+- `uniform`: balance the number of layers (the first stages take one more when it does not divide);
+- `type:<regex>`: balance the layers whose class name matches the regex (case-insensitive),
+  e.g. `type:Block` for the GPT's transformer blocks.
+Balancing minimises the heaviest stage (DeepSpeed's `partition_balanced`); every stage gets at
+least one layer. A parameter used by layers on two stages (the GPT's embedding, tied to its LM
+head) is kept on both; the engine sums its gradients across them (Megatron's embedding group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.parallel import parse_partition_method
+
+class PipelineModule(nn.Module):
+    """Layers run in order, then `loss_fn(output, labels)`: a model any pp can split.
+
+    `forward(inputs, labels=None)` is the plain single-process model (the loss when labels are
+    given, else the output), so the same object trains with or without pipeline parallelism.
+    """
+
+    def __init__(self, *, layers: nn.Sequential | Sequence[nn.Module],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.layers = layers if isinstance(layers, nn.Sequential) else nn.Sequential(*layers)
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.layers(inputs)
+        return out if labels is None else self.loss_fn(out, labels)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def pipeline_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self.loss_fn
+
+
+# -- partition arithmetic (no torch) -------------------------------------------------------------
+def partition_uniform(items: int, parts: int) -> list[int]:
+    """Boundaries [0, ..., items] of `parts` runs whose sizes differ by at most one (first runs larger)."""
+    base, extra = divmod(items, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return bounds
+
+
+def partition_balanced(weights: Sequence[int], parts: int) -> list[int]:
+    """Boundaries of `parts` non-empty runs of consecutive items minimising the heaviest run."""
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    lo, hi = max(weights), prefix[-1]
+    while lo < hi:  # the smallest feasible bottleneck
+        mid = (lo + hi) // 2
+        if _probe(prefix, parts, mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return _probe(prefix, parts, lo)
+
+
+def _probe(prefix: list[int], parts: int, bottleneck: int) -> list[int] | None:
+    """Greedy boundaries with every run <= bottleneck and non-empty, or None if impossible."""
+    n, bounds, start = len(prefix) - 1, [0], 0
+    for j in range(parts):
+        end = start + 1
+        if prefix[end] - prefix[start] > bottleneck:
+            return None
+        last_end = n - (parts - j - 1)  # leave one item for every later run
+        while end < last_end and prefix[end + 1] - prefix[start] <= bottleneck:
+            end += 1
+        bounds.append(end)
+        start = end
+    return bounds if start == n else None
+
+
+def layer_weights(layers: Sequence[nn.Module], method: str) -> list[int]:
+    """What `method` balances, per layer."""
+    kind, regex = parse_partition_method(method)
+    if kind == "uniform":
+        return [1] * len(layers)
+    if kind == "parameters":
+        return [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    weights = [1 if regex.search(type(layer).__name__) else 0 for layer in layers]
+    if not any(weights):
+        names = sorted({type(layer).__name__ for layer in layers})
+        raise ValueError(f"partition_method {method!r} matches no layer class (the layers are {', '.join(names)})")
+    return weights
+
+
+def partition(layers: Sequence[nn.Module], *, stages: int, method: str) -> list[int]:
+    """Stage boundaries [0, ..., len(layers)]: stage s runs layers [b[s], b[s + 1])."""
+    if stages > len(layers):
+        raise ConfigError(Problem("parallel.pp", f"pp({stages}) > layers({len(layers)}) of the model's pipeline "
+                                  "sequence: every pipeline stage needs at least one layer", given=stages,
+                                  suggestion=f"compile the plan with parallel.pp at most {len(layers)}"))
+    if parse_partition_method(method)[0] == "uniform":
+        return partition_uniform(len(layers), stages)
+    return partition_balanced(layer_weights(layers, method), stages)
+
+
+# -- the stage module --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TiedParameter:
+    """A parameter that layers on several stages use (kept on each, gradients summed)."""
+
+    local_name: str
+    """Its name in this stage's module."""
+    stages: tuple[int, ...]
+    """The stages holding a copy; the first counts it in the gradient norm."""
+
+
+class PipelineStage(nn.Module):
+    """The consecutive layers of one stage, keyed by their index in the whole sequence."""
+
+    def __init__(self, *, layers: dict[int, nn.Module], stage: int, stages: int, plain_names: dict[str, str],
+                 tied: tuple[TiedParameter, ...]):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): m for i, m in layers.items()})
+        self.stage, self.stages = stage, stages
+        self.plain_names = plain_names
+        """This module's state_dict names -> the plain model's state_dict names."""
+        self.tied = tied
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+
+def model_layers(model: nn.Module) -> tuple[list[nn.Module], Callable]:
+    """(layers, loss) of a model that implements the pipeline protocol; ConfigError otherwise."""
+    if not (hasattr(model, "pipeline_layers") and hasattr(model, "pipeline_loss")):
+        hint = ("wrap it as zeroplan.runtime.parallel.PipelineModule(layers=..., loss_fn=...)"
+                if isinstance(model, nn.Sequential) else
+                "give the model pipeline_layers() and pipeline_loss(), or build it as a "
+                "zeroplan.runtime.parallel.PipelineModule")
+        raise ConfigError(Problem("parallel.pp", f"pp > 1 needs the model as a sequence of layers and a loss, "
+                                  f"and {type(model).__name__} does not say how it splits", suggestion=hint))
+    layers = list(model.pipeline_layers())
+    bad = [type(m).__name__ for m in layers if not isinstance(m, nn.Module)]
+    if bad:
+        raise TypeError(f"pipeline_layers() must return nn.Module objects, got {', '.join(bad)}")
+    return layers, model.pipeline_loss()
+
+
+def _stage_users(layers: list[nn.Module], bounds: list[int]) -> dict[int, set[int]]:
+    """id(parameter) -> the stages whose layers use it."""
+    users: dict[int, set[int]] = {}
+    for s in range(len(bounds) - 1):
+        for layer in layers[bounds[s]:bounds[s + 1]]:
+            for p in layer.parameters():
+                users.setdefault(id(p), set()).add(s)
+    return users
+
+
+def split_model(model: nn.Module, *, stage: int, stages: int, method: str) -> tuple[PipelineStage, Callable]:
+    """This stage's part of `model` (its layers, the same module objects, and name mappings) and the loss."""
+    layers, loss_fn = model_layers(model)
+    bounds = partition(layers, stages=stages, method=method)
+    users = _stage_users(layers, bounds)
+    mine = {i: layers[i] for i in range(bounds[stage], bounds[stage + 1])}
+    module_paths: dict[int, str] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        module_paths.setdefault(id(m), path)
+    plain, tied = {}, []
+    for i, layer in mine.items():
+        for local, t in layer.state_dict(keep_vars=True).items():
+            name = f"layers.{i}.{local}"
+            plain[name] = _plain_name(module_paths, layer, local, default=name)
+            if isinstance(t, nn.Parameter) and len(users.get(id(t), ())) > 1:
+                tied.append(TiedParameter(local_name=name, stages=tuple(sorted(users[id(t)]))))
+    return PipelineStage(layers=mine, stage=stage, stages=stages, plain_names=plain, tied=_unique(tied)), loss_fn
+
+
+def _plain_name(module_paths: dict[int, str], layer: nn.Module, local: str, *, default: str) -> str:
+    """The plain model's name of a layer's tensor: the path of the module that owns it there."""
+    owner, _, leaf = local.rpartition(".")
+    path = module_paths.get(id(layer.get_submodule(owner)))
+    if path is None:  # a wrapper's own tensor, not in the plain model's tree
+        return default
+    return f"{path}.{leaf}" if path else leaf
+
+
+def tied_stage_sets(model: nn.Module, *, stages: int, method: str) -> list[tuple[int, ...]]:
+    """Every distinct set of stages sharing a parameter, sorted (the same list on every rank)."""
+    layers, _ = model_layers(model)
+    users = _stage_users(layers, partition(layers, stages=stages, method=method))
+    return sorted({tuple(sorted(u)) for u in users.values() if len(u) > 1})
+
+
+def _unique(tied: list[TiedParameter]) -> tuple[TiedParameter, ...]:
+    seen, out = set(), []
+    for t in tied:
+        if t.local_name not in seen:
+            seen.add(t.local_name)
+            out.append(t)
+    return tuple(out)
