@@ -20,10 +20,11 @@
 // which tests/runtime/kernels/test_engine_native_kernel.py relies on.
 //
 // Why two divisions and not one: multiplying by 1/sqrt(1 - beta2^t) (DeepSpeed's form) saves
-// a division and runs 1.4x faster on cache-resident data (AVX2, Zen 3: 0.33 against 0.46 ns
-// per element), but from 25M parameters on the step is memory-bound and the two forms
-// measured the same (bench/results/optimizer_kernels-*.md), while the one-division form
-// moves a quarter of the parameters by an ulp against torch.
+// a division, and on cache-resident data the loop is bound by the divide/square-root unit
+// (AVX2, Zen 3: 0.33 against 0.46 ns per element). From 25M parameters on the step is mostly
+// memory-bound: the gain shrank to under 10% at one thread and none at two on a shared
+// machine (bench/results/optimizer_kernels-2026-11-28.md), while the one-division form moves
+// a quarter of the parameters by an ulp against torch's fused kernel.
 // Adam itself: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
 // decoupled weight decay: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
 #pragma once
