@@ -10,9 +10,12 @@ What is measured, per size (fp32 parameters) and thread count:
 - the machine's memory bandwidth, as a large `copy_` (read + write bytes over time), the
   ceiling every memory-bound step is judged against.
 
-Systems run alternately (A B C A B C ...) so that drift on a shared machine hits them alike,
-and the gradient is restored (untimed) before each step so repeated unscaling cannot push it
-into denormals. DeepSpeedCPUAdam is included only if deepspeed is importable.
+Systems run alternately (A B C, then C B A, ...) so that drift on a shared machine hits them
+alike, and each ratio is the median over rounds of the ratio within a round (a paired
+comparison, steadier under load than a ratio of medians). The gradient is restored (untimed)
+before each step so repeated unscaling cannot push it into denormals. DeepSpeedCPUAdam is
+included only if deepspeed is importable (run from an environment that has it, with this
+checkout installed: the benchmark refuses to time another tree's kernel sources).
 
 Usage: python -m bench.optimizer_kernels [--sizes 25e6 100e6] [--threads 1 2] [--reps 7]
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from zeroplan.runtime.kernels import adam_step, cpu_simd_paths
+from zeroplan.runtime.kernels.loader import CPU_ADAM, CSRC_DIR
 
 from .report import RESULTS, cpu_model
 
@@ -87,7 +91,7 @@ def torch_optimizer(flat: Flat, **flags) -> Callable[[], None]:
 
 @functools.cache
 def deepspeed_cpu_adam() -> type | None:
-    """DeepSpeedCPUAdam if deepspeed imports (it is never installed for this); one notice if not."""
+    """DeepSpeedCPUAdam if deepspeed imports (it is no dependency of zeroplan); one notice if not."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except Exception as e:  # not installed, or its own JIT build failed
@@ -123,17 +127,32 @@ def plain_shard_step(flat: Flat, step: Callable[[], None]) -> None:
     flat.bf16.copy_(flat.param.data)
 
 
-def alternate(systems: dict[str, tuple[Flat, Callable[[], None]]], reps: int) -> dict[str, float]:
-    """Median seconds per step of each system, run A B C A B C after one untimed warm-up round."""
+def alternate(systems: dict[str, tuple[Flat, Callable[[], None]]], reps: int) -> dict[str, list[float]]:
+    """Seconds per step of each system over `reps` rounds, after one untimed warm-up round; the
+    order reverses every round so that no system always follows the same one."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     for rep in range(reps + 1):
-        for name, (flat, run) in systems.items():
+        order = list(systems) if rep % 2 == 0 else list(reversed(systems))
+        for name in order:
+            flat, run = systems[name]
             flat.restore_grad()
             t0 = time.perf_counter()
             run()
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def summarise(times: dict[str, list[float]], baseline: str, numel: int, threads: int, *, moved: bool) -> list[dict]:
+    """One row per system: median seconds, and the median of the per-round ratios
+    baseline time / system time (above 1: faster than the baseline)."""
+    rows = []
+    for name, ts in times.items():
+        ratio = statistics.median(b / t for b, t in zip(times[baseline], ts))
+        nbytes = (30 if "bf16" in name else 28) * numel if moved else None
+        rows.append(dict(size=numel, threads=threads, system=name, seconds=statistics.median(ts),
+                         ratio=ratio, bytes=nbytes))
+    return rows
 
 
 def bench_size(numel: int, threads: int, reps: int) -> list[dict]:
@@ -152,33 +171,51 @@ def bench_size(numel: int, threads: int, reps: int) -> list[dict]:
     ds_step = deepspeed_optimizer(ds_flat)
     if ds_step is not None:
         systems["DeepSpeedCPUAdam"] = (ds_flat, ds_step)
-    medians = alternate(systems, reps)
+    plain = "shard step: PyTorch (mul_ + clip + fused + copy_)"
     shard = alternate({
         "shard step: cpu_adam (norm + 1 fused pass)": (flats["cpu_adam"], lambda: fused_shard_step(flats["cpu_adam"], threads)),
-        "shard step: PyTorch (mul_ + clip + fused + copy_)": (flats["fused"], lambda: plain_shard_step(flats["fused"], systems["torch AdamW(fused=True)"][1])),
+        plain: (flats["fused"], lambda: plain_shard_step(flats["fused"], systems["torch AdamW(fused=True)"][1])),
     }, reps)
-    baseline = medians["torch AdamW(fused=True)"]
-    rows = [dict(size=numel, threads=threads, system=name, seconds=s, ratio=baseline / s,
-                 bytes=(30 if "bf16" in name else 28) * numel) for name, s in medians.items()]
-    shard_base = shard["shard step: PyTorch (mul_ + clip + fused + copy_)"]
-    rows += [dict(size=numel, threads=threads, system=name, seconds=s, ratio=shard_base / s, bytes=None)
-             for name, s in shard.items()]
-    return rows
+    return (summarise(alternate(systems, reps), "torch AdamW(fused=True)", numel, threads, moved=True)
+            + summarise(shard, plain, numel, threads, moved=False))
 
 
-def to_markdown(rows: list[dict], bandwidth: dict[int, float], command: str, reps: int) -> str:
+def checked_kernel_sources() -> Path:
+    """The kernel sources zeroplan builds from, which must be this checkout's `csrc/`: an
+    environment whose zeroplan is installed from another tree would time that tree's kernel."""
+    ours = Path(__file__).resolve().parents[1] / "csrc"
+    if CSRC_DIR != ours:
+        raise SystemExit(f"error: zeroplan.csrc resolves to {CSRC_DIR}, not this checkout's {ours}; "
+                         f"install this checkout into the environment (pip install --no-deps -e {ours.parent})")
+    return ours
+
+
+def deepspeed_line() -> str:
+    try:
+        import deepspeed
+    except Exception as e:
+        return f"- deepspeed: not importable here ({type(e).__name__}), so no DeepSpeedCPUAdam rows"
+    return f"- deepspeed {deepspeed.__version__} (DeepSpeedCPUAdam, adamw_mode=True, its JIT build for this machine)"
+
+
+def to_markdown(rows: list[dict], bandwidth: dict[int, float], command: str, reps: int,
+                load: tuple[float, float]) -> str:
     lines = [
         f"# Optimizer kernels, {dt.date.today().isoformat()}",
         "",
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible; cpu_adam SIMD path: {cpu_simd_paths()[0]}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+        deepspeed_line(),
+        f"- cpu_adam built from {checked_kernel_sources()} into {CPU_ADAM.build_dir()}",
         f"- command: `{command}`",
-        f"- {reps} timed steps per system (median), systems alternated, one warm-up round;"
-        " the machine was shared with other work, so absolute figures carry noise",
+        f"- {reps} timed steps per system (median), systems alternated (order reversed every round),"
+        " one warm-up round; the machine was shared with other work, so absolute figures carry noise",
+        f"- 1-minute load average ({os.cpu_count()} cores): {load[0]:.1f} at the start, {load[1]:.1f} at the end",
         "- memory bandwidth (`copy_` of 1 GiB fp32, read + write, best of the reps): "
         + ", ".join(f"{t} thread(s): {bw:.1f} GB/s" for t, bw in sorted(bandwidth.items())),
-        "- Adam moves 28 bytes per element (30 with the bf16 copy); ratio = torch fused time / this"
-        " system's time (shard steps: plain PyTorch shard step time / this one's)",
+        "- Adam moves 28 bytes per element (30 with the bf16 copy); ratio = median over rounds of"
+        " torch fused time / this system's time in the same round (shard steps: plain PyTorch"
+        " shard step / this one); above 1.00x is faster than torch fused",
         "",
         "| params | threads | system | ms/step | GB/s | % of copy bw | ratio |",
         "|---:|---:|---|---:|---:|---:|---:|",
@@ -199,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default: bench/results/)")
     args = parser.parse_args(argv)
     command = "python -m bench.optimizer_kernels " + shlex.join(argv if argv is not None else sys.argv[1:])
+    checked_kernel_sources()
+    load_start = os.getloadavg()[0]
     bandwidth = {}
     for t in args.threads:
         torch.set_num_threads(t)
@@ -208,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.threads:
             print(f"{size / 1e6:.0f}M parameters, {t} thread(s) ...", file=sys.stderr)
             rows += bench_size(int(size), t, args.reps)
-    text = to_markdown(rows, bandwidth, command.strip(), args.reps)
+    text = to_markdown(rows, bandwidth, command.strip(), args.reps, (load_start, os.getloadavg()[0]))
     out = args.out or RESULTS / f"optimizer_kernels-{dt.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
