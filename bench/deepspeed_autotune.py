@@ -17,6 +17,11 @@ as zeroplan's grid: warmup_steps 1, measured_steps 2), writes the throughput and
 Recorded: every experiment's parameters and throughput, the best found, the number of
 experiments, and the wall time of the whole command.
 
+Then, in the same run, zeroplan's tuner on the same space with the exhaustive grid sampler
+(bench.autotune_efficiency's settings: warmup 1, measured 2 steps, no pruning), so both
+tuners' figures come from one stretch of a shared machine (load averages are reported);
+--skip-zeroplan leaves it out. bench/results/autotune_efficiency-*.md has zeroplan's TPE.
+
 Needs deepspeed (see bench/systems/deepspeed.py for installing it apart from the product)
 and, for DeepSpeed's clean-up after each experiment, `pdsh` (`apt-get install -y pdsh`).
 Run with the interpreter that has deepspeed:
@@ -110,6 +115,32 @@ def _error_of(exp_dir: Path) -> str | None:
     return lines[-1][:200] if lines else None
 
 
+def run_zeroplan_grid(*, model: str, nproc: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """zeroplan's tuner, grid sampler, on the same space: (params -> (samples/s, trial s), wall s)."""
+    from zeroplan.autotune.tune import TuneSettings
+
+    from .autotune_efficiency import grid_config, measure_grid
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="zeroplan-grid-") as tmp:
+        settings = TuneSettings(model_name=model, nproc_per_node=nproc, out_dir=Path(tmp), sampler="grid",
+                                pruner="none", max_trials=len(STAGES) * len(MICROS), warmup_steps=1,
+                                measured_steps=2, warm_start=0, trial_timeout_s=900)
+        grid = measure_grid(data=grid_config(global_batch=8), settings=settings)
+    return grid, time.monotonic() - start
+
+
+def zeroplan_lines(grid: dict[str, tuple[float, float]], wall: float, load: list[float]) -> list[str]:
+    if not grid:
+        return ["## zeroplan's tuner (grid): no trial completed", ""]
+    best_key, (best, _) = max(grid.items(), key=lambda kv: kv[1][0])
+    rows = [[k, f"{v:.2f}", f"{s:.0f}"] for k, (v, s) in sorted(grid.items(), key=lambda kv: -kv[1][0])]
+    return [f"## zeroplan's tuner on the same space (grid sampler): {len(grid)} trials, wall time {wall:.0f} s", "",
+            f"- best: {best_key}: {best:.2f} samples/s",
+            "- load average (1 min) at its start and end: " + ", ".join(f"{x:.1f}" for x in load), "",
+            *table(["parameters", "samples/s", "trial s"], rows, right=[False, True, True]), ""]
+
+
 def report(*, args, cmd: list[str], wall: float, code: int, tail: str, rows: list[dict]) -> list[str]:
     measured = [r for r in rows if r["samples_per_s"]]
     best = max(measured, key=lambda r: r["samples_per_s"], default=None)
@@ -151,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--timeout-s", type=float, default=1800)
     p.add_argument("--keep", default=None, help="keep DeepSpeed's experiment folders here")
+    p.add_argument("--skip-zeroplan", action="store_true", help="leave out zeroplan's grid on the same space")
     args = p.parse_args(argv)
     if shutil.which("pdsh") is None:
         print("note: pdsh is not installed; DeepSpeed's autotuner calls it after each experiment "
@@ -158,10 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ds-autotune-") as tmp:
         out = Path(args.keep or tmp)
         out.mkdir(parents=True, exist_ok=True)
+        ds_load = [os.getloadavg()[0]]
         cmd, wall, code, tail = run_autotuner(model=args.model, nproc=args.nproc, out=out, timeout_s=args.timeout_s)
+        ds_load.append(os.getloadavg()[0])
         rows = experiments(out)
-        path = result_path("deepspeed_autotune")
-        print(write(path, report(args=args, cmd=cmd, wall=wall, code=code, tail=tail, rows=rows)))
+    lines = report(args=args, cmd=cmd, wall=wall, code=code, tail=tail, rows=rows)
+    lines.insert(lines.index("Last lines of the autotuner's output:") - 1,
+                 "\n- load average (1 min) at the autotuner's start and end: "
+                 + ", ".join(f"{x:.1f}" for x in ds_load) + f" ({os.cpu_count()} cores)")
+    if not args.skip_zeroplan:
+        zp_load = [os.getloadavg()[0]]
+        grid, zp_wall = run_zeroplan_grid(model=args.model, nproc=args.nproc)
+        zp_load.append(os.getloadavg()[0])
+        lines += ["", *zeroplan_lines(grid, zp_wall, zp_load)]
+    print(write(result_path("deepspeed_autotune"), lines))
     return 0
 
 
