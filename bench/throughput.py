@@ -186,7 +186,7 @@ def preset_workload(preset: str, *, steps: int, warmup: int, micro: int | None =
 
 
 def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps: int, budget: Budget,
-        log=print) -> list[PresetResult]:
+        log=print, steps_by_preset: dict[str, int] | None = None) -> list[PresetResult]:
     """Measure each preset in turn, smallest first. The first always gets one round; a later
     round or preset that would not fit the budget (a preset's cost extrapolated from the
     previous preset's step time by work per sample) is skipped and said so."""
@@ -195,11 +195,12 @@ def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps
     step_s = 0.5  # seconds per step and system, before anything was measured
     previous: tuple[str, int] | None = None  # preset, global batch
     for preset in sorted(presets, key=work_per_sample):
-        workload = preset_workload(preset, steps=steps, warmup=warmup)
+        n = (steps_by_preset or {}).get(preset, steps)
+        workload = preset_workload(preset, steps=n, warmup=min(warmup, n - 1))
         if previous is not None:
             p, batch = previous
             step_s *= work_per_sample(preset) * workload.global_batch_size / (work_per_sample(p) * batch)
-        estimate = runnable * (STARTUP_S + steps * step_s)
+        estimate = runnable * (STARTUP_S + n * step_s)
         result = measure(workload, systems, reps=reps, budget=budget, first_round_s=estimate, required=not out,
                          log=log)
         out.append(result)
@@ -286,6 +287,15 @@ def save(results: list[PresetResult], *, command: str, systems: list[str], out=N
     return path, raw
 
 
+def preset_steps(text: str) -> tuple[str, int]:
+    """`medium=3` -> ("medium", 3), for --steps-by-preset."""
+    preset, _, n = text.partition("=")
+    if preset not in MICRO_BATCH or not n.isdigit() or int(n) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PRESET=N with PRESET one of {', '.join(MICRO_BATCH)} "
+                                         "and N >= 2 (one warm-up step and one timed)")
+    return preset, int(n)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["small"], choices=list(MICRO_BATCH))
@@ -293,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=2, help="rounds over all systems")
+    p.add_argument("--steps-by-preset", nargs="+", default=[], metavar="PRESET=N", type=preset_steps,
+                   help="steps for a preset instead of --steps (warm-up capped at N - 1), e.g. medium=3")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/throughput-DATE.md)")
     return p
@@ -304,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[PresetResult]:
     command = "python -m bench.throughput " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = run(presets=args.presets, systems=args.systems, steps=args.steps, warmup=args.warmup, reps=args.reps,
-                  budget=Budget(args.budget_s), log=log)
+                  budget=Budget(args.budget_s), log=log, steps_by_preset=dict(args.steps_by_preset))
     path, raw = save(results, command=command.strip(), systems=args.systems, out=Path(args.out) if args.out else None)
     print(path.read_text())
     log(f"written to {path} and {raw}")
