@@ -153,7 +153,7 @@ def report(*, args, cmd: list[str], wall: float, code: int, tail: str, rows: lis
              f"- model {args.model}, {args.nproc} processes, gloo, global batch 8; space: ZeRO stage {STAGES} x "
              f"micro-batch {MICROS}; steps {START_STEP}-{END_STEP} timed by DeepSpeed's engine "
              "(see the module docstring)", "",
-             f"## Result: exit code {code}, wall time {wall:.0f} s, {len(rows)} experiments run, "
+             f"## Result: {_exit(code, wall, args.timeout_s)}, wall time {wall:.0f} s, {len(rows)} experiments run, "
              f"{len(measured)} measured", ""]
     if best:
         lines += [f"- best: ZeRO stage {best['stage']}, micro-batch {best['micro']} "
@@ -165,6 +165,12 @@ def report(*, args, cmd: list[str], wall: float, code: int, tail: str, rows: lis
                          r["error"] or ""] for r in rows], right=[False, True, True, True, True, True, False])
     lines += ["", "Last lines of the autotuner's output:", "", "```", tail, "```"]
     return lines
+
+
+def _exit(code: int, wall: float, timeout_s: float) -> str:
+    if code < 0 and wall >= timeout_s:
+        return f"stopped at the --timeout-s limit ({timeout_s:.0f} s), unfinished"
+    return f"exit code {code}"
 
 
 def _ds_version() -> str:
