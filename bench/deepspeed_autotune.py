@@ -93,20 +93,43 @@ def run_autotuner(*, model: str, nproc: int, out: Path, timeout_s: float) -> tup
 
 def experiments(out: Path) -> list[dict]:
     """Every experiment DeepSpeed ran: name, stage, micro, accumulation, throughput (None if it
-    wrote none) and seconds from its config being written to its last output."""
+    wrote none) and seconds from its launch (cmd.txt) to its last log line (stdout.log).
+
+    The throughput is the one DeepSpeed's own summary records where it names the experiment:
+    after tuning, `--autotuning run` trains once more with the optimal config, whose
+    metric_path is the optimal experiment's metrics.json, so that file holds the final run's
+    figure, not the tuning measurement."""
+    best = summary_values(out)
     rows = []
     for exp_file in sorted((out / "results").glob("*/exp.json")):
         exp = json.loads(exp_file.read_text())
-        cfg = exp["ds_config"]
-        metric = exp_file.parent / "metrics.json"
+        cfg, folder = exp["ds_config"], exp_file.parent
+        metric = folder / "metrics.json"
         value = json.loads(metric.read_text()).get("throughput") if metric.exists() else None
-        logs = [p for p in exp_file.parent.iterdir() if p.is_file()]
-        seconds = max(p.stat().st_mtime for p in logs) - exp_file.stat().st_mtime
+        value = best.get(exp["name"], value)
+        start = (folder / "cmd.txt") if (folder / "cmd.txt").exists() else exp_file
+        end = (folder / "stdout.log") if (folder / "stdout.log").exists() else exp_file
         rows.append({"name": exp["name"], "stage": cfg.get("zero_optimization", {}).get("stage"),
                      "micro": cfg.get("train_micro_batch_size_per_gpu"),
                      "accumulation": cfg.get("gradient_accumulation_steps"), "samples_per_s": value,
-                     "seconds": seconds, "error": _error_of(exp_file.parent) if value is None else None})
+                     "seconds": end.stat().st_mtime - start.stat().st_mtime,
+                     "error": _error_of(folder) if value is None else None})
     return rows
+
+
+def summary_values(out: Path) -> dict[str, float]:
+    """experiment name -> best_metric_val from DeepSpeed's results/summary.txt (its table of the
+    best experiment of each tuning space)."""
+    path = out / "results" / "summary.txt"
+    values = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[3].startswith("z"):
+            try:
+                values[cells[3]] = float(cells[2])
+            except ValueError:
+                continue
+    return values
 
 
 def _error_of(exp_dir: Path) -> str | None:
@@ -146,7 +169,7 @@ def report(*, args, cmd: list[str], wall: float, code: int, tail: str, rows: lis
     best = max(measured, key=lambda r: r["samples_per_s"], default=None)
     lines = ["# DeepSpeed's autotuner on zeroplan's tuning benchmark space", "",
              *machine_lines({"deepspeed": _ds_version()}),
-             f"- command: `{sys.executable} -m bench.deepspeed_autotune {shlex.join(sys.argv[1:])}`".replace(" `", "`"),
+             f"- command: `{sys.executable} -m bench.deepspeed_autotune {shlex.join(sys.argv[1:])}`",
              f"- it runs: `deepspeed --autotuning run --num_nodes 1 --num_gpus {args.nproc} "
              f"bench/deepspeed_experiment.py --model {args.model} --deepspeed --deepspeed_config ds_config.json` "
              f"with DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1, LOCAL_SIZE={args.nproc}",
@@ -163,8 +186,16 @@ def report(*, args, cmd: list[str], wall: float, code: int, tail: str, rows: lis
                        [[r["name"], r["stage"], r["micro"], r["accumulation"],
                          "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.2f}", f"{r['seconds']:.0f}",
                          r["error"] or ""] for r in rows], right=[False, True, True, True, True, True, False])
+    summary = out_dir_summary(args)
+    if summary:
+        lines += ["", "DeepSpeed's own summary (results/summary.txt):", "", *summary]
     lines += ["", "Last lines of the autotuner's output:", "", "```", tail, "```"]
     return lines
+
+
+def out_dir_summary(args) -> list[str]:
+    path = Path(args.out_dir) / "results" / "summary.txt" if getattr(args, "out_dir", None) else None
+    return path.read_text().strip().splitlines() if path and path.exists() else []
 
 
 def _exit(code: int, wall: float, timeout_s: float) -> str:
@@ -196,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ds-autotune-") as tmp:
         out = Path(args.keep or tmp)
         out.mkdir(parents=True, exist_ok=True)
+        args.out_dir = str(out)
         ds_load = [os.getloadavg()[0]]
         cmd, wall, code, tail = run_autotuner(model=args.model, nproc=args.nproc, out=out, timeout_s=args.timeout_s)
         ds_load.append(os.getloadavg()[0])
         rows = experiments(out)
-    lines = report(args=args, cmd=cmd, wall=wall, code=code, tail=tail, rows=rows)
+        lines = report(args=args, cmd=cmd, wall=wall, code=code, tail=tail, rows=rows)  # reads out's summary
     lines.insert(lines.index("Last lines of the autotuner's output:") - 1,
                  "\n- load average (1 min) at the autotuner's start and end: "
                  + ", ".join(f"{x:.1f}" for x in ds_load) + f" ({os.cpu_count()} cores)")

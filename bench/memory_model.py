@@ -213,7 +213,9 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
              "- split: states = RSS after `initialize` - RSS before the model was built (predicted: parameters + "
              "gradients + optimizer states + master weights); training = peak - RSS after `initialize` "
              "(predicted: activations + communication buffers); startup = RSS before the model was built "
-             f"(predicted: overhead, {mib(RUNTIME_OVERHEAD['cpu'])} MiB)", ""]
+             f"(predicted: overhead, {mib(RUNTIME_OVERHEAD['cpu'])} MiB, of which ~30 MiB are the first steps' "
+             "allocations that do not scale with the model, so the training column's measured side includes them)",
+             ""]
     body = []
     for r, l in zip(rows, loo):
         cal = calibrated_error(r, calibration) if calibration else None

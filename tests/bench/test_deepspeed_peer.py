@@ -75,3 +75,20 @@ def test_experiments_are_read_from_deepspeeds_result_folders(tmp_path):
     assert [(r["stage"], r["micro"], r["accumulation"], r["samples_per_s"]) for r in rows] == [
         (0, 1, 4, 2.5), (3, 4, 1, None)]
     assert rows[1]["error"] == "RuntimeError: out of memory" and rows[0]["error"] is None
+
+
+def test_deepspeeds_summary_wins_over_a_metrics_file_the_final_run_rewrote(tmp_path):
+    """`--autotuning run` retrains with the optimal config, whose metric_path is the optimal
+    experiment's metrics.json: the tuning value survives only in results/summary.txt."""
+    d = tmp_path / "results" / "z2_gas1_tmbspg4"
+    d.mkdir(parents=True)
+    (d / "exp.json").write_text(json.dumps({"name": d.name, "ds_config": {
+        "zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}}))
+    (d / "metrics.json").write_text(json.dumps({"throughput": 0.74}))  # the final run's figure
+    (tmp_path / "results" / "summary.txt").write_text(
+        "| tuning_space   |   num_experiments |   best_metric_val | best_exp_name   |\n"
+        "|:---------------|------------------:|------------------:|:----------------|\n"
+        "| z2             |                 3 |          1.24957  | z2_gas1_tmbspg4 |\n"
+        "| global         |                12 |          1.24957  | z2_gas1_tmbspg4 |\n")
+    (row,) = deepspeed_autotune.experiments(tmp_path)
+    assert row["samples_per_s"] == 1.24957
