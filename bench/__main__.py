@@ -12,7 +12,10 @@ was skipped is said in the results. --quick: the tiny preset, one round, a few s
 
 --quick writes its files as <section>-quick-<date>.md, beside the full results.
 
-Usage: python -m bench [--budget-s 900] [--quick] [--skip-kernels]
+Usage: python -m bench [--budget-s 900] [--quick] [--skip-kernels] [--steps 8] [--steps-by-preset medium=3]
+
+DeepSpeed rows need deepspeed importable by the interpreter that runs this (install it apart
+from the product: bench/systems/deepspeed.py says how), e.g. /work/dsvenv/bin/python -m bench.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def sections(args: argparse.Namespace) -> tuple[dict, list[str], list[str]]:
                  "--calibration-out", str(RESULTS / "calibration-cpu-quick.json")],
                 ["--sizes", "1e6", "--threads", "1", "--reps", "3",
                  "--out", str(result_path("optimizer_kernels-quick"))])
-    return (dict(presets=args.presets, steps=args.steps, warmup=2, reps=args.reps),
+    return (dict(presets=args.presets, steps=args.steps, warmup=2, reps=args.reps,
+                 steps_by_preset=dict(args.steps_by_preset)),
             ["--presets", *args.memory_presets],
             ["--reps", "5", "--out", str(result_path("optimizer_kernels-bench"))])
 
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-presets", nargs="+", default=["tiny", "small", "medium"])
     p.add_argument("--reps", type=int, default=2, help="throughput rounds over all systems")
     p.add_argument("--steps", type=int, default=8, help="throughput steps per measurement")
+    p.add_argument("--steps-by-preset", nargs="+", default=[], metavar="PRESET=N", type=throughput.preset_steps,
+                   help="throughput steps for a preset instead of --steps, e.g. medium=3 (warm-up <= N - 1)")
     args = p.parse_args(argv)
     exit_on_sigterm()
     command = ("python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()

@@ -26,7 +26,7 @@ import json
 import shlex
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,10 @@ class MemoryRow:
     after_setup: int
     step_s: float
     """Median step time on rank 0 (to size the next rows against the budget)."""
+    setup_peak: int = 0
+    """High-water mark once the system was set up (0 in files written before it was recorded)."""
+    peak_by_step: list[int] = field(default_factory=list)
+    """High-water mark after each step, max over ranks."""
 
     @property
     def predicted_total(self) -> int:
@@ -96,7 +100,25 @@ def measure_row(preset: str, stage: int, micro: int, offload: str = "none") -> M
                      measured_peak=max(r["peak_rss_bytes"] for r in m.ranks),
                      baseline=max(r["baseline_rss_bytes"] for r in m.ranks),
                      after_setup=max(r["after_setup_rss_bytes"] for r in m.ranks),
-                     step_s=statistics.median(m.ranks[0]["step_times_s"]))
+                     step_s=statistics.median(m.ranks[0]["step_times_s"]),
+                     setup_peak=max(r["setup_peak_rss_bytes"] for r in m.ranks),
+                     peak_by_step=[max(ps) for ps in zip(*(r["peak_by_step"] for r in m.ranks))])
+
+
+def repredict(row: MemoryRow) -> MemoryRow:
+    """`row` with the current model's prediction (its measurements unchanged)."""
+    workload = Workload(preset=row.preset, micro_batch_size=row.micro, steps=STEPS, warmup=0)
+    plan = compile_plan(workload, stage=row.stage, offload=row.offload)
+    return MemoryRow(**{**asdict(row), "predicted": dict(estimate_memory(plan, workload.spec).device)})
+
+
+def load_rows(path: Path) -> tuple[list[MemoryRow], list[str], str]:
+    """Rows, notes and command of an earlier run (a memory_model-*.json; files written before
+    notes were kept hold only rows), re-predicted by the current model."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        data = {"rows": data, "notes": [], "command": ""}
+    return [repredict(MemoryRow(**r)) for r in data["rows"]], data["notes"], data["command"]
 
 
 def offload_support() -> str | None:
@@ -191,7 +213,9 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
              "- split: states = RSS after `initialize` - RSS before the model was built (predicted: parameters + "
              "gradients + optimizer states + master weights); training = peak - RSS after `initialize` "
              "(predicted: activations + communication buffers); startup = RSS before the model was built "
-             f"(predicted: overhead, {mib(RUNTIME_OVERHEAD['cpu'])} MiB)", ""]
+             f"(predicted: overhead, {mib(RUNTIME_OVERHEAD['cpu'])} MiB, of which ~30 MiB are the first steps' "
+             "allocations that do not scale with the model, so the training column's measured side includes them)",
+             ""]
     body = []
     for r, l in zip(rows, loo):
         cal = calibrated_error(r, calibration) if calibration else None
@@ -231,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/memory_model-DATE.md)")
     p.add_argument("--calibration-out", default=str(RESULTS / "calibration-cpu.json"))
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="measure nothing: re-predict the rows of an earlier memory_model-*.json with the current "
+                        "model and write the report (the measurements are the file's)")
     return p
 
 
@@ -240,9 +267,16 @@ def main(argv: list[str] | None = None, *, budget: Budget | None = None, command
     exit_on_sigterm()
     command = command or "python -m bench.memory_model " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    rows, notes = run(presets=args.presets, stages=args.stages, micros=args.micro, offload=not args.no_offload,
-                      budget=budget or Budget(args.budget_s), log=log)
+    if args.from_json:
+        rows, notes, measured_by = load_rows(Path(args.from_json))
+        command = f"{measured_by}`, re-predicted by `{command.strip()}" if measured_by else command
+    else:
+        rows, notes = run(presets=args.presets, stages=args.stages, micros=args.micro,
+                          offload=not args.no_offload, budget=budget or Budget(args.budget_s), log=log)
     path = Path(args.out) if args.out else result_path("memory_model")
+    if not args.from_json:
+        raw = {"command": command.strip(), "rows": [asdict(r) for r in rows], "notes": notes}
+        path.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     calibration, loo = None, [None] * len(rows)
     if len(rows) >= 4:
         calibration = fit(rows, source=str(path.relative_to(RESULTS.parent.parent)) if path.is_relative_to(
@@ -250,9 +284,8 @@ def main(argv: list[str] | None = None, *, budget: Budget | None = None, command
         loo = leave_one_out(rows, source=calibration.source)
         Path(args.calibration_out).write_text(calibration.model_dump_json(indent=2) + "\n")
     else:
-        notes.append("too few rows measured to fit a calibration")
+        notes = notes + ["too few rows measured to fit a calibration"]
     write(path, to_markdown(rows, notes, calibration, loo, command=command.strip()))
-    path.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     print(path.read_text())
     log(f"written to {path}")
     return rows

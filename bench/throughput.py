@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -29,7 +30,10 @@ from .systems import SYSTEMS, get_system
 from .workload import Workload
 
 DEFAULT_SYSTEMS = ["ddp", "zeroplan-z0", "deepspeed-z0", "zero_optimizer", "zeroplan-z1", "deepspeed-z1",
-                   "zeroplan-z2", "deepspeed-z2", "fsdp2", "zeroplan-z3", "deepspeed-z3"]
+                   "zeroplan-z2", "deepspeed-z2", "fsdp2", "zeroplan-z3", "deepspeed-z3",
+                   "zeroplan-z2-offload-cpu", "deepspeed-z2-offload-cpu", "zeroplan-z3-offload-cpu",
+                   "deepspeed-z3-offload-cpu"]
+"""Stage 1 offload runs with --systems (ZeRO-Offload's paper configuration is stage 2)."""
 MICRO_BATCH = {"tiny": 4, "small": 2, "medium": 1}
 """Samples per rank per step by preset: global batch 2 x this, one micro-batch per step."""
 REFERENCE = "ddp"
@@ -65,12 +69,36 @@ class Row:
     rounds: int
 
 
+PAIRS = [("zeroplan-z0", "ddp"), ("zeroplan-z0", "deepspeed-z0"), ("zeroplan-z1", "zero_optimizer"),
+         ("zeroplan-z1", "deepspeed-z1"), ("zeroplan-z2", "deepspeed-z2"), ("zeroplan-z3", "fsdp2"),
+         ("zeroplan-z3", "deepspeed-z3"), ("zeroplan-z3", "ddp"),
+         *((f"zeroplan-z{s}-offload-cpu", f"deepspeed-z{s}-offload-cpu") for s in (1, 2, 3))]
+"""(zeroplan system, peer) compared head to head: the peer at the same stage, DDP for ZeRO-3's
+target of DDP's throughput."""
+
+
+@dataclass
+class Pair:
+    """zeroplan against one peer, paired round by round (both ran within minutes of each other)."""
+
+    preset: str
+    system: str
+    peer: str
+    throughput_ratios: list[float]
+    """zeroplan's samples/s over the peer's, per round (medians of the round's timed steps)."""
+    rss_ratio: float
+    """zeroplan's peak RSS per rank over the peer's (the rows' medians over rounds)."""
+
+
 @dataclass
 class PresetResult:
     workload: Workload
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw: dict[str, list[dict]] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)
+    """The machine's 1-minute load average at the start of each round and at the end."""
+    pairs: list[Pair] = field(default_factory=list)
 
 
 def measure(workload: Workload, systems: list[str], *, reps: int, budget: Budget, first_round_s: float,
@@ -92,6 +120,7 @@ def measure(workload: Workload, systems: list[str], *, reps: int, budget: Budget
             result.notes.append(f"{rep} of {reps} rounds run: the next (~{round_s:.0f}s) did not fit the budget")
             break
         start = time.monotonic()
+        result.load.append(os.getloadavg()[0])
         for name in list(runnable):
             log(f"[throughput] {workload.preset} round {rep + 1}/{reps}: {name}")
             try:
@@ -101,17 +130,37 @@ def measure(workload: Workload, systems: list[str], *, reps: int, budget: Budget
                 log(f"[throughput] {name} failed:\n{e}")
                 runnable.remove(name)
         round_s = time.monotonic() - start
+    result.load.append(os.getloadavg()[0])
     result.raw = {name: [m.ranks for m in ms] for name, ms in runs.items() if ms}
     result.rows = aggregate(workload, {n: ms for n, ms in runs.items() if ms})
+    result.pairs = pair_up(workload, runs, result.rows)
     return result
+
+
+def _round_throughput(workload: Workload, m: Measurement) -> float:
+    return workload.global_batch_size / statistics.median(m.ranks[0]["step_times_s"][workload.warmup:])
+
+
+def pair_up(workload: Workload, runs: dict[str, list[Measurement]], rows: list[Row]) -> list[Pair]:
+    """Head-to-head ratios for every pair of PAIRS that both ran (rounds matched by index)."""
+    by_name = {r.system: r for r in rows}
+    out = []
+    for system, peer in PAIRS:
+        mine, theirs = runs.get(system) or [], runs.get(peer) or []
+        n = min(len(mine), len(theirs))
+        if n:
+            out.append(Pair(preset=workload.preset, system=system, peer=peer,
+                            throughput_ratios=[_round_throughput(workload, a) / _round_throughput(workload, b)
+                                               for a, b in zip(mine[:n], theirs[:n])],
+                            rss_ratio=by_name[system].peak_rss_bytes / by_name[peer].peak_rss_bytes))
+    return out
 
 
 def aggregate(workload: Workload, runs: dict[str, list[Measurement]]) -> list[Row]:
     rows = []
     for name, ms in runs.items():
         timed = [t for m in ms for t in m.ranks[0]["step_times_s"][workload.warmup:]]
-        per_round = [workload.global_batch_size / statistics.median(m.ranks[0]["step_times_s"][workload.warmup:])
-                     for m in ms]
+        per_round = [_round_throughput(workload, m) for m in ms]
         median_s = statistics.median(timed)
         losses = ms[0].ranks[0]["losses"]
         rows.append(Row(
@@ -137,7 +186,7 @@ def preset_workload(preset: str, *, steps: int, warmup: int, micro: int | None =
 
 
 def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps: int, budget: Budget,
-        log=print) -> list[PresetResult]:
+        log=print, steps_by_preset: dict[str, int] | None = None) -> list[PresetResult]:
     """Measure each preset in turn, smallest first. The first always gets one round; a later
     round or preset that would not fit the budget (a preset's cost extrapolated from the
     previous preset's step time by work per sample) is skipped and said so."""
@@ -146,11 +195,12 @@ def run(*, presets: list[str], systems: list[str], steps: int, warmup: int, reps
     step_s = 0.5  # seconds per step and system, before anything was measured
     previous: tuple[str, int] | None = None  # preset, global batch
     for preset in sorted(presets, key=work_per_sample):
-        workload = preset_workload(preset, steps=steps, warmup=warmup)
+        n = (steps_by_preset or {}).get(preset, steps)
+        workload = preset_workload(preset, steps=n, warmup=min(warmup, n - 1))
         if previous is not None:
             p, batch = previous
             step_s *= work_per_sample(preset) * workload.global_batch_size / (work_per_sample(p) * batch)
-        estimate = runnable * (STARTUP_S + steps * step_s)
+        estimate = runnable * (STARTUP_S + n * step_s)
         result = measure(workload, systems, reps=reps, budget=budget, first_round_s=estimate, required=not out,
                          log=log)
         out.append(result)
@@ -170,8 +220,11 @@ def to_markdown(results: list[PresetResult], *, command: str, peers: dict[str, s
         w = results[0].workload
         lines += [
             f"- {w.world_size} processes, gloo, one intra-op thread per rank; fp32; AdamW (lr {w.lr}, betas "
-            f"{list(w.betas)}, weight decay {w.weight_decay}, torch's fused kernel everywhere), global-norm clip "
-            f"{w.clip}, no schedule; Markov-chain data (seed {w.seed}), identical initial weights (seed {w.seed})",
+            f"{list(w.betas)}, weight decay {w.weight_decay}), global-norm clip {w.clip}, no schedule; Markov-chain "
+            f"data (seed {w.seed}), identical initial weights (seed {w.seed}); the AdamW kernel is torch's fused one "
+            "for zeroplan (the compiler's CPU choice), DDP, ZeroRedundancyOptimizer and FSDP2; DeepSpeed picks its "
+            "own for `\"type\": \"AdamW\"`: FusedAdam (CPU build), and DeepSpeedCPUAdam with offload (zeroplan's "
+            "offload plans name its cpu_adam kernel)",
             "- each measurement is a fresh process group; systems alternate round by round; samples/s = global "
             "batch / median step time over the timed steps of all rounds; spread = (max - min) / median of the "
             "per-round throughputs; peak RSS = VmHWM (the process's high-water mark; bench/worker.py says why "
@@ -196,6 +249,16 @@ def to_markdown(results: list[PresetResult], *, command: str, peers: dict[str, s
                         "RSS vs DDP", "RSS after setup MiB", f"loss step 1", f"loss step {w.steps}",
                         "Δloss vs DDP", "agrees", "rounds"], rows,
                        right=[False, False] + [True] * 11 + [True])
+        if res.pairs:
+            lines += ["", "Head to head, round by round (each ratio from one round, where both ran minutes apart):",
+                      ""]
+            lines += table(["zeroplan", "peer", "throughput ratio, median", "per round", "peak RSS ratio"],
+                           [[p.system, p.peer, f"{statistics.median(p.throughput_ratios):.2f}x",
+                             ", ".join(f"{r:.2f}" for r in p.throughput_ratios), f"{p.rss_ratio:.2f}x"]
+                            for p in res.pairs], right=[False, False, True, True, True])
+        if res.load:
+            lines += ["", "- load average (1 min) at the start of each round, then at the end: "
+                      + ", ".join(f"{x:.1f}" for x in res.load) + f" ({os.cpu_count()} cores)"]
         if res.notes:
             lines += [""] + [f"- {n}" for n in res.notes]
     return lines
@@ -219,8 +282,18 @@ def save(results: list[PresetResult], *, command: str, systems: list[str], out=N
     write(path, to_markdown(results, command=command, peers=peer_versions(systems)))
     raw = path.with_suffix(".json")
     raw.write_text(json.dumps([{"workload": asdict(r.workload), "rows": [asdict(x) for x in r.rows],
-                                "notes": r.notes, "ranks": r.raw} for r in results], indent=1))
+                                "pairs": [asdict(x) for x in r.pairs], "load": r.load, "notes": r.notes,
+                                "ranks": r.raw} for r in results], indent=1))
     return path, raw
+
+
+def preset_steps(text: str) -> tuple[str, int]:
+    """`medium=3` -> ("medium", 3), for --steps-by-preset."""
+    preset, _, n = text.partition("=")
+    if preset not in MICRO_BATCH or not n.isdigit() or int(n) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PRESET=N with PRESET one of {', '.join(MICRO_BATCH)} "
+                                         "and N >= 2 (one warm-up step and one timed)")
+    return preset, int(n)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -230,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=2, help="rounds over all systems")
+    p.add_argument("--steps-by-preset", nargs="+", default=[], metavar="PRESET=N", type=preset_steps,
+                   help="steps for a preset instead of --steps (warm-up capped at N - 1), e.g. medium=3")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/throughput-DATE.md)")
     return p
@@ -241,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[PresetResult]:
     command = "python -m bench.throughput " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = run(presets=args.presets, systems=args.systems, steps=args.steps, warmup=args.warmup, reps=args.reps,
-                  budget=Budget(args.budget_s), log=log)
+                  budget=Budget(args.budget_s), log=log, steps_by_preset=dict(args.steps_by_preset))
     path, raw = save(results, command=command.strip(), systems=args.systems, out=Path(args.out) if args.out else None)
     print(path.read_text())
     log(f"written to {path} and {raw}")

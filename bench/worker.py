@@ -7,7 +7,9 @@ this system alone:
 - the loss of every step, averaged over ranks (outside the timed region);
 - resident memory: `baseline` after torch, the process group and the system's imports
   (before the model exists), `after_setup` once the system has wrapped the model and built
-  its optimizer, and `peak`, this process's high-water mark, start-up included.
+  its optimizer, `peak`, this process's high-water mark, start-up included, and the
+  high-water mark after each step (`peak_by_step`: says which phase set the peak, set-up or
+  the first or a later step).
 
 The peak is the kernel's VmHWM (/proc/self/status), not getrusage's ru_maxrss: Linux carries
 ru_maxrss across fork and exec (the forked copy of the launcher's memory counts), so a rank
@@ -64,21 +66,23 @@ def run(system_name: str, workload_json: str) -> dict:
     torch.manual_seed(workload.seed)  # the same initial weights in every rank of every system
     model = GPT(workload.spec)
     system.setup(model=model, workload=workload)
-    after_setup = current_rss()
+    after_setup, setup_peak = current_rss(), peak_rss()
     data = MarkovChainData(vocab=workload.spec.vocab, seq_len=workload.spec.seq_len, seed=workload.seed)
-    times, losses = [], []
+    times, losses, peaks = [], [], []
     for step in range(workload.steps):
         batches = data.micro_batches(step=step, global_batch_size=workload.global_batch_size,
                                      micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
         t0 = time.perf_counter()
         loss = system.train_step(batches)
         times.append(time.perf_counter() - t0)
+        peaks.append(peak_rss())
         mean = loss.detach().float().reshape(1).clone()
         dist.all_reduce(mean)
         losses.append(float(mean.item()) / world)
     system.close()
     return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
             "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss(),
+            "setup_peak_rss_bytes": setup_peak, "peak_by_step": peaks,
             "ru_maxrss_bytes": ru_maxrss()}
 
 

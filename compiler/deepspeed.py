@@ -29,12 +29,16 @@ def _optimizer(plan: Plan) -> dict[str, Any]:
 
 
 def _offload(target: OffloadTarget, *, param: bool) -> dict[str, Any]:
+    """DeepSpeed's `offload_param` / `offload_optimizer` section. Its config models forbid
+    unknown keys, and only `offload_param` has `buffer_size` and `max_in_cpu` (DeepSpeed
+    0.19, runtime/zero/offload_config.py): zeroplan's `offload_optimizer.buffer_size` (the
+    size of its NVMe swap buffers) has no DeepSpeed counterpart and is left out."""
     out: dict[str, Any] = {"device": target.device, "pin_memory": target.pin_memory,
-                           "buffer_count": target.buffer_count, "buffer_size": target.buffer_size}
+                           "buffer_count": target.buffer_count}
     if target.nvme_path:
         out["nvme_path"] = target.nvme_path
     if param:
-        out["max_in_cpu"] = target.max_in_cpu
+        out |= {"buffer_size": target.buffer_size, "max_in_cpu": target.max_in_cpu}
     elif target.ratio < 1:
         out["ratio"] = target.ratio
     return out

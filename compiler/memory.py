@@ -6,8 +6,23 @@ keeps 2 bytes of 16-bit parameters, 2 of 16-bit gradients and K = 12 of optimize
 parameter (a 4-byte fp32 master copy, 4-byte momentum, 4-byte variance). Here the master copy
 is its own category (`master_weights`), so `optimizer_states` is 8 bytes for Adam. With N dp
 ranks: stage 0 keeps 16 bytes/param; stage 1 shards optimizer state and masters (4 + 12/N);
-stage 2 also gradients (2 + 14/N); stage 3 also parameters (16/N). In fp32 the parameters are
-the masters: 4 + 4 + 8, no separate copy.
+stage 2 also gradients (2 + 14/N); stage 3 also parameters (16/N).
+
+fp32 training follows what zeroplan's runtime allocates (runtime/zero), measured on CPU by
+bench/memory_model.py rather than the paper's "the parameters are the masters":
+- the optimizer steps a flat fp32 master shard (zero/base.py `init_master`), a copy of the
+  parameters at stages 0-2 (4 bytes per optimizer element); at stage 3 the parameter shard is
+  that master itself;
+- stage 0 accumulates gradients in a flat fp32 buffer; stage 1 in a full fp32 accumulation
+  buffer plus the fp32 gradient shard the reduce-scatter writes; stages 2-3 keep the shard;
+- stage 3 is handed the whole model, built on every rank, and shards it in place, but the
+  whole model stays resident: `Stage3.attach` leaves the parameters whole (its `_release`
+  skips parameters not yet marked gathered; malloc_trim after `initialize` returns nothing),
+  and once the first forward releases them their memory stays in the process's heap. So
+  parameters count the whole model, not a shard, until the runtime releases at set-up.
+Measured state bytes per parameter at 2 ranks (tiny/small/medium): 20.2-20.8 at stage 0,
+16.3-16.5 at stage 1, 12.2-12.5 at stages 2-3; the model says 20, 16, 12 and 12.
+In 16-bit training the paper's accounting is kept: it has not been measured on a GPU here.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", section 4 and equation 2); see `layer_activation_bytes`. Offloaded state
@@ -29,10 +44,17 @@ from .shapes import StageShape, persistent_elements, stage_shapes
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
 """fp32 master weights (PrecisionPlan.master_dtype is always fp32)."""
-RUNTIME_OVERHEAD = {"cuda": 1 << 30, "cpu": 512 << 20}
-"""Nominal bytes a rank holds besides tensors: on cuda the CUDA context, cuBLAS workspace and
-NCCL buffers (typically 0.5-1.5 GiB); on cpu the interpreter and torch's libraries (RSS of a
-process that imported torch, ~0.4-0.5 GiB). Calibrate the `overhead` category from measurements."""
+RUNTIME_OVERHEAD = {"cuda": 1 << 30, "cpu": (283 + 30) << 20}
+"""Bytes a rank holds besides the tensors counted here. cuda: the CUDA context, cuBLAS
+workspace and NCCL buffers (typically 0.5-1.5 GiB). cpu, measured (bench/memory_model.py,
+torch 2.13 CPU, 2 gloo ranks): 283 MiB resident before the model is built (interpreter,
+torch, the process group), plus ~30 MiB the first training steps allocate whatever the
+model's size (autograd's engine and kernels' first-use buffers: the tiny preset's training
+memory less its tensors). Calibrate the `overhead` category from measurements elsewhere."""
+GLOO_COPIES = True
+"""gloo's reduce_scatter_tensor and all_gather_into_tensor copy the whole buffer into a
+temporary of their own (measured: +1x the larger buffer of the call's peak RSS; all_reduce
+works in place); counted for cpu plans, whose collectives run on gloo."""
 
 
 @dataclass(frozen=True)
@@ -71,19 +93,31 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
 
     `params` are the rank's (tp/pp slice of the) parameters; `persistent` of them stay whole at
     stage 3 (below the persistence threshold). Shards round up, as DeepSpeed pads partitions.
+    16-bit: the ZeRO paper's accounting. fp32: the runtime's buffers (module docstring).
     """
     e = BYTES[param_dtype]
     shard = -(-params // dp)
-    sharded_params = persistent + -(-(params - persistent) // dp) if stage == 3 else params
-    master = MASTER_BYTES if param_dtype != "fp32" else 0
     state = optimizer_state_bytes(optimizer=optimizer, momentum=momentum)
     opt_elems = shard if stage >= 1 else params
+    if param_dtype == "fp32":
+        return _fp32_runtime_states(params=params, shard=shard, stage=stage, state=state)
+    sharded_params = persistent + -(-(params - persistent) // dp) if stage == 3 else params
     return {
         "parameters": sharded_params * e,
         "gradients": (shard if stage >= 2 else params) * e,
         "optimizer_states": opt_elems * state,
-        "master_weights": opt_elems * master,
+        "master_weights": opt_elems * MASTER_BYTES,
     }
+
+
+def _fp32_runtime_states(*, params: int, shard: int, stage: int, state: int) -> dict[str, int]:
+    """fp32 states as zeroplan's runtime holds them: the whole model (at stage 3 too: it is built
+    whole and sharded in place), a flat fp32 master of the optimizer's elements (the parameter
+    shard itself at stage 3), the flat fp32 gradient buffers of the stage (module docstring)."""
+    opt_elems = shard if stage >= 1 else params
+    grads = {0: params, 1: params + shard}.get(stage, shard)
+    return {"parameters": params * 4, "gradients": grads * 4, "optimizer_states": opt_elems * state,
+            "master_weights": opt_elems * MASTER_BYTES}
 
 
 def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn: int, kv_hidden: int | None = None,
@@ -116,10 +150,12 @@ def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn
 
 
 def head_activation_bytes(*, seq: int, micro: int, hidden: int, vocab: int, tp: int, element_bytes: int) -> int:
-    """Final norm input, LM head input, logits and the fp32 log-softmax the loss keeps
-    (Korthikanti et al. 2022, section 4.3: the output layer's 4sbv/t)."""
+    """Final norm input, LM head input and the fp32 log-softmax the loss keeps (Korthikanti et al.
+    2022, section 4.3: the output layer's 4sbv/t). The logits themselves are not kept: the LM
+    head saves its input, and the cast to fp32 and log-softmax's backward need only outputs
+    (measured: counting the logits too over-predicts the training memory by 4 bytes x sbv)."""
     sb = seq * micro
-    return 2 * element_bytes * sb * hidden + (element_bytes + 4) * sb * vocab // tp
+    return 2 * element_bytes * sb * hidden + 4 * sb * vocab // tp
 
 
 def in_flight(plan: Plan, stage: int) -> int:
@@ -156,21 +192,39 @@ def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape) -> tuple[
 
 
 def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> int:
-    """Bytes of communication buffers: gradient reduction buckets (doubled when overlap_comm
-    double-buffers them), the all-gather bucket of stages 1-2, ZeRO-3's gathered parameters
-    (the module in use plus the prefetch bucket, capped by stage3_max_live_parameters) and
-    pipeline send/receive buffers. Bucket sizes count elements, as in DeepSpeed."""
+    """Peak bytes of communication buffers, as the runtime's BucketReducer and gathers allocate
+    them (runtime/zero/comm.py). Bucket sizes count elements, as in DeepSpeed.
+
+    Two phases that do not overlap in time: the buffers of one are freed before the other's
+    are allocated, so the peak is the larger one.
+    - reduction, at the end of backward: each bucket's [W, chunk] buffer (its whole size), the
+      reduce-scatter's output (1/W of it) at stages 1-3, and gloo's own copy of the input on
+      cpu (GLOO_COPIES); doubled when overlap_comm keeps two buckets in flight;
+    - publishing the update: the all-gather of stages 1-2 (its output, plus gloo's copy);
+      ZeRO-3's gathered parameters (the module in use plus the prefetch bucket, capped by
+      stage3_max_live_parameters).
+    At stages 2-3 backward's gradients wait, unreduced in the parameters' dtype, until their
+    bucket launches: one bucket of them is held besides the activations (measured on cpu:
+    they do not reuse the activations' memory, the rows' training memory needs both).
+    Plus pipeline send/receive buffers."""
     z, p = plan.zero, plan.parallel
     e_p, e_r = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype]
+    copies = 1 if plan.world.device == "cpu" and GLOO_COPIES else 0
     total = 0
     if p.dp > 1:
-        total += min(z.reduce_bucket_size, shape.params) * e_r * (2 if z.overlap_comm else 1)
+        bucket = min(z.reduce_bucket_size, shape.params)
+        scatter = z.stage >= 1
+        reduction = bucket * e_r * (1 + (1 / p.dp + copies if scatter else 0)) * (2 if z.overlap_comm else 1)
+        gather = 0
         if z.stage in (1, 2):
-            total += min(z.allgather_bucket_size, shape.params) * e_p
+            gather = min(z.allgather_bucket_size, shape.params) * e_p * (1 + copies)
         if z.stage == 3:
             unit = max(shape.units)
             live = unit + min(z.prefetch_bucket_size, shape.params - unit)
-            total += min(live, max(unit, z.max_live_parameters)) * e_p
+            gather = min(live, max(unit, z.max_live_parameters)) * e_p * (1 + copies)
+        total += int(max(reduction, gather))
+        if z.stage >= 2:
+            total += bucket * e_p
     if p.pp > 1:
         total += 2 * e_p * model.seq_len * plan.batch.micro_batch_size * model.hidden
     return total
@@ -200,7 +254,9 @@ def _offload(plan: Plan, states: dict[str, int], shape: StageShape) -> tuple[dic
         e_p = BYTES[plan.precision.param_dtype]
         persistent = persistent_elements(shape, threshold=plan.zero.param_persistence_threshold,
                                          cap=plan.zero.model_persistence_threshold) * e_p
-        moved_params = device["parameters"] - persistent
+        # fp32: the parameter shard is the master (counted, and moved, as master_weights); the
+        # whole model the runtime keeps without offload is not kept when parameters live off-device.
+        moved_params = 0 if e_p == 4 else device["parameters"] - persistent
         device["parameters"] = persistent
         if par.device == "cpu":
             host["parameters"] = moved_params

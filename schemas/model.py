@@ -118,8 +118,10 @@ def is_model_function(ref: str) -> bool:
 
 
 def _gpt(name: str, *, layers: int, hidden: int, heads: int, vocab: int, seq_len: int) -> ModelSpec:
+    # attention "flash": the built-in GPT calls F.scaled_dot_product_attention, whose kernels
+    # (flash on CPU, flash or memory-efficient on CUDA) keep no seq x seq scores for backward.
     return ModelSpec(name=name, architecture="gpt", layers=layers, hidden=hidden, heads=heads,
-                     ffn=4 * hidden, vocab=vocab, seq_len=seq_len, tied_embeddings=True)
+                     ffn=4 * hidden, vocab=vocab, seq_len=seq_len, tied_embeddings=True, attention="flash")
 
 
 def _llama(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int,

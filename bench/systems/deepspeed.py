@@ -1,6 +1,25 @@
-"""DeepSpeed at ZeRO stage 0-3, configured by zeroplan's own `ds_config` emitter from the very
-plan zeroplan runs, so both get the same batch, buckets, clip and optimizer. Optional: only
-when `deepspeed` imports (the `bench` extra); its ranks run with DS_ACCELERATOR=cpu."""
+"""DeepSpeed at ZeRO stage 0-3 and with optimizer offload to CPU, configured by zeroplan's own
+`ds_config` emitter from the very plan zeroplan runs, so both get the same batch, buckets,
+clip, optimizer hyper-parameters and offload target. Optional: only when `deepspeed` imports;
+its ranks run with DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo without oneCCL).
+
+The optimizer is DeepSpeed's own choice for `"optimizer": {"type": "AdamW"}`, as a user
+gets it: FusedAdam (its CPU build) without offload, DeepSpeedCPUAdam (the AVX C++ Adam)
+with `offload_optimizer: cpu`; both are JIT-built into ~/.cache/torch_extensions on first
+use (minutes, once). The update is AdamW's in both; the losses are checked against DDP's.
+
+Installing the peer (never a dependency of the product; a separate venv keeps it apart):
+
+    python3 -m venv /work/dsvenv
+    /work/dsvenv/bin/pip install torch==2.13.0 -c constraints/cpu.txt   # the CPU wheel
+    /work/dsvenv/bin/pip install deepspeed -c constraints/cpu.txt       # 0.19.x
+    /work/dsvenv/bin/pip install -e . -c constraints/cpu.txt
+    DS_ACCELERATOR=cpu /work/dsvenv/bin/python -c \
+        "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"  # ~3 min
+    /work/dsvenv/bin/python -m bench ...
+
+(pip install deepspeed pulls py-cpuinfo, ninja, psutil, hjson, pydantic, msgpack, einops;
+the constraints file keeps pip from replacing the CPU torch with a CUDA build.)"""
 
 from __future__ import annotations
 
@@ -25,6 +44,7 @@ def _import_error() -> str | None:
 
 class DeepSpeed(System):
     stage: int
+    offload: str = "none"
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -45,7 +65,7 @@ class DeepSpeed(System):
 
         from zeroplan.compiler.deepspeed import ds_config
 
-        config = ds_config(compile_plan(workload, stage=self.stage))
+        config = ds_config(compile_plan(workload, stage=self.stage, offload=self.offload))
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     def train_step(self, micro_batches):
@@ -57,9 +77,13 @@ class DeepSpeed(System):
             destroy()
 
 
-def _stage(stage: int) -> type[DeepSpeed]:
-    return type(f"DeepSpeedZ{stage}", (DeepSpeed,), {"name": f"deepspeed-z{stage}", "stage": stage,
-                                                       "sharding": f"stage {stage}"})
+def _stage(stage: int, offload: str = "none") -> type[DeepSpeed]:
+    suffix = "" if offload == "none" else f"-offload-{offload}"
+    return type(f"DeepSpeedZ{stage}", (DeepSpeed,), {"name": f"deepspeed-z{stage}{suffix}", "stage": stage,
+                                                       "offload": offload, "sharding": f"stage {stage}"})
 
 
 STAGES = [_stage(s) for s in range(4)]
+OFFLOAD = [_stage(s, "cpu") for s in range(1, 4)]
+"""ZeRO-Offload (stages 1-2) and ZeRO-3 with the optimizer on the CPU; DeepSpeed refuses
+offload at stage 0. NVMe offload needs DeepSpeed's async_io op (libaio) and is not run."""

@@ -42,4 +42,5 @@ def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
 
 
 STAGES = [_stage(s) for s in range(4)]
-OFFLOAD = [_stage(s, "cpu") for s in range(4)]
+OFFLOAD = [_stage(s, "cpu") for s in range(1, 4)]
+"""Optimizer offload to CPU at stages 1-3 (the compiler refuses it at stage 0)."""

@@ -31,3 +31,8 @@ def test_quick_throughput_table_and_losses(tmp_path):
         assert f"| {column} |" in header
     assert "- CPU:" in text and "- command: `python -m bench.throughput" in text
     assert out.with_suffix(".json").exists()
+    # Head to head, paired by round: zeroplan-z0 against DDP (both ran), one ratio per round.
+    (pair,) = results[0].pairs
+    assert (pair.system, pair.peer) == ("zeroplan-z0", "ddp") and len(pair.throughput_ratios) == 1
+    assert pair.throughput_ratios[0] > 0 and pair.rss_ratio == z0.peak_rss_bytes / ddp.peak_rss_bytes
+    assert "Head to head" in text and "load average (1 min)" in text and len(results[0].load) == 2

@@ -1,4 +1,5 @@
-"""The memory model's arithmetic against hand-computed cases (ZeRO paper; Korthikanti et al. 2022)."""
+"""The memory model's arithmetic against hand-computed cases (ZeRO paper; Korthikanti et al. 2022;
+for fp32, the buffers zeroplan's runtime allocates, measured by bench/memory_model.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from zeroplan.compiler import Calibration, estimate_memory
 from zeroplan.compiler.memory import head_activation_bytes, layer_activation_bytes, model_states
-from zeroplan.schemas import ConfigError
+from zeroplan.schemas import ConfigError, ModelSpec
 
 P = 1_000_000  # divisible by every dp used below, so shards are exact
 
@@ -36,9 +37,24 @@ def test_model_state_categories_at_stage_0():
     assert states == {"parameters": 2 * P, "gradients": 2 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
 
 
-def test_fp32_has_no_separate_master_copy():
+def test_fp32_keeps_a_separate_flat_master_as_the_runtime_does():
     states = model_states(params=P, dp=2, stage=0, param_dtype="fp32")
-    assert states == {"parameters": 4 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 0}
+    assert states == {"parameters": 4 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
+
+
+@pytest.mark.parametrize("stage, expected", [
+    (0, 20.0),  # whole model, master, flat gradient, two moments
+    (1, 16.0),  # + full fp32 accumulation buffer; master, gradient shard and moments over 2 ranks
+    (2, 12.0),  # the gradient shard only
+    (3, 12.0),  # the whole model as built stays resident; the master is the parameter shard
+])
+def test_fp32_states_per_parameter_at_two_ranks(stage, expected):
+    assert per_param(model_states(params=P, dp=2, stage=stage, param_dtype="fp32")) == expected
+
+
+def test_fp32_stage1_keeps_the_full_accumulation_buffer_and_the_shard():
+    states = model_states(params=P, dp=4, stage=1, param_dtype="fp32")
+    assert states["gradients"] == 4 * (P + P // 4) and states["master_weights"] == 4 * P // 4
 
 
 def test_sgd_without_momentum_keeps_no_state():
@@ -72,6 +88,30 @@ def test_activations_without_dropout_keep_no_masks():
         == S * B * H * (64 + 4 * A * S // H)
 
 
+def test_head_keeps_the_fp32_log_softmax_not_the_logits():
+    for e in (2, 4):
+        got = head_activation_bytes(seq=S, micro=B, hidden=H, vocab=1000, tp=1, element_bytes=e)
+        assert got == 2 * e * S * B * H + 4 * S * B * 1000
+
+
+def test_gloo_copies_the_reduce_scatter_bucket_on_cpu_only(compile_dict):
+    """Stage 1 on 2 ranks, one bucket holding the whole model: on cpu the bucket, its 1/2-size
+    output and gloo's copy of it; the publishing all-gather (output + copy) is smaller."""
+    data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}
+    cpu = compile_dict(data, nproc_per_node=2)
+    gpu = compile_dict(data, cluster="h100-80", nproc_per_node=2)
+    n = ModelSpec.load("tiny").total_params
+    assert cpu.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2 + 1))
+    assert gpu.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2))
+
+
+def test_stage2_holds_one_bucket_of_unreduced_gradients(compile_dict):
+    data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    plan = compile_dict(data, nproc_per_node=2)
+    n = ModelSpec.load("tiny").total_params
+    assert plan.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2 + 1)) + 4 * n
+
+
 def test_flash_attention_drops_the_quadratic_term():
     got = layer_activation_bytes(seq=S, micro=B, hidden=H, heads=A, ffn=4 * H, element_bytes=2, flash=True)
     assert got == S * B * H * 32 + 4 * A * S * B
@@ -82,7 +122,8 @@ def test_plan_activations_with_and_without_checkpointing(tiny, compile_dict):
     off = compile_dict(base, nproc_per_node=1)
     on = compile_dict({**base, "activation_checkpointing": {"enabled": True}}, nproc_per_node=1)
     s, b, h = tiny.seq_len, 2, tiny.hidden
-    layer = layer_activation_bytes(seq=s, micro=b, hidden=h, heads=tiny.heads, ffn=tiny.ffn, element_bytes=4)
+    layer = layer_activation_bytes(seq=s, micro=b, hidden=h, heads=tiny.heads, ffn=tiny.ffn, element_bytes=4,
+                                   flash=True)
     head = head_activation_bytes(seq=s, micro=b, hidden=h, vocab=tiny.vocab, tp=1, element_bytes=4)
     assert off.estimates.memory_per_rank["activations"] == tiny.layers * layer + head
     assert on.estimates.memory_per_rank["activations"] == tiny.layers * 4 * s * b * h + layer + head
@@ -92,7 +133,7 @@ def test_1f1b_first_stage_holds_pp_micro_batches(tiny, compile_dict):
     data = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8, "parallel": {"pp": 2}}
     plan = compile_dict(data, nproc_per_node=2)
     layer = layer_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, heads=tiny.heads, ffn=tiny.ffn,
-                                   element_bytes=4)
+                                   element_bytes=4, flash=True)
     head = head_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, vocab=tiny.vocab, tp=1,
                                  element_bytes=4)
     first, last = 2 * (tiny.layers // 2) * layer, (tiny.layers // 2) * layer + head
