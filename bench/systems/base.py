@@ -50,6 +50,13 @@ class System(ABC):
         """Release hooks or groups the system created (not the default process group)."""
 
 
+def stage_variant(base: type, *, prefix: str, stage: int, offload: str = "none") -> type:
+    """A subclass of `base` fixed to one ZeRO stage and offload device, named `{prefix}-z{stage}[-offload-X]`."""
+    suffix = "" if offload == "none" else f"-offload-{offload}"
+    return type(f"{base.__name__}Z{stage}", (base,), {"name": f"{prefix}-z{stage}{suffix}", "stage": stage,
+                                                       "offload": offload, "sharding": f"stage {stage}"})
+
+
 def adamw(params, workload: Workload) -> torch.optim.AdamW:
     """torch's AdamW as every peer uses it: the workload's hyper-parameters, fused (one pass on CPU,
     the same kernel the compiler picks for zeroplan on CPU, `kernels.optimizer: torch_fused`)."""

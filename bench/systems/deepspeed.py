@@ -29,7 +29,7 @@ import os
 from torch import nn
 
 from ..workload import Workload, compile_plan
-from .base import System, engine_train_step
+from .base import System, engine_train_step, stage_variant
 
 
 @functools.cache
@@ -78,9 +78,7 @@ class DeepSpeed(System):
 
 
 def _stage(stage: int, offload: str = "none") -> type[DeepSpeed]:
-    suffix = "" if offload == "none" else f"-offload-{offload}"
-    return type(f"DeepSpeedZ{stage}", (DeepSpeed,), {"name": f"deepspeed-z{stage}{suffix}", "stage": stage,
-                                                       "offload": offload, "sharding": f"stage {stage}"})
+    return stage_variant(DeepSpeed, prefix="deepspeed", stage=stage, offload=offload)
 
 
 STAGES = [_stage(s) for s in range(4)]

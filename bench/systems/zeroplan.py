@@ -10,7 +10,7 @@ from torch import nn
 from zeroplan.runtime import initialize
 
 from ..workload import Workload, compile_plan
-from .base import System, engine_train_step
+from .base import System, engine_train_step, stage_variant
 
 
 class Zeroplan(System):
@@ -36,9 +36,7 @@ class Zeroplan(System):
 
 
 def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
-    suffix = "" if offload == "none" else f"-offload-{offload}"
-    return type(f"ZeroplanZ{stage}", (Zeroplan,), {"name": f"zeroplan-z{stage}{suffix}", "stage": stage,
-                                                     "offload": offload, "sharding": f"stage {stage}"})
+    return stage_variant(Zeroplan, prefix="zeroplan", stage=stage, offload=offload)
 
 
 STAGES = [_stage(s) for s in range(4)]
