@@ -90,9 +90,10 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
         _broadcast_whole(model)
     tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            coll.broadcast(t.data, src=0)
+    if groups.pp_size == 1:  # with pp the whole-model broadcast above already made every rank equal
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                coll.broadcast(t.data, src=0)
     stage = None
     if groups.pp_size > 1:
         stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
