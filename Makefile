@@ -10,7 +10,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zeroplan-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+# The other vector unit for `make test-capability`: AVX2 where the CPU has AVX-512, else
+# ATen's scalar kernels. ATEN_CPU_CAPABILITY moves ATen's own kernels (the elementwise ops,
+# reductions, softmax and norms a forward and backward are made of).
+CAPABILITY ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2 || echo default)
+
+.PHONY: setup demo test test-capability clean
 
 setup: $(STAMP)
 
@@ -28,6 +33,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The tests that compare floating-point results (marker `numerics`) once more, with ATen's
+# kernels on another vector unit than this CPU's best, so one machine checks that they do not
+# depend on which one the CPU has. CI runs it after `make test`.
+test-capability: setup
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) $(BIN)/python -m pytest -q -m numerics $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

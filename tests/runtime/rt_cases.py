@@ -15,6 +15,7 @@ from zeroplan.runtime.schedulers import build_schedule
 from zeroplan.schemas import ModelSpec
 
 from rt_plans import make_plan
+from rt_tolerance import compare
 
 SPEC = ModelSpec(name="test", layers=2, hidden=32, heads=2, ffn=128, vocab=97, seq_len=8)
 GLOBAL_BATCH = 12
@@ -213,12 +214,18 @@ def reference_micro(case: dict, steps: int = STEPS) -> dict[str, torch.Tensor]:
     return {k: named[k].detach() if k in named else v.detach().float() for k, v in model.state_dict().items()}
 
 
-def max_diff(got: dict, want: dict, *, params_only_of: nn.Module | None = None) -> tuple[float, str]:
-    """Largest |got - want| over the trainable parameters (names of `want`), and where."""
+def max_diff(got: dict, want: dict, *, model: str) -> tuple[float, str]:
+    """Largest |got - want| over the trainable parameters of test model `model`, and where:
+    for two runs of the runtime that do the same arithmetic (no reference involved)."""
     worst, where = 0.0, ""
-    names = [n for n, p in build("gpt" if "wte.weight" in want else "zoo").named_parameters() if p.requires_grad]
-    for name in names:
-        d = (got[name].float() - want[name].float()).abs().max().item()
-        if d > worst or not where:
-            worst, where = d, name
+    for name, p in build(model).named_parameters():
+        if p.requires_grad:
+            d = (got[name].float() - want[name].float()).abs().max().item()
+            if d > worst or not where:
+                worst, where = d, name
     return worst, where
+
+
+def mismatches(got: dict, want: dict, *, case: dict, steps: int = STEPS) -> list[str]:
+    """`got` against a single-process reference of `case` (rt_tolerance says what is held how)."""
+    return compare(got, want, model=build(case["model"]), plan=case_plan(case), steps=steps)

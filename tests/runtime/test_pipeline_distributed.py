@@ -3,7 +3,8 @@ with data parallelism (ZeRO 0-2) and with tensor parallelism (tp=2 x pp=2).
 
 Four AdamW steps with clipping (max norm 0.5, exceeded at every step) and WarmupDecayLR on
 the same global batch of 12: the consolidated parameters match torch.optim.AdamW in one
-process within 1e-5 (fp32; only the order of the gradient sums differs). This holds only if
+process within 1e-5 (fp32; only the order of the gradient sums differs; the key bias is held
+to rt_tolerance's drift bound). This holds only if
 the stages pass activations and gradients correctly, the tied embedding's two copies get the
 summed gradient and the gradient norm counts it once (counting it twice changes every
 clipped step). One spawn per world size runs every case of that size.
@@ -16,12 +17,15 @@ import os
 
 import pytest
 
-from rt_cases import max_diff, reference_global
-from rt_pipeline import reference_seq
+from rt_cases import mismatches, reference_global
+from rt_pipeline import STEPS, reference_seq
 from rt_spawn import job_result, spawn_jobs
+
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
 
 FP32_TOL = 1e-5
 CLIP = 0.5
+REFERENCE_CASE = dict(model="gpt", stage=0, world=1, accum=1)
 
 
 def _case(model, stage, dp, pp, accum, schedule="1f1b", method="parameters", tp=1):
@@ -59,7 +63,7 @@ def spawned(tmp_path_factory):
 def _reference(model: str) -> dict:
     if model == "seq":
         return reference_seq()
-    return reference_global(dict(model="gpt", stage=0, world=1, accum=1), steps=4)
+    return reference_global(REFERENCE_CASE, steps=STEPS)
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c["id"] for c in ALL])
@@ -68,11 +72,12 @@ def test_pipeline_matches_single_process(spawned, case, one_thread):
     want = _reference(case["model"])
     assert sorted(got["params"]) == sorted(want), "full_state_dict is not the plain model's state_dict"
     if case["model"] == "gpt":
-        diff, where = max_diff(got["params"], want)
+        failures = mismatches(got["params"], want, case=REFERENCE_CASE, steps=STEPS)
+        assert not failures, f"{case['id']}: " + "; ".join(failures)
     else:
         where = max(want, key=lambda k: (got["params"][k] - want[k]).abs().max().item())
         diff = (got["params"][where] - want[where]).abs().max().item()
-    assert diff <= FP32_TOL, f"{case['id']}: max |diff| {diff:.3g} at {where}"
+        assert diff <= FP32_TOL, f"{case['id']}: max |diff| {diff:.3g} at {where}"
     assert min(got["norms"]) > CLIP, "clipping never triggered: the norm is not tested"
     if case["model"] == "gpt":  # both copies of the tied embedding, each from its own stage
         assert (got["params"]["wte.weight"] - got["params"]["lm_head.weight"]).abs().max().item() == 0.0

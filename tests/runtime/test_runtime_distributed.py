@@ -11,6 +11,8 @@ import torch
 from rt_spawn import job_result, spawn_jobs
 from zeroplan.runtime import checkpoint
 
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
+
 ROUNDTRIP = [dict(model="gpt", stage=s, world=2, accum=a, dtype=d) for s, a, d in
              ((0, 1, "fp32"), (1, 3, "fp32"), (2, 1, "bf16"), (3, 3, "fp32"), (2, 1, "fp16"))] + \
             [dict(model="zoo", stage=3, world=2, accum=1, persistence=10)]

@@ -3,15 +3,19 @@
 Stages 0-3 x world sizes 1, 2, 4 x gradient accumulation 1 and 3: five AdamW steps with
 clipping (max norm 0.5, reached) and WarmupDecayLR give the parameters of torch.optim.AdamW
 on the whole global batch in one process, within 1e-5 (fp32: only the summation order of
-the gradient reductions differs).
+the gradient reductions and of the kernels differs). The GPT's key bias has an analytically
+zero gradient, which Adam turns into steps of either sign: those elements are held to the
+drift bound derived in rt_tolerance, on every CPU.
 
 bf16 (and the models that break naive ZeRO) are compared with a single-process reference that
 runs the same micro-batches in the same dtype with fp32 master weights, fp32 gradient sums and
-torch.optim.AdamW on the masters: the arithmetic is the same but for the order of fp32 sums,
-so 1e-5 holds there too. Against the fp32 reference bf16 could not be held to anything tight:
-bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding), and Adam turns gradients that
-are analytically zero (e.g. the key bias, which softmax ignores) but noisy into full-size
-steps of either sign.
+torch.optim.AdamW on the masters. The zoo is fp32 and held to 1e-5. In bf16 the same
+arithmetic agrees to about 1e-8, but a kernel that sums in another order (another vector unit,
+another alignment) flips bf16 roundings, and Adam spreads them: bf16 is held to an RMS of 1e-4
+per tensor, with every element within the drift bound. Those bounds hold between references
+run on different vector units, and a missing reduction or a lost step breaks them
+(tests/runtime/test_tolerance.py). Against the fp32 reference bf16 could not be held to
+anything tight: bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import functools
 import pytest
 
 from rt_spawn import job_result, spawn_jobs
-from rt_cases import reference_global, reference_micro, max_diff
+from rt_cases import mismatches, reference_global, reference_micro
 from zeroplan.schemas.plan import OptimizerPlan
 
-FP32_TOL = 1e-5
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
+
 SGD = OptimizerPlan(type="SGD", lr=3e-3, momentum=0.9, weight_decay=0.1, gradient_clipping=0.5)
 ADAM = OptimizerPlan(type="Adam", lr=3e-3, weight_decay=0.1, decoupled_weight_decay=False, gradient_clipping=0.5)
 PREDIVIDE = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5, gradient_predivide_factor=2.0)
@@ -67,8 +72,8 @@ def test_matches_single_process(case, one_thread):
         want = _global_reference(case["optimizer"].type if case.get("optimizer") else "AdamW")
     else:
         want = reference_micro(case)
-    diff, where = max_diff(got["params"], want)
-    assert diff <= FP32_TOL, f"{case['id']}: max |diff| {diff:.3g} at {where}"
+    failures = mismatches(got["params"], want, case=case)
+    assert not failures, f"{case['id']}: " + "; ".join(failures)
     assert got["published_gap"] == 0.0, "model parameters differ from the master weights in the training dtype"
 
 

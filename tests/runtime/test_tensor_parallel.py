@@ -4,7 +4,8 @@ Each case trains 4 AdamW steps with WarmupDecayLR and gradient clipping at max n
 global norm is 1.2-1.8, so clipping scales every step) and compares the consolidated export,
 which joins the tp slices into the plain model's keys and shapes, with torch.optim.AdamW on
 the whole global batch in one process: within 1e-5 in fp32 (only the order of the sums in
-the tp and dp all-reduces differs). The test GPT has vocab 97, so the vocabulary split is
+the tp and dp all-reduces differs; the GPT's key bias, whose gradient is analytically zero, is
+held to the drift bound of rt_tolerance). The test GPT has vocab 97, so the vocabulary split is
 uneven (49 + 48 rows). Two spawns: tp=2 on 2 processes; dp=2 x tp=2 on 4.
 """
 
@@ -18,14 +19,15 @@ import torch
 from rt_harness import run_distributed
 from rt_spawn import job_result
 from rt_cases import SPEC
-from tp_jobs import STEPS, reference, tp_plan
+from rt_tolerance import compare
+from tp_jobs import STEPS, build_model, reference, tp_plan
 from zeroplan.compiler import comm_volume
 from zeroplan.compiler.comm import summarize
 from zeroplan.runtime.models import GPT
 from zeroplan.runtime.parallel import GPT_PLAN, TpSplit, default_plan
 from zeroplan.schemas import ConfigError, ModelSpec
 
-FP32_TOL = 1e-5
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
 
 
 def _case(model, stage, dp, tp, accum=1):
@@ -70,8 +72,8 @@ def test_matches_single_process(case, one_thread):
     assert set(got["params"]) == set(want), "the export has the plain model's keys"
     for name, value in want.items():
         assert got["params"][name].shape == value.shape, name
-    diff, where = max(((got["params"][k] - v).abs().max().item(), k) for k, v in want.items())
-    assert diff <= FP32_TOL, f"{case['id']}: max |diff| {diff:.3g} at {where}"
+    failures = compare(got["params"], want, model=build_model(case["model"]), plan=tp_plan(case), steps=STEPS)
+    assert not failures, f"{case['id']}: " + "; ".join(failures)
     assert min(got["norms"]) > 0.5, "clipping must scale every step"
     assert got["norms"] == pytest.approx(norms, rel=1e-5), "each parameter's gradient counted once in the norm"
 
@@ -113,8 +115,8 @@ def test_replicated_gradients_are_identical_across_tp():
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_cross_entropy_equals_torch(world):
     got = job_result(_spawned(world), f"ce{world}")
-    for reduction, (loss_diff, grad_diff) in got.items():
-        assert loss_diff <= 1e-5 and grad_diff <= 1e-6, (reduction, loss_diff, grad_diff)
+    for reduction, (loss_rel_diff, grad_diff) in got.items():  # fp32: a few ulps either way
+        assert loss_rel_diff <= 1e-6 and grad_diff <= 1e-6, (reduction, loss_rel_diff, grad_diff)
 
 
 def test_checkpoint_round_trip_dp2_tp2():

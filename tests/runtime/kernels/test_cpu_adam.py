@@ -8,6 +8,8 @@ import torch
 from kernel_numerics import assert_matches_torch
 from zeroplan.runtime.kernels import adam_step, cpu_simd_paths
 
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
+
 LENGTHS = (1, 7, 17, 1000003)  # none a multiple of the 8- or 16-lane vector width
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 

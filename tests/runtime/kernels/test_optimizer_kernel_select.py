@@ -17,6 +17,8 @@ from zeroplan.runtime.kernels import (
 )
 from zeroplan.runtime.kernels import select
 
+pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
+
 
 @pytest.fixture
 def fresh_notices():
