@@ -60,6 +60,8 @@ class Engine:
         self.meter = StepMeter(device=groups.device, global_batch_size=plan.batch.global_batch_size)
         self.reporter: StepReporter | None = None
         """Per-step metrics for the tuner ($ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS; set by initialize)."""
+        self.checkpointing = None
+        """The model's ActivationCheckpointing (runtime/checkpointing.py; set by initialize)."""
 
     # -- the loop --------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

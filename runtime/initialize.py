@@ -4,7 +4,8 @@ Each part gets only its slice of the plan, keyword-only: the process groups from
 `plan.world`/`plan.parallel`, the ZeRO stage from `plan.zero`, where the master, optimizer
 state and stage-3 partition live from `plan.offload` (swap paths are checked before anything
 is built), the optimizer from `plan.optimizer`/`plan.kernels`, the schedule from
-`plan.scheduler`, the loss scaler from `plan.precision`.
+`plan.scheduler`, the loss scaler from `plan.precision`, activation checkpointing from
+`plan.activation_checkpointing` (installed into the model's checkpoint hook).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem
 
+from .checkpointing import ActivationCheckpointing, install as install_checkpointing
 from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
@@ -98,6 +100,8 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     if groups.pp_size > 1:
         stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
         model = stage.module
+    checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing, tp_coll=tp_coll)
+    install_checkpointing(model, checkpointing)
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
                       predivide=plan.optimizer.gradient_predivide_factor,
@@ -110,6 +114,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
     engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
+    engine.checkpointing = checkpointing
     return engine
 
 

@@ -99,6 +99,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.loss = nn.CrossEntropyLoss()
         """A module, so tensor parallelism can swap in the vocabulary-parallel cross-entropy."""
+        self.checkpoint_fn = None
+        """Activation checkpointing's hook (runtime/checkpointing.py): when set, each block runs
+        as `checkpoint_fn(block, x)` and is recomputed in backward."""
         self.apply(self._init)
 
     @staticmethod
@@ -112,7 +115,7 @@ class GPT(nn.Module):
         """Logits [batch, seq, vocab], or the mean next-token cross-entropy when `labels` is given."""
         x = embed(self.wte, self.wpe, input_ids)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if self.checkpoint_fn is None else self.checkpoint_fn(block, x)
         logits = self.lm_head(self.ln_f(x))
         if labels is None:
             return logits
@@ -122,6 +125,10 @@ class GPT(nn.Module):
         """The forward as single-tensor layers for pipeline stages (parallel/pipeline.py): the
         embeddings, each block, the final norm and LM head; they share this model's modules."""
         return [Embeddings(self.wte, self.wpe), *self.blocks, Head(self.ln_f, self.lm_head)]
+
+    def pipeline_checkpointable(self, layer: nn.Module) -> bool:
+        """Pipeline stages recompute the transformer blocks, as this model does unpipelined."""
+        return isinstance(layer, Block)
 
     def pipeline_loss(self):
         """The last stage's loss(logits, labels); it holds the loss module only, not the model."""

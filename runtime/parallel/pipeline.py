@@ -5,6 +5,9 @@ A model can be pipelined when it says how its forward decomposes (the protocol D
     model.pipeline_layers() -> list[nn.Module]   each maps one tensor to the next
     model.pipeline_loss() -> loss_fn             loss_fn(output, labels) on the last stage; it must
                                                  not hold the model (each stage keeps only its layers)
+    model.pipeline_checkpointable(layer) -> bool optional: the layers activation checkpointing
+                                                 recomputes; by default those with parameters
+                                                 (DeepSpeed's `_is_checkpointable`)
 The built-in GPT implements it (embeddings, blocks, final norm + LM head); `PipelineModule`
 wraps any `nn.Sequential` (or list of modules) with a loss function. A plain `nn.Sequential`
 has no loss, so it is refused with a message that points at `PipelineModule`.
@@ -38,10 +41,14 @@ class PipelineModule(nn.Module):
     """
 
     def __init__(self, *, layers: nn.Sequential | Sequence[nn.Module],
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 checkpointable_layers: Sequence[str] | None = None):
         super().__init__()
         self.layers = layers if isinstance(layers, nn.Sequential) else nn.Sequential(*layers)
         self.loss_fn = loss_fn
+        self.checkpointable_layers = checkpointable_layers
+        """Class names of the layers activation checkpointing recomputes (DeepSpeed's argument);
+        None: every layer with parameters."""
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         out = self.layers(inputs)
@@ -49,6 +56,11 @@ class PipelineModule(nn.Module):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return list(self.layers)
+
+    def pipeline_checkpointable(self, layer: nn.Module) -> bool:
+        if self.checkpointable_layers is None:
+            return _has_parameters(layer)
+        return type(layer).__name__ in self.checkpointable_layers
 
     def pipeline_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return self.loss_fn
@@ -134,9 +146,13 @@ class PipelineStage(nn.Module):
     """The consecutive layers of one stage, keyed by their index in the whole sequence."""
 
     def __init__(self, *, layers: dict[int, nn.Module], stage: int, stages: int, plain_names: dict[str, str],
-                 tied: tuple[TiedParameter, ...]):
+                 tied: tuple[TiedParameter, ...], checkpointable: frozenset[int] = frozenset()):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): m for i, m in layers.items()})
+        self.checkpointable = frozenset(str(i) for i in checkpointable)
+        """Keys of the layers run through `checkpoint_fn` when it is set."""
+        self.checkpoint_fn = None
+        """Activation checkpointing's hook (runtime/checkpointing.py)."""
         self.stage, self.stages = stage, stages
         self.plain_names = plain_names
         """This module's state_dict names -> the plain model's state_dict names."""
@@ -151,8 +167,9 @@ class PipelineStage(nn.Module):
         return self.stage == self.stages - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers.values():
-            x = layer(x)
+        for key, layer in self.layers.items():
+            recompute = self.checkpoint_fn is not None and key in self.checkpointable
+            x = self.checkpoint_fn(layer, x) if recompute else layer(x)
         return x
 
 
@@ -198,7 +215,13 @@ def split_model(model: nn.Module, *, stage: int, stages: int, method: str) -> tu
             plain[name] = _plain_name(module_paths, layer, local, default=name)
             if isinstance(t, nn.Parameter) and len(users.get(id(t), ())) > 1:
                 tied.append(TiedParameter(local_name=name, stages=tuple(sorted(users[id(t)]))))
-    return PipelineStage(layers=mine, stage=stage, stages=stages, plain_names=plain, tied=_unique(tied)), loss_fn
+    checkpointable = getattr(model, "pipeline_checkpointable", _has_parameters)
+    return PipelineStage(layers=mine, stage=stage, stages=stages, plain_names=plain, tied=_unique(tied),
+                         checkpointable=frozenset(i for i, layer in mine.items() if checkpointable(layer))), loss_fn
+
+
+def _has_parameters(layer: nn.Module) -> bool:
+    return any(True for _ in layer.parameters())
 
 
 def _plain_name(module_paths: dict[int, str], layer: nn.Module, local: str, *, default: str) -> str:

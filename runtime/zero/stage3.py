@@ -65,6 +65,7 @@ class Stage3(Stage2):
         self._users: dict[int, int] = defaultdict(int)
         self._trace: list[nn.Module] = []
         self._recording = True
+        self._in_backward = False
         self._cursor = 0
 
     # -- set-up ----------------------------------------------------------------------------
@@ -132,8 +133,12 @@ class Stage3(Stage2):
         self._cursor = 0
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    def begin_backward(self, *, boundary: bool) -> None:
+        super().begin_backward(boundary=boundary)
+        self._in_backward = True
+
     def _pre_forward(self, module: nn.Module, args) -> None:
-        if self._recording:
+        if self._recording and not self._in_backward:  # not activation checkpointing's recompute
             self._trace.append(module)
         for i in self.units[module]:
             self._users[i] += 1
@@ -175,8 +180,14 @@ class Stage3(Stage2):
         self._release(index)
 
     def end_backward(self) -> None:
+        """After backward no module's forward is running, whatever the hooks counted: a forward
+        cut short never decrements its users (torch's non-reentrant checkpoint stops a
+        recompute inside the last module once it has every tensor it needs), and a parameter
+        kept gathered past this point would be stale after the step."""
         super().end_backward()
+        self._in_backward = False
         self._recording = False
+        self._users.clear()
         self.release_all()
 
     def release_all(self) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import traceback
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,15 +70,22 @@ class Zoo(nn.Module):
 
 
 def build(kind: str) -> nn.Module:
+    """"gpt", "zoo", or "gpt-torch-checkpoint": the GPT recomputing its blocks with torch's own
+    checkpoint, as a user's model would (early stop on)."""
     torch.manual_seed(1234)
-    return GPT(SPEC) if kind == "gpt" else Zoo()
+    if kind == "zoo":
+        return Zoo()
+    model = GPT(SPEC)
+    if kind == "gpt-torch-checkpoint":
+        model.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return model
 
 
 def micro_batch(case: dict, step: int, rank: int, k: int) -> dict:
     world, accum = case["world"], case["accum"]
     micro = GLOBAL_BATCH // (world * accum)
     lo = (k * world + rank) * micro
-    if case["model"] == "gpt":
+    if case["model"] != "zoo":
         tokens = MarkovChainData(vocab=SPEC.vocab, seq_len=SPEC.seq_len).global_batch(step, GLOBAL_BATCH)
         rows = tokens[lo:lo + micro]
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
@@ -93,7 +102,8 @@ def case_plan(case: dict):
                      dtype=case.get("dtype", "fp32"), overlap=case.get("overlap", False),
                      persistence=case.get("persistence", 40), optimizer=case.get("optimizer"),
                      reduce_bucket=case.get("reduce_bucket", 500), offload=case.get("offload"),
-                     kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9))
+                     kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9),
+                     checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000))
 
 
 def loss_of(out):
@@ -114,8 +124,10 @@ def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
             losses.append(float(loss.detach()))
     full = engine.full_state_dict()
     published = _published_gap(engine, full) if case["stage"] < 3 else 0.0
+    recomputed = engine.checkpointing.calls
     engine.close()
-    return {"params": full, "losses": losses, "published_gap": published} if rank == 0 else None
+    return {"params": full, "losses": losses, "published_gap": published, "recomputed": recomputed} \
+        if rank == 0 else None
 
 
 def _published_gap(engine, full: dict) -> float:

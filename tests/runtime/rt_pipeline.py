@@ -34,10 +34,10 @@ def build_model(kind: str) -> nn.Module:
 
 
 def pipe_plan(*, stage: int, dp: int, pp: int, accum: int, schedule: str = "1f1b", method: str = "parameters",
-              dtype: str = "fp32", tp: int = 1):
+              dtype: str = "fp32", tp: int = 1, checkpointing=None):
     """make_plan's optimizer (AdamW, clipping at 0.5) and schedule, at dp x tp x pp."""
     micro, world = GLOBAL_BATCH // (dp * accum), dp * tp * pp
-    base = make_plan(stage=stage, world=world, accum=accum, micro=micro, dtype=dtype)
+    base = make_plan(stage=stage, world=world, accum=accum, micro=micro, dtype=dtype, checkpointing=checkpointing)
     return base.model_copy(update={
         "world": WorldPlan(nnodes=1, nproc_per_node=world, world_size=world),
         "parallel": ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=schedule, pipeline_micro_batches=accum,
@@ -70,7 +70,8 @@ def data_iter(case: dict, *, dp_rank: int, start: int = 0):
 def _engine(case: dict):
     plan = pipe_plan(stage=case["stage"], dp=case["dp"], pp=case["pp"], accum=case["accum"],
                      schedule=case.get("schedule", "1f1b"), method=case.get("method", "parameters"),
-                     dtype=case.get("dtype", "fp32"), tp=case.get("tp", 1))
+                     dtype=case.get("dtype", "fp32"), tp=case.get("tp", 1),
+                     checkpointing=case.get("checkpointing"))
     return initialize(build_model(case["model"]), plan=plan)
 
 
@@ -92,12 +93,14 @@ def pp_train(*, case: dict) -> dict | None:
     coords = (engine.groups.pp_rank, engine.groups.dp_rank, engine.max_in_flight, losses)
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, coords)
+    recomputed: list = [None] * dist.get_world_size()
+    dist.all_gather_object(recomputed, engine.checkpointing.calls)
     comms = engine.last_comms
     engine.close()
     if dist.get_rank():
         return None
     return {"params": full, "losses": losses, "norms": norms, "per_rank": per_rank, "refused": refused,
-            "comms": comms}
+            "comms": comms, "recomputed": sum(recomputed)}
 
 
 def refuses_plain_sequential() -> str:

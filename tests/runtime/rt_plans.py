@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zeroplan.schemas import Plan
 from zeroplan.schemas.batch import BatchPlan
-from zeroplan.schemas.plan import (KernelsPlan, LossScalePlan, OffloadPlan, OptimizerPlan, ParallelPlan,
+from zeroplan.schemas.plan import (ActivationCheckpointingPlan, KernelsPlan, LossScalePlan, OffloadPlan, OptimizerPlan, ParallelPlan,
                                    PrecisionPlan, SchedulerPlan, WorldPlan, ZeroPlan)
 
 WARMUP_DECAY = SchedulerPlan(type="WarmupDecayLR", params={
@@ -16,7 +16,8 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
               reduce_bucket: int = 500, allgather_bucket: int = 1000, overlap: bool = False,
               prefetch: int = 2000, persistence: int = 40, optimizer: OptimizerPlan | None = None,
               scheduler: SchedulerPlan | None = WARMUP_DECAY, loss_scaling: LossScalePlan | None = None,
-              offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9) -> Plan:
+              offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9,
+              checkpointing: ActivationCheckpointingPlan | None = None) -> Plan:
     """A concrete plan for `world` CPU ranks, ZeRO `stage`, `accum` micro-batches of `micro`."""
     if optimizer is None:
         optimizer = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5)
@@ -32,4 +33,5 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
                       model_persistence_threshold=0, max_live_parameters=10**9, max_reuse_distance=10**9,
                       sub_group_size=sub_group),
         precision=precision, optimizer=optimizer, scheduler=scheduler, offload=offload or OffloadPlan(),
-        kernels=KernelsPlan(optimizer=kernel))
+        kernels=KernelsPlan(optimizer=kernel),
+        activation_checkpointing=checkpointing or ActivationCheckpointingPlan())

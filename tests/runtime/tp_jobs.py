@@ -76,7 +76,7 @@ def batch_of(case: dict, step: int, dp_rank: int, k: int) -> dict:
 def tp_plan(case: dict) -> Plan:
     dp, tp, accum = case["dp"], case["tp"], case["accum"]
     base = make_plan(stage=case["stage"], world=dp, accum=accum, micro=GLOBAL_BATCH // (dp * accum),
-                     dtype=case.get("dtype", "fp32"))
+                     dtype=case.get("dtype", "fp32"), checkpointing=case.get("checkpointing"))
     data = base.model_dump()
     data["world"] = WorldPlan(nnodes=1, nproc_per_node=dp * tp, world_size=dp * tp).model_dump()
     data["parallel"] = ParallelPlan(dp=dp, tp=tp).model_dump()
@@ -114,7 +114,7 @@ def train_tp(*, case: dict) -> dict | None:
     if dist.get_rank():
         return None
     return {"params": full, "losses": losses, "norms": norms, "tokens": tokens, "comms": comms,
-            "local_shapes": local_shapes}
+            "local_shapes": local_shapes, "recomputed": engine.checkpointing.calls}
 
 
 def checkpoint_tp(*, case: dict) -> dict | None:
