@@ -106,4 +106,10 @@ def ds_config(plan: Plan) -> dict[str, Any]:
             out["activation_checkpointing"]["number_checkpoints"] = ac.number_checkpoints
     if plan.logging.comms_logger:
         out["comms_logger"] = {"enabled": True}
+    m = plan.monitors
+    for key, target in (("tensorboard", m.tensorboard), ("csv_monitor", m.csv)):
+        if target is not None:
+            out[key] = {"enabled": True, "output_path": target.output_path, "job_name": target.job_name}
+    if m.wandb is not None:
+        out["wandb"] = {"enabled": True, **m.wandb.model_dump(exclude_none=True)}
     return out

@@ -18,6 +18,7 @@ from .sections import (
     checkpointing_plan,
     kernels_plan,
     logging_plan,
+    monitors_plan,
     offload_plan,
     optimizer_plan,
     precision_plan,
@@ -63,7 +64,8 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
         world=world_plan(cluster), parallel=parallel, batch=batch, zero=zero_plan(config),
         offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),
         scheduler=scheduler_plan(config), kernels=kernels_plan(config, cluster),
-        activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config), provenance=provenance)
+        activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config),
+        monitors=monitors_plan(config), provenance=provenance)
 
 
 def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:

@@ -7,17 +7,22 @@ lr 1e-3, when the config has none), DeepSpeed's scheduler defaults
 
 from __future__ import annotations
 
-from zeroplan.schemas import ClusterSpec, TrainConfig
+import importlib.util
+
+from zeroplan.schemas import ClusterSpec, ConfigError, Problem, TrainConfig
 from zeroplan.schemas.plan import (
     ActivationCheckpointingPlan,
     KernelsPlan,
     LoggingPlan,
     LossScalePlan,
+    MonitorOutput,
+    MonitorsPlan,
     OffloadPlan,
     OffloadTarget,
     OptimizerPlan,
     PrecisionPlan,
     SchedulerPlan,
+    WandbPlan,
     WorldPlan,
     ZeroPlan,
 )
@@ -107,6 +112,22 @@ def checkpointing_plan(config: TrainConfig) -> ActivationCheckpointingPlan:
     return ActivationCheckpointingPlan(enabled=ac.enabled, cpu_checkpointing=ac.cpu_checkpointing,
                                        partition_activations=ac.partition_activations,
                                        number_checkpoints=ac.number_checkpoints)
+
+
+def monitors_plan(config: TrainConfig) -> MonitorsPlan:
+    """The enabled monitor blocks; each must find its client (a missing one is an error here,
+    at compile time, not at the first step)."""
+    tb, csv, wandb = config.tensorboard, config.csv_monitor, config.wandb
+    problems = [Problem(f"{key}.enabled", f"{key} needs the {package} package, which is not installed", given=True,
+                        suggestion=f"pip install 'zeroplan[monitors]' (or {package}), or set {key}.enabled false")
+                for key, package, block in (("tensorboard", "tensorboard", tb), ("wandb", "wandb", wandb))
+                if block.enabled and importlib.util.find_spec(package) is None]
+    if problems:
+        raise ConfigError(problems)
+    return MonitorsPlan(
+        tensorboard=MonitorOutput(output_path=tb.output_path, job_name=tb.job_name) if tb.enabled else None,
+        csv=MonitorOutput(output_path=csv.output_path, job_name=csv.job_name) if csv.enabled else None,
+        wandb=WandbPlan(project=wandb.project, group=wandb.group, team=wandb.team) if wandb.enabled else None)
 
 
 def logging_plan(config: TrainConfig) -> LoggingPlan:

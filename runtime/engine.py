@@ -16,6 +16,7 @@ coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard 
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from . import checkpoint
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, StepReporter, peak_memory
+from .monitor import Monitors, StepTimers
 from .offload import MasterOptimizer
 from .parallel import tp_split_of
 from .precision import LossScaler
@@ -62,6 +64,14 @@ class Engine:
         """Per-step metrics for the tuner ($ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS; set by initialize)."""
         self.checkpointing = None
         """The model's ActivationCheckpointing (runtime/checkpointing.py; set by initialize)."""
+        self.monitors = Monitors(backends=[])
+        """TensorBoard / CSV / W&B writers of the plan's `monitors` (rank 0; set by initialize)."""
+        self.timers = StepTimers(groups.device) if plan.logging.wall_clock_breakdown else None
+        """Forward / backward / step time per optimizer step (`logging.wall_clock_breakdown`)."""
+        self._last_loss: torch.Tensor | None = None
+        self.last_lr: float = 0.0
+        """The learning rate the last optimizer step used."""
+        self._micro_losses: list[torch.Tensor] = []
 
     # -- the loop --------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -71,7 +81,7 @@ class Engine:
             self.coll.logger.reset()
         args, kwargs = _cast_floats((args, kwargs), self.param_dtype)
         self.meter.count_tokens(_tokens((args, kwargs)) * self.groups.dp_size)
-        with self.zero.forward_context():
+        with self._timed("forward"), self.zero.forward_context():
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -84,12 +94,12 @@ class Engine:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"backward needs the scalar loss tensor, got {type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-        if self.reporter is not None:
-            self.reporter.on_backward(loss)
+        self._micro_losses.append(loss.detach().float().reshape(()))
         scale = self.scaler.loss_scale / self.accumulation
-        self.zero.begin_backward(boundary=self.is_gradient_accumulation_boundary())
-        (loss.float() * scale).backward()
-        self.zero.end_backward()
+        with self._timed("backward"):
+            self.zero.begin_backward(boundary=self.is_gradient_accumulation_boundary())
+            (loss.float() * scale).backward()
+            self.zero.end_backward()
 
     def step(self) -> None:
         """End a micro-step; at the accumulation boundary, step the optimizer."""
@@ -97,14 +107,39 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
-        self._optimizer_step()
+        with self._timed("step"):
+            self._optimizer_step()
         self.global_steps += 1
         self.meter.end()
         self.last_comms = self.coll.logger.snapshot()
+        loss = torch.stack(self._micro_losses).mean() if self._micro_losses else None
+        self._micro_losses.clear()
+        self._after_step(loss)
+
+    def _timed(self, phase: str):
+        return contextlib.nullcontext() if self.timers is None else self.timers.phase(phase)
+
+    @property
+    def last_loss(self) -> float | None:
+        """The last optimizer step's loss: the mean over its micro-batches and the dp ranks (the
+        last stage's under pipeline parallelism). Reading it waits for the device."""
+        return None if self._last_loss is None else float(self._last_loss)
+
+    def _after_step(self, loss: torch.Tensor | None) -> None:
+        """The one place a finished optimizer step is reported: the step's loss averaged over
+        the dp ranks (one scalar all-reduce, after the step's comms snapshot), the monitors'
+        events, then the tuner's line (which ends the run at its last step)."""
+        if loss is not None:
+            loss = loss.detach().float().reshape(1).clone()
+            self.coll.all_reduce(loss)
+            self._last_loss = loss / self.groups.dp_size
+        timers = self.timers.take_ms() if self.timers is not None else None
+        self.monitors.on_step(self, timers=timers)
         if self.reporter is not None:
             self.reporter.on_step(self)
 
     def _optimizer_step(self) -> None:
+        self.last_lr = self.schedule.lr()
         grad = self.zero.grad
         if self.scaler.check_overflow:
             overflow = self.coll.any_true(not bool(torch.isfinite(grad).all()), device=self.device)
@@ -283,7 +318,9 @@ class Engine:
         return self.accumulation
 
     def close(self) -> None:
-        """Remove the hooks and swap files; destroy the process group if `initialize` created it."""
+        """Close the monitors, remove the hooks and swap files; destroy the process group if
+        `initialize` created it."""
+        self.monitors.close()
         self.zero.close()
         self.optimizer.close()
         self.groups.close()

@@ -27,6 +27,7 @@ from .from_config import plan_from_config
 from .offload import Offload
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
+from .monitor import Monitors
 from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
 from .schedulers import build_schedule
@@ -114,8 +115,25 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
     engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
+    engine.monitors = _start_monitors(plan, groups=groups)
     engine.checkpointing = checkpointing
     return engine
+
+
+def _start_monitors(plan: Plan, *, groups) -> Monitors:
+    """Rank 0's monitors; every rank raises when rank 0 cannot start one (a missing client, a
+    W&B run without login), rather than waiting for it in the first collective."""
+    error = None
+    try:
+        monitors = Monitors.from_plan(plan.monitors, rank=groups.rank)
+    except ConfigError as e:
+        error, monitors = e, Monitors(backends=[])
+    failed = torch.tensor([1.0 if error else 0.0], device=groups.device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item():
+        raise error or ConfigError(Problem("monitors", "rank 0 could not start the plan's monitors; its error "
+                                           "names the block"))
+    return monitors
 
 
 def _check_pipeline(plan: Plan) -> None:

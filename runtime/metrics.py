@@ -131,13 +131,12 @@ class StepReporter:
     Set up by `initialize` when $ZEROPLAN_METRICS or $ZEROPLAN_MAX_STEPS is set (`zeroplan train
     PLAN --steps N --metrics FILE -- script.py` sets both). Rank 0 writes, after every optimizer
     step, `{"step", "step_time_s", "samples_per_s", "loss", "peak_rss_bytes", ...}` (steps from 1,
-    the loss being rank 0's mean over the step's micro-batches), and at the last step a summary
-    line with every rank's peak memory; then `step()` raises TrialComplete.
+    the loss being engine.last_loss), and at the last step a summary line with every rank's peak
+    memory; then `step()` raises TrialComplete.
     """
 
     def __init__(self, *, path: Path | None, max_steps: int | None, rank0: bool):
         self.path, self.max_steps, self.rank0 = path, max_steps, rank0
-        self._losses: list[torch.Tensor] = []
         self._times: list[float] = []
         if self.path is not None and rank0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,15 +155,11 @@ class StepReporter:
             raise ConfigError(Problem(f"${MAX_STEPS_ENV}", "must be a whole number >= 1", given=steps))
         return cls(path=Path(path) if path else None, max_steps=max_steps, rank0=rank == 0)
 
-    def on_backward(self, loss: torch.Tensor) -> None:
-        self._losses.append(loss.detach().float().reshape(()))
-
     def on_step(self, engine) -> None:
         """After an optimizer step (every rank): write its line; end the run at the last step."""
         line = {"step": engine.global_steps, **engine.metrics()}
-        if self._losses:
-            line["loss"] = float(torch.stack(self._losses).mean())
-        self._losses.clear()
+        if engine.last_loss is not None:
+            line["loss"] = engine.last_loss
         self._times.append(line.get("step_time_s", 0.0))
         self._write(line)
         if self.max_steps is not None and engine.global_steps >= self.max_steps:

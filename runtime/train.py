@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     losses, started = [], time.perf_counter()
     with _progress(enabled=rank0, total=args.steps) as bar:
         for step in range(args.steps):
-            loss = engine.train_batch(data)  # with pp > 1 the last stage's loss, on every stage
-            engine.coll.all_reduce(loss)  # after the step's metrics snapshot: not counted in its comms
-            losses.append(float(loss) / groups.dp_size)
+            engine.train_batch(data)
+            losses.append(engine.last_loss)  # over the dp ranks; with pp > 1 the last stage's
             line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics()}
             if out:
                 out.write(json.dumps(line) + "\n")

@@ -74,13 +74,46 @@ def validate_config(data: dict, *, source: str = "config", world_size: int | Non
     return config
 
 
+NOT_ACTED_ON: dict[str, tuple[str, str]] = {
+    "comet": ("enabled", "zeroplan writes no Comet experiment (it writes tensorboard, csv_monitor and wandb)"),
+    "flops_profiler": ("enabled", "zeroplan does not profile FLOPs: no profile is printed"),
+    "checkpoint": ("", "zeroplan's checkpoints are per-rank shards with hashes, checked on load; these options "
+                   "change nothing"),
+    "aio": ("", "zeroplan's NVMe offload does its own file I/O (O_DIRECT where the filesystem allows it); these "
+            "settings change nothing"),
+}
+"""Blocks the schema accepts (real DeepSpeed configs carry them) that zeroplan does not act on:
+block -> (the switch that turns it on, "" for any key given; why it has no effect)."""
+
+CHECKPOINTING_NOT_ACTED_ON = {
+    "contiguous_memory_optimization": "zeroplan keeps each checkpoint as its own tensor",
+    "number_checkpoints": "it sizes DeepSpeed's contiguous checkpoint buffer, which zeroplan does not keep; every "
+                          "block is recomputed",
+    "synchronize_checkpoint_boundary": "zeroplan does not synchronise the device at checkpoint boundaries",
+    "profile": "zeroplan does not time the recompute (logging.wall_clock_breakdown times backward)",
+}
+
+
 def config_notices(config: TrainConfig) -> list[str]:
-    """Valid but probably unintended: keys with no effect at the chosen settings."""
+    """Valid but not what it seems: keys with no effect at the chosen settings, and blocks
+    zeroplan accepts without acting on them (one notice each, never silence)."""
     notices = []
     stage = config.zero_optimization.stage
     if isinstance(stage, int) and stage < 3:
         for key in config.zero_optimization.stage3_keys_given():
             notices.append(f"zero_optimization.{key} has no effect at stage {stage} (only at stage 3)")
+    for block, (switch, why) in NOT_ACTED_ON.items():
+        value = getattr(config, block)
+        if (getattr(value, switch) is True) if switch else value.model_fields_set:
+            notices.append(f"{block} is accepted but not acted on: {why}")
+    ac = config.activation_checkpointing
+    if ac.model_fields_set and "enabled" not in ac.model_fields_set:
+        notices.append("activation_checkpointing is given without 'enabled': nothing is recomputed (DeepSpeed "
+                       "leaves that to the training script); set activation_checkpointing.enabled true to have "
+                       "zeroplan recompute each block")
+    for key in sorted(ac.model_fields_set & CHECKPOINTING_NOT_ACTED_ON.keys()):
+        if getattr(ac, key) not in (False, None):
+            notices.append(f"activation_checkpointing.{key} has no effect: {CHECKPOINTING_NOT_ACTED_ON[key]}")
     return notices
 
 

@@ -154,6 +154,33 @@ class ActivationCheckpointingPlan(FrozenModel):
     number_checkpoints: int | None = None
 
 
+class MonitorOutput(FrozenModel):
+    """Where one file-writing monitor writes: `output_path/job_name`, as DeepSpeed lays it out."""
+
+    output_path: str
+    """Directory the job's folder is made in; "" is the working directory."""
+    job_name: str
+
+
+class WandbPlan(FrozenModel):
+    project: str
+    group: str | None = None
+    team: str | None = None
+    """The W&B entity the run is logged under; None is the user's default."""
+
+
+class MonitorsPlan(FrozenModel):
+    """Training monitors rank 0 writes after every optimizer step (runtime/monitor.py), with
+    DeepSpeed's event names. None: that monitor is off."""
+
+    tensorboard: MonitorOutput | None = None
+    """TensorBoard event files (torch's SummaryWriter; needs the tensorboard package)."""
+    csv: MonitorOutput | None = None
+    """One CSV file per event, `step,<name>` rows (DeepSpeed's csv_monitor)."""
+    wandb: WandbPlan | None = None
+    """A Weights & Biases run (needs the wandb package; WANDB_MODE=offline keeps it local)."""
+
+
 class LoggingPlan(FrozenModel):
     steps_per_print: int = Field(default=10, ge=1)
     wall_clock_breakdown: bool = False
@@ -208,6 +235,7 @@ class Plan(FrozenModel):
     kernels: KernelsPlan = KernelsPlan()
     activation_checkpointing: ActivationCheckpointingPlan = ActivationCheckpointingPlan()
     logging: LoggingPlan = LoggingPlan()
+    monitors: MonitorsPlan = MonitorsPlan()
     estimates: Estimates = Estimates()
     provenance: Provenance = Provenance()
 

@@ -117,17 +117,17 @@ class PipelineEngine(Engine):
         batches = [split_batch(next(data_iter)) for _ in range(m)]
         for inputs, _labels in batches:
             self.meter.count_tokens(_tokens(inputs) * self.groups.dp_size)
-        losses = self._run_schedule(batches)
-        self.pipe.wait_sends()
-        self._optimizer_step()
+        with self._timed("schedule"):
+            losses = self._run_schedule(batches)
+            self.pipe.wait_sends()
+        with self._timed("step"):
+            self._optimizer_step()
         self.global_steps += 1
         self.micro_steps += m
         self.meter.end()
         self.last_comms = self.coll.logger.snapshot()
         loss = self._broadcast_loss(losses)
-        if self.reporter is not None:  # `zeroplan autotune --script`: report the step, stop at the last
-            self.reporter.on_backward(loss)
-            self.reporter.on_step(self)
+        self._after_step(loss)
         return loss
 
     def _run_schedule(self, batches: list) -> list[torch.Tensor]:

@@ -1,0 +1,125 @@
+"""DeepSpeed's monitor blocks do what they say: `zeroplan compile` of a config with
+`tensorboard`, `csv_monitor` and `wandb` enabled, then `zeroplan train` of the plan on 2
+processes, writes TensorBoard event files, CSV files and a W&B run (offline) that their own
+readers load back, with DeepSpeed's event names and the losses the run printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from zeroplan.compiler import compile as compile_plan
+from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, ConfigError, load_config
+
+ZEROPLAN = [sys.executable, "-m", "zeroplan"]
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _config(out) -> dict:
+    return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": 2}, "wall_clock_breakdown": True,
+            "tensorboard": {"enabled": True, "output_path": str(out / "tb"), "job_name": "run"},
+            "csv_monitor": {"enabled": True, "output_path": str(out / "csv"), "job_name": "run"},
+            "wandb": {"enabled": True, "project": "zeroplan-test"}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("monitors")
+    (out / "config.yaml").write_text(yaml.safe_dump(_config(out)))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out), "WANDB_SILENT": "true"}
+    compiled = subprocess.run([*ZEROPLAN, "compile", str(out / "config.yaml"), "--model", "tiny", "--cluster", "cpu",
+                               "--nproc-per-node", "2", "--out", str(out / "plan")],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    run = subprocess.run([*ZEROPLAN, "train", str(out / "plan" / "plan.json"), "--model", "tiny", "--steps",
+                          str(STEPS), "--metrics", str(out / "m.jsonl")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (out / "m.jsonl").read_text().splitlines()[:-1]]
+    assert len(losses) == STEPS
+    return out, losses
+
+
+SAMPLES = [GLOBAL_BATCH * (s + 1) for s in range(STEPS)]
+"""DeepSpeed's x-axis: the global samples seen after each step."""
+
+
+def test_tensorboard_event_files_read_back(trained):
+    out, losses = trained
+    events = EventAccumulator(str(out / "tb" / "run"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/elapsed_time_ms_forward",
+                "Train/Samples/elapsed_time_ms_backward", "Train/Samples/elapsed_time_ms_step",
+                "Train/Samples/peak_memory_bytes"):
+        assert tag in tags, tags
+    loss = events.Scalars("Train/Samples/train_loss")
+    assert [e.step for e in loss] == SAMPLES
+    assert [e.value for e in loss] == pytest.approx(losses, rel=1e-6)
+    assert all(e.value > 0 for e in events.Scalars("Train/Samples/elapsed_time_ms_backward"))
+
+
+def test_csv_files_have_deepspeeds_layout(trained):
+    out, losses = trained
+    frame = pd.read_csv(out / "csv" / "run" / "Train_Samples_train_loss.csv")
+    assert list(frame.columns) == ["step", "train_loss"]
+    assert frame["step"].tolist() == SAMPLES
+    assert frame["train_loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    lr = pd.read_csv(out / "csv" / "run" / "Train_Samples_lr.csv")
+    assert list(lr.columns) == ["step", "lr"] and len(lr) == STEPS
+
+
+def _wandb_records(path):
+    """The protobuf records of a W&B run file (wandb's own Record schema), read from its log
+    format: a 7-byte header (":W&B", 0xBEE1, version), then LevelDB-style chunks in 32 KiB
+    blocks, each `crc32c(4) length(2) type(1)` + data, type 1 whole, 2/3/4 first/middle/last."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the block's tail is zero padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_wandb_offline_run_holds_every_step(trained):
+    out, losses = trained
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one run, from rank 0 only"
+    rows = []
+    for record in _wandb_records(next(runs[0].glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    logged = [r for r in rows if "Train/Samples/train_loss" in r]
+    assert [r["_step"] for r in logged] == SAMPLES
+    assert [r["Train/Samples/train_loss"] for r in logged] == pytest.approx(losses, rel=1e-6)
+
+
+def test_a_monitor_without_its_client_is_refused_at_compile_time(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    config = load_config(_config(tmp_path))
+    with pytest.raises(ConfigError, match="wandb.enabled: wandb needs the wandb package"):
+        compile_plan(config, MODEL_PRESETS["tiny"], CLUSTER_PRESETS["cpu"], nproc_per_node=2)
