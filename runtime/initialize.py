@@ -105,7 +105,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     install_checkpointing(model, checkpointing)
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
-                      predivide=plan.optimizer.gradient_predivide_factor,
+                      predivide=_predivide(plan, dp=groups.dp_size),
                       place_master=offload.place_master, param_store=offload.param_store)
     optimizer = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
@@ -118,6 +118,13 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     engine.monitors = _start_monitors(plan, groups=groups)
     engine.checkpointing = checkpointing
     return engine
+
+
+def _predivide(plan: Plan, *, dp: int) -> float:
+    """What gradients are divided by before their reduction (the rest of the 1/dp average comes
+    after it), as DeepSpeed does: `prescale_gradients` divides by dp before and nothing after;
+    otherwise by `gradient_predivide_factor` before and by dp / factor after."""
+    return float(dp) if plan.optimizer.prescale_gradients else plan.optimizer.gradient_predivide_factor
 
 
 def _start_monitors(plan: Plan, *, groups) -> Monitors:

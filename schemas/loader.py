@@ -102,6 +102,9 @@ def config_notices(config: TrainConfig) -> list[str]:
     if isinstance(stage, int) and stage < 3:
         for key in config.zero_optimization.stage3_keys_given():
             notices.append(f"zero_optimization.{key} has no effect at stage {stage} (only at stage 3)")
+    if stage == 3 and config.zero_optimization.reduce_scatter is False:
+        notices.append("zero_optimization.reduce_scatter false has no effect at stage 3, which always "
+                       "reduce-scatters gradients (as in DeepSpeed)")
     for block, (switch, why) in NOT_ACTED_ON.items():
         value = getattr(config, block)
         if (getattr(value, switch) is True) if switch else value.model_fields_set:

@@ -71,7 +71,8 @@ def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: t
                            param_store=param_store)
         built = _stage3(model=model, zero=zero, layout=layout, grad=grad, pstore=store, common=common)
     built.reducer = BucketReducer(layout=layout, coll=coll, bucket_size=zero.reduce_bucket_size,
-                                  reduce_dtype=reduce_dtype, scatter=stage > 0, overlap=zero.overlap_comm,
+                                  reduce_dtype=reduce_dtype, scatter=stage == 3 or (stage > 0 and zero.reduce_scatter),
+                                  overlap=zero.overlap_comm,
                                   predivide=predivide, grad_shard=built.grad, accumulate=stage >= 2,
                                   source=built.source)
     built.attach()

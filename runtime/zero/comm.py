@@ -54,7 +54,9 @@ class BucketReducer:
 
     `source(i)` returns slot i's local gradient (any dtype, None if it got none) and is called
     when the bucket is launched; `scatter` chooses reduce-scatter (stages 1-3: the result is the
-    shard slice) or all-reduce (stage 0, W = 1 layout: the result is the whole bucket);
+    shard slice) or all-reduce (stage 0, W = 1 layout: the result is the whole bucket; stages
+    1-2 with `reduce_scatter` false, DeepSpeed's all-reduce: the result is every rank's slice
+    and this rank keeps its own row);
     `accumulate` adds results into the gradient shard (stages 2-3 reduce every micro-batch)
     instead of assigning them (stages 0-1 reduce once, at the accumulation boundary).
     """
@@ -120,6 +122,8 @@ class BucketReducer:
         for work, _buf, out, offset, length in self._pending:
             if work is not None:
                 work.wait()
+            if not self.scatter and self.layout.world > 1:
+                out = out.view(self.layout.world, length)[self.coll.rank]
             target = self.grad_shard[offset:offset + length]
             if self.accumulate:
                 target.add_(out.to(target.dtype), alpha=scale)

@@ -103,7 +103,8 @@ def case_plan(case: dict):
                      persistence=case.get("persistence", 40), optimizer=case.get("optimizer"),
                      reduce_bucket=case.get("reduce_bucket", 500), offload=case.get("offload"),
                      kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9),
-                     checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000))
+                     checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000),
+                     reduce_scatter=case.get("reduce_scatter", True))
 
 
 def loss_of(out):
@@ -124,10 +125,10 @@ def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
             losses.append(float(loss.detach()))
     full = engine.full_state_dict()
     published = _published_gap(engine, full) if case["stage"] < 3 else 0.0
-    recomputed = engine.checkpointing.calls
+    recomputed, comms = engine.checkpointing.calls, engine.last_comms
     engine.close()
-    return {"params": full, "losses": losses, "published_gap": published, "recomputed": recomputed} \
-        if rank == 0 else None
+    return {"params": full, "losses": losses, "published_gap": published, "recomputed": recomputed,
+            "comms": comms} if rank == 0 else None
 
 
 def _published_gap(engine, full: dict) -> float:

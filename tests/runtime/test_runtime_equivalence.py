@@ -33,6 +33,8 @@ pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: 
 SGD = OptimizerPlan(type="SGD", lr=3e-3, momentum=0.9, weight_decay=0.1, gradient_clipping=0.5)
 ADAM = OptimizerPlan(type="Adam", lr=3e-3, weight_decay=0.1, decoupled_weight_decay=False, gradient_clipping=0.5)
 PREDIVIDE = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5, gradient_predivide_factor=2.0)
+PRESCALE = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5, gradient_predivide_factor=2.0,
+                         prescale_gradients=True)
 
 
 def _case(stage, world, accum, model="gpt", **extra):
@@ -47,7 +49,8 @@ CASES = {
     + [_case(s, 2, 3, dtype="bf16") for s in range(4)]
     + [_case(s, 2, 3, model="zoo", persistence=10) for s in range(4)]
     + [_case(s, 2, 3, overlap=True) for s in (0, 2, 3)]
-    + [_case(2, 2, 1, optimizer=SGD), _case(3, 2, 1, optimizer=ADAM), _case(2, 2, 3, optimizer=PREDIVIDE)],
+    + [_case(2, 2, 1, optimizer=SGD), _case(3, 2, 1, optimizer=ADAM), _case(2, 2, 3, optimizer=PREDIVIDE)]
+    + [_case(1, 2, 3, optimizer=PRESCALE), _case(1, 2, 3, reduce_scatter=False), _case(2, 2, 3, reduce_scatter=False)],
     4: [_case(3, 4, 3), _case(1, 4, 1), _case(2, 4, 3, dtype="bf16")],
 }
 ALL = [c for cases in CASES.values() for c in cases]
@@ -75,6 +78,17 @@ def test_matches_single_process(case, one_thread):
     failures = mismatches(got["params"], want, case=case)
     assert not failures, f"{case['id']}: " + "; ".join(failures)
     assert got["published_gap"] == 0.0, "model parameters differ from the master weights in the training dtype"
+
+
+@pytest.mark.parametrize("case", [c for c in ALL if "reduce_scatter" in c], ids=lambda c: c["id"])
+def test_reduce_scatter_false_all_reduces(case):
+    """DeepSpeed's `reduce_scatter: false`: gradients are all-reduced (each rank keeps its
+    slice), with the bucket count of the reduce-scatter they replace."""
+    comms = job_result(_spawned(case["world"]), case["id"])["comms"]
+    want = job_result(_spawned(case["world"]), case["id"].replace("-reduce_scatter=False", ""))["comms"]
+    assert "reduce_scatter_tensor" not in comms
+    for key in ("count", "bytes"):  # one all-reduce of the same [world, bucket] buffer per reduce-scatter
+        assert comms["all_reduce"][key] == want["reduce_scatter_tensor"][key] + want["all_reduce"][key], key
 
 
 def test_loss_falls():
