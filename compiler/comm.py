@@ -94,7 +94,7 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
     if z.stage == 3:
         gathered = psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
                                              cap=z.model_persistence_threshold)
-        modules = gathered_modules(shape, threshold=z.param_persistence_threshold)
+        modules = gathered_modules(shape, threshold=z.param_persistence_threshold, cap=z.model_persistence_threshold)
         out.append(Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
                               accum * modules))
         out.append(Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", gathered * e_p, n),

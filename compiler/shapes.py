@@ -12,6 +12,7 @@ Training on GPU Clusters Using Megatron-LM"). With tp = pp = 1 the counts equal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from zeroplan.schemas import ModelSpec
@@ -120,15 +121,26 @@ def rank_params(model: ModelSpec, *, tp: int, pp: int) -> int:
     return max(s.params for s in stage_shapes(model, tp=tp, pp=pp))
 
 
+def persistent_tensors(numels: Sequence[int], *, threshold: int, cap: int) -> list[bool]:
+    """ZeRO-3: which tensors, in order, stay whole on every rank: those with fewer than
+    `threshold` elements, as long as the elements kept in all stay within `cap` (DeepSpeed's
+    stage3_param_persistence_threshold and stage3_model_persistence_threshold, applied in
+    parameter order as its `mark_persistent_parameters` does). The runtime's rule too."""
+    kept, out = 0, []
+    for n in numels:
+        keep = n < threshold and kept + n <= cap
+        kept += n if keep else 0
+        out.append(keep)
+    return out
+
+
 def persistent_elements(shape: StageShape, *, threshold: int, cap: int) -> int:
-    """ZeRO-3: elements kept whole on every rank (tensors below `threshold`, up to `cap` in all).
-
-    DeepSpeed's stage3_param_persistence_threshold / stage3_model_persistence_threshold.
-    """
-    small = sum(n for n in shape.tensors if n < threshold)
-    return min(small, cap)
+    """ZeRO-3: elements kept whole on every rank (`persistent_tensors` of the stage's tensors)."""
+    flags = persistent_tensors(shape.tensors, threshold=threshold, cap=cap)
+    return sum(n for n, keep in zip(shape.tensors, flags) if keep)
 
 
-def gathered_modules(shape: StageShape, *, threshold: int) -> int:
-    """ZeRO-3: modules gathered one by one, those owning a tensor of `threshold` elements or more."""
-    return sum(1 for tensors in shape.modules if max(tensors) >= threshold)
+def gathered_modules(shape: StageShape, *, threshold: int, cap: int) -> int:
+    """ZeRO-3: modules gathered one by one, those owning a tensor that does not persist."""
+    flags = iter(persistent_tensors([n for m in shape.modules for n in m], threshold=threshold, cap=cap))
+    return sum(1 for tensors in shape.modules if not all([next(flags) for _ in tensors]))

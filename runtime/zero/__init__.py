@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from zeroplan.compiler.shapes import persistent_tensors
 from zeroplan.schemas.plan import ZeroPlan
 
 from ..comm import Collectives
@@ -27,7 +28,7 @@ from .layout import ShardLayout
 from .pstore import DeviceParams, ParamStore
 from .stage0 import Stage0
 from .stage12 import Stage1, Stage2
-from .stage3 import Stage3, is_persistent
+from .stage3 import Stage3
 
 __all__ = ["ParamStore", "ZeroStage", "build_zero", "shard_numel"]
 
@@ -93,7 +94,9 @@ def _partition(*, layout: ShardLayout, rank: int, master: torch.Tensor | None, p
 
 def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, grad: torch.Tensor, pstore: ParamStore,
             common: dict) -> Stage3:
-    persistent = {s.index for s in layout.slots if is_persistent(s.numel, zero.param_persistence_threshold)}
+    flags = persistent_tensors([s.numel for s in layout.slots], threshold=zero.param_persistence_threshold,
+                               cap=zero.model_persistence_threshold)
+    persistent = {s.index for s, keep in zip(layout.slots, flags) if keep}
     units: dict[nn.Module, list[int]] = {}
     for module in model.modules():
         own = [layout.index_of(p) for p in module.parameters(recurse=False)]
@@ -101,4 +104,5 @@ def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, grad: torc
         if own:
             units[module] = sorted(own)
     return Stage3(grad=grad, units=units, persistent=persistent, pstore=pstore,
-                  prefetch_bucket_size=zero.prefetch_bucket_size, **common)
+                  prefetch_bucket_size=zero.prefetch_bucket_size, max_live_parameters=zero.max_live_parameters,
+                  max_reuse_distance=zero.max_reuse_distance, **common)

@@ -6,8 +6,10 @@ before they are used and released right after:
 
   forward   pre-hook: all_gather the module's parameters (waiting on a prefetch if one is in
             flight), then prefetch the next modules of the recorded forward order, async, up
-            to `prefetch_bucket_size` elements; post-hook: release them (data swapped for a
-            placeholder, see below).
+            to `prefetch_bucket_size` elements and while at most `max_live_parameters`
+            elements are gathered or in flight; post-hook: release them (data swapped for a
+            placeholder, see below), unless the recorded order uses the module again within
+            `max_reuse_distance` gathered elements (DeepSpeed's stage3_max_reuse_distance).
   backward  autograd's saved-tensor hooks record a partitioned parameter (or a view of one)
             as (parameter, view geometry) instead of keeping the gathered storage alive; when
             backward unpacks it, the module's parameters are gathered again (prefetching the
@@ -47,13 +49,19 @@ class Stage3(Stage2):
     stage = 3
 
     def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], pstore: ParamStore,
-                 prefetch_bucket_size: int, **kwargs):
+                 prefetch_bucket_size: int, max_live_parameters: int = 2**63 - 1,
+                 max_reuse_distance: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         """Module -> slot indices of its own partitioned parameters."""
         self.persistent = persistent
         self.pstore = pstore
         self.prefetch_bucket_size = prefetch_bucket_size
+        self.max_live_parameters = max_live_parameters
+        self.max_reuse_distance = max_reuse_distance
+        self.peak_live = 0
+        """Most elements of partitioned parameters gathered or in flight at once (for tests)."""
+        self._position: dict[nn.Module, int] = {}
         self._home = {}
         for module, slots in units.items():
             for i in slots:
@@ -102,6 +110,29 @@ class Stage3(Stage2):
     def _ensure(self, module: nn.Module) -> None:
         self._launch(module, async_op=False)
         self._complete(self.units[module])
+        self._note_live()
+
+    def _live(self) -> int:
+        """Elements of partitioned parameters gathered or being gathered now."""
+        return sum(self.layout.slots[i].numel for i in self._gathered | self._inflight.keys()
+                   if i not in self.persistent)
+
+    def _note_live(self) -> None:
+        self.peak_live = max(self.peak_live, self._live())
+
+    def _reused_soon(self, module: nn.Module) -> bool:
+        """Whether the recorded forward runs `module` again before `max_reuse_distance`
+        elements of other modules' parameters are gathered (and keeping it fits the live cap)."""
+        if self._recording or self._in_backward or module not in self._position or self.max_reuse_distance <= 0:
+            return False
+        distance = 0
+        for other in self._trace[self._position[module] + 1:]:
+            if other is module:
+                return self._live() <= self.max_live_parameters
+            distance += sum(self.layout.slots[i].numel for i in self.units[other])
+            if distance > self.max_reuse_distance:
+                return False
+        return False
 
     def _release(self, index: int) -> None:
         if index in self.persistent or self._users[index] > 0 or index not in self._gathered:
@@ -113,20 +144,25 @@ class Stage3(Stage2):
         """Launch the gathers of the next modules, up to `prefetch_bucket_size` elements, and
         ask the store to bring in the partitions of the ones after them (disk reads run ahead
         of the gathers that need them)."""
-        budget, reads = self.prefetch_bucket_size, []
+        budget, reads, room = self.prefetch_bucket_size, [], self.max_live_parameters - self._live()
         for module in order:
             if budget <= (-self.prefetch_bucket_size if self.pstore.reads_ahead else 0):
                 break
             need = [i for i in self.units[module] if i not in self._gathered and i not in self._inflight]
             if not need:
                 continue
+            numel = sum(self.layout.slots[i].numel for i in need)
             if budget > 0:
+                if numel > room:  # max_live_parameters: gather it when it is needed, not ahead
+                    break
                 self._launch(module, async_op=True)
+                room -= numel
             else:
                 reads += [self.layout.span(s, e) for s, e in self.layout.runs(need)]
-            budget -= sum(self.layout.slots[i].numel for i in need)
+            budget -= numel
         if reads:
             self.pstore.prefetch(reads)
+        self._note_live()
 
     # -- forward hooks ---------------------------------------------------------------------
     def forward_context(self):
@@ -138,8 +174,10 @@ class Stage3(Stage2):
         self._in_backward = True
 
     def _pre_forward(self, module: nn.Module, args) -> None:
-        if self._recording and not self._in_backward:  # not activation checkpointing's recompute
-            self._trace.append(module)
+        if not self._in_backward:  # not activation checkpointing's recompute
+            if self._recording:
+                self._trace.append(module)
+            self._position[module] = self._cursor
         for i in self.units[module]:
             self._users[i] += 1
         self._ensure(module)
@@ -148,9 +186,11 @@ class Stage3(Stage2):
         self._cursor += 1
 
     def _post_forward(self, module: nn.Module, args, output) -> None:
+        keep = self._reused_soon(module)
         for i in self.units[module]:
             self._users[i] -= 1
-            self._release(i)
+            if not keep:
+                self._release(i)
 
     # -- backward: saved tensors and gradients -----------------------------------------------
     def _pack(self, tensor: torch.Tensor):
@@ -227,9 +267,4 @@ def _split(groups: list[tuple[int, int]], start: int, end: int) -> list[tuple[in
     return out
 
 
-def is_persistent(numel: int, threshold: int) -> bool:
-    """Kept whole on every rank: fewer elements than `param_persistence_threshold`."""
-    return numel < threshold
-
-
-__all__ = ["Stage3", "is_persistent", "ZeroStage"]
+__all__ = ["Stage3", "ZeroStage"]

@@ -104,7 +104,8 @@ def case_plan(case: dict):
                      reduce_bucket=case.get("reduce_bucket", 500), offload=case.get("offload"),
                      kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9),
                      checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000),
-                     reduce_scatter=case.get("reduce_scatter", True))
+                     reduce_scatter=case.get("reduce_scatter", True),
+                     **{k: case[k] for k in ("model_persistence", "max_live", "max_reuse") if k in case})
 
 
 def loss_of(out):
@@ -126,9 +127,10 @@ def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
     full = engine.full_state_dict()
     published = _published_gap(engine, full) if case["stage"] < 3 else 0.0
     recomputed, comms = engine.checkpointing.calls, engine.last_comms
+    stage3 = {"peak_live": engine.zero.peak_live, "persistent": len(engine.zero.persistent)} if case["stage"] == 3 else {}
     engine.close()
     return {"params": full, "losses": losses, "published_gap": published, "recomputed": recomputed,
-            "comms": comms} if rank == 0 else None
+            "comms": comms, **stage3} if rank == 0 else None
 
 
 def _published_gap(engine, full: dict) -> float:

@@ -17,7 +17,8 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
               prefetch: int = 2000, persistence: int = 40, optimizer: OptimizerPlan | None = None,
               scheduler: SchedulerPlan | None = WARMUP_DECAY, loss_scaling: LossScalePlan | None = None,
               offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9,
-              checkpointing: ActivationCheckpointingPlan | None = None, reduce_scatter: bool = True) -> Plan:
+              checkpointing: ActivationCheckpointingPlan | None = None, reduce_scatter: bool = True,
+              model_persistence: int = 2**63 - 1, max_live: int = 10**9, max_reuse: int = 10**9) -> Plan:
     """A concrete plan for `world` CPU ranks, ZeRO `stage`, `accum` micro-batches of `micro`."""
     if optimizer is None:
         optimizer = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5)
@@ -30,8 +31,8 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
                         gradient_accumulation_steps=accum),
         zero=ZeroPlan(stage=stage, reduce_bucket_size=reduce_bucket, allgather_bucket_size=allgather_bucket,
                       overlap_comm=overlap, prefetch_bucket_size=prefetch, param_persistence_threshold=persistence,
-                      model_persistence_threshold=0, max_live_parameters=10**9, max_reuse_distance=10**9,
-                      sub_group_size=sub_group, reduce_scatter=reduce_scatter),
+                      model_persistence_threshold=model_persistence, max_live_parameters=max_live,
+                      max_reuse_distance=max_reuse, sub_group_size=sub_group, reduce_scatter=reduce_scatter),
         precision=precision, optimizer=optimizer, scheduler=scheduler, offload=offload or OffloadPlan(),
         kernels=KernelsPlan(optimizer=kernel),
         activation_checkpointing=checkpointing or ActivationCheckpointingPlan())
