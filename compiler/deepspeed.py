@@ -28,7 +28,7 @@ def _optimizer(plan: Plan) -> dict[str, Any]:
     return {"type": o.type, "params": params}
 
 
-def _offload(target: OffloadTarget, *, param: bool) -> dict[str, Any]:
+def _offload(target: OffloadTarget, *, max_in_cpu: int | None = None) -> dict[str, Any]:
     """DeepSpeed's `offload_param` / `offload_optimizer` section. Its config models forbid
     unknown keys, and only `offload_param` has `buffer_size` and `max_in_cpu` (DeepSpeed
     0.19, runtime/zero/offload_config.py): zeroplan's `offload_optimizer.buffer_size` (the
@@ -37,8 +37,8 @@ def _offload(target: OffloadTarget, *, param: bool) -> dict[str, Any]:
                            "buffer_count": target.buffer_count}
     if target.nvme_path:
         out["nvme_path"] = target.nvme_path
-    if param:
-        out |= {"buffer_size": target.buffer_size, "max_in_cpu": target.max_in_cpu}
+    if max_in_cpu is not None:  # offload_param
+        out |= {"buffer_size": target.buffer_size, "max_in_cpu": max_in_cpu}
     elif target.ratio < 1:
         out["ratio"] = target.ratio
     return out
@@ -47,21 +47,21 @@ def _offload(target: OffloadTarget, *, param: bool) -> dict[str, Any]:
 def _zero(plan: Plan) -> dict[str, Any]:
     z = plan.zero
     out: dict[str, Any] = {
-        "stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": z.contiguous_gradients,
+        "stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": plan.deepspeed.contiguous_gradients,
         "reduce_scatter": z.reduce_scatter, "reduce_bucket_size": z.reduce_bucket_size,
         "allgather_bucket_size": z.allgather_bucket_size, "sub_group_size": z.sub_group_size,
     }
     if plan.offload.optimizer.device != "none":
-        out["offload_optimizer"] = _offload(plan.offload.optimizer, param=False)
+        out["offload_optimizer"] = _offload(plan.offload.optimizer)
     if z.stage == 3:
         out |= {"stage3_prefetch_bucket_size": z.prefetch_bucket_size,
                 "stage3_param_persistence_threshold": z.param_persistence_threshold,
                 "stage3_model_persistence_threshold": z.model_persistence_threshold,
                 "stage3_max_live_parameters": z.max_live_parameters,
                 "stage3_max_reuse_distance": z.max_reuse_distance,
-                "stage3_gather_16bit_weights_on_model_save": z.gather_16bit_weights_on_model_save}
+                "stage3_gather_16bit_weights_on_model_save": plan.deepspeed.stage3_gather_16bit_weights_on_model_save}
         if plan.offload.param.device != "none":
-            out["offload_param"] = _offload(plan.offload.param, param=True)
+            out["offload_param"] = _offload(plan.offload.param, max_in_cpu=plan.deepspeed.offload_param_max_in_cpu)
     return out
 
 
@@ -102,8 +102,8 @@ def ds_config(plan: Plan) -> dict[str, Any]:
     if ac.enabled:
         out["activation_checkpointing"] = {"partition_activations": ac.partition_activations,
                                            "cpu_checkpointing": ac.cpu_checkpointing}
-        if ac.number_checkpoints is not None:
-            out["activation_checkpointing"]["number_checkpoints"] = ac.number_checkpoints
+        if plan.deepspeed.number_checkpoints is not None:
+            out["activation_checkpointing"]["number_checkpoints"] = plan.deepspeed.number_checkpoints
     if plan.logging.comms_logger:
         out["comms_logger"] = {"enabled": True}
     m = plan.monitors

@@ -12,6 +12,7 @@ import importlib.util
 from zeroplan.schemas import ClusterSpec, ConfigError, Problem, TrainConfig
 from zeroplan.schemas.plan import (
     ActivationCheckpointingPlan,
+    DeepSpeedPassThrough,
     KernelsPlan,
     LoggingPlan,
     LossScalePlan,
@@ -40,12 +41,12 @@ def zero_plan(config: TrainConfig) -> ZeroPlan:
     z = config.zero_optimization
     return ZeroPlan(
         stage=z.stage, reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
-        overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients, reduce_scatter=z.reduce_scatter,
+        overlap_comm=z.overlap_comm, reduce_scatter=z.reduce_scatter,
         prefetch_bucket_size=z.stage3_prefetch_bucket_size,
         param_persistence_threshold=z.stage3_param_persistence_threshold,
         model_persistence_threshold=z.stage3_model_persistence_threshold,
         max_live_parameters=z.stage3_max_live_parameters, max_reuse_distance=z.stage3_max_reuse_distance,
-        sub_group_size=z.sub_group_size, gather_16bit_weights_on_model_save=z.stage3_gather_16bit_weights_on_model_save)
+        sub_group_size=z.sub_group_size)
 
 
 def offload_plan(config: TrainConfig) -> OffloadPlan:
@@ -54,7 +55,7 @@ def offload_plan(config: TrainConfig) -> OffloadPlan:
         optimizer=OffloadTarget(device=opt.device, nvme_path=opt.nvme_path, pin_memory=opt.pin_memory,
                                 buffer_count=opt.buffer_count, buffer_size=opt.buffer_size, ratio=opt.ratio),
         param=OffloadTarget(device=par.device, nvme_path=par.nvme_path, pin_memory=par.pin_memory,
-                            buffer_count=par.buffer_count, buffer_size=par.buffer_size, max_in_cpu=par.max_in_cpu))
+                            buffer_count=par.buffer_count, buffer_size=par.buffer_size))
 
 
 def precision_plan(config: TrainConfig) -> PrecisionPlan:
@@ -110,8 +111,16 @@ def kernels_plan(config: TrainConfig, cluster: ClusterSpec) -> KernelsPlan:
 def checkpointing_plan(config: TrainConfig) -> ActivationCheckpointingPlan:
     ac = config.activation_checkpointing
     return ActivationCheckpointingPlan(enabled=ac.enabled, cpu_checkpointing=ac.cpu_checkpointing,
-                                       partition_activations=ac.partition_activations,
-                                       number_checkpoints=ac.number_checkpoints)
+                                       partition_activations=ac.partition_activations)
+
+
+def deepspeed_plan(config: TrainConfig) -> DeepSpeedPassThrough:
+    z = config.zero_optimization
+    return DeepSpeedPassThrough(
+        contiguous_gradients=z.contiguous_gradients,
+        stage3_gather_16bit_weights_on_model_save=z.stage3_gather_16bit_weights_on_model_save,
+        offload_param_max_in_cpu=z.offload_param.max_in_cpu,
+        number_checkpoints=config.activation_checkpointing.number_checkpoints)
 
 
 def monitors_plan(config: TrainConfig) -> MonitorsPlan:

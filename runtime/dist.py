@@ -90,6 +90,12 @@ def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGrou
                                       "no launcher environment (RANK, WORLD_SIZE) was found",
                                       suggestion=f"run under `zeroplan train` or torchrun --nproc-per-node "
                                       f"{world.nproc_per_node}"))
+    backend = dist.get_backend()
+    if backend != world.backend:  # e.g. a script that set up NCCL itself for a plan compiled for cpu
+        raise ConfigError(Problem("world.backend", f"the plan runs collectives on {world.backend} but the process "
+                                  f"group was initialised with {backend}", given=world.backend,
+                                  suggestion="let zeroplan.initialize set up torch.distributed, or compile the plan "
+                                  "for the device this process group uses"))
     size = dist.get_world_size()
     if size != world.world_size:
         raise ConfigError(Problem("world.world_size", f"the plan is for world_size({world.world_size}) but "

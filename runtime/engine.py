@@ -31,7 +31,7 @@ from . import checkpoint
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, StepReporter, peak_memory
-from .monitor import Monitors, StepTimers
+from .monitor import Monitors, StepTimers, log_lines
 from .offload import MasterOptimizer
 from .parallel import tp_split_of
 from .precision import LossScaler
@@ -67,6 +67,8 @@ class Engine:
         self.monitors = Monitors(backends=[])
         """TensorBoard / CSV / W&B writers of the plan's `monitors` (rank 0; set by initialize)."""
         self.timers = StepTimers(groups.device) if plan.logging.wall_clock_breakdown else None
+        self.print_comms = plan.logging.comms_logger
+        """Print the step's collectives every `steps_per_print` steps (DeepSpeed's comms_logger)."""
         """Forward / backward / step time per optimizer step (`logging.wall_clock_breakdown`)."""
         self._last_loss: torch.Tensor | None = None
         self.last_lr: float = 0.0
@@ -134,6 +136,9 @@ class Engine:
             self.coll.all_reduce(loss)
             self._last_loss = loss / self.groups.dp_size
         timers = self.timers.take_ms() if self.timers is not None else None
+        if self.groups.rank == 0 and self.global_steps % self.plan.logging.steps_per_print == 0:
+            for line in log_lines(self, timers=timers):
+                print(line, flush=True)
         self.monitors.on_step(self, timers=timers)
         if self.reporter is not None:
             self.reporter.on_step(self)

@@ -175,6 +175,19 @@ def step_events(engine, *, loss: float | None, timers: dict[str, float] | None) 
     return [(PREFIX + name, float(value), samples) for name, value in events]
 
 
+def log_lines(engine, *, timers: dict[str, float] | None) -> list[str]:
+    """What rank 0 prints every `steps_per_print` steps, as DeepSpeed's engine does: the timers
+    (`wall_clock_breakdown`) and the step's collectives (`comms_logger`)."""
+    lines, step = [], engine.global_steps
+    if timers is not None:
+        lines.append(f"[step {step}] time (ms) | " + " | ".join(f"{k}: {v:.2f}" for k, v in timers.items()))
+    if engine.print_comms:
+        ops = " | ".join(f"{op}: {c['count']} calls, {c['bytes'] / 2**20:.2f} MiB"
+                         for op, c in sorted(engine.last_comms.items()))
+        lines.append(f"[step {step}] comms | {ops or 'none'}")
+    return lines
+
+
 class Monitors:
     """The monitors of one rank (none but on rank 0); `__init__` stores."""
 
@@ -198,4 +211,4 @@ class Monitors:
 
 
 __all__ = ["CsvMonitor", "MonitorBackend", "Monitors", "StepTimers", "TensorBoardMonitor", "WandbMonitor",
-           "step_events"]
+           "log_lines", "step_events"]

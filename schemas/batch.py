@@ -6,18 +6,16 @@ accumulation is 1; only the micro-batch, accumulation is 1. Messages say which n
 user gave and which were derived, so nobody hunts for a "2" they never wrote.
 """
 
-from pydantic import BaseModel, ConfigDict
+
 
 from .errors import ConfigError, Problem
-from .types import is_auto
+from .types import FrozenModel, is_auto
 
 _GLOBAL, _MICRO, _ACCUM = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 
 
-class BatchPlan(BaseModel):
+class BatchPlan(FrozenModel):
     """A concrete batch triple for a given dp degree."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     global_batch_size: int
     """Samples per optimizer step over all dp ranks."""

@@ -102,6 +102,16 @@ def config_notices(config: TrainConfig) -> list[str]:
     if isinstance(stage, int) and stage < 3:
         for key in config.zero_optimization.stage3_keys_given():
             notices.append(f"zero_optimization.{key} has no effect at stage {stage} (only at stage 3)")
+    z = config.zero_optimization
+    if z.contiguous_gradients is False:
+        notices.append("zero_optimization.contiguous_gradients false has no effect: zeroplan always reduces "
+                       "gradients through contiguous buckets")
+    if z.stage3_gather_16bit_weights_on_model_save is True:
+        notices.append("zero_optimization.stage3_gather_16bit_weights_on_model_save has no effect: "
+                       "engine.full_state_dict() gathers the whole model at every stage")
+    if "max_in_cpu" in z.offload_param.model_fields_set:
+        notices.append("zero_optimization.offload_param.max_in_cpu has no effect: with nvme every parameter "
+                       "partition lives in its file")
     if stage == 3 and config.zero_optimization.reduce_scatter is False:
         notices.append("zero_optimization.reduce_scatter false has no effect at stage 3, which always "
                        "reduce-scatters gradients (as in DeepSpeed)")

@@ -20,7 +20,8 @@ from .batch import BatchPlan
 from .errors import ConfigError, Problem
 from .types import FrozenModel
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+"""2: the DeepSpeed values zeroplan does not act on moved into the `deepspeed` section."""
 
 Device = Literal["none", "cpu", "nvme"]
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -65,18 +66,20 @@ class ZeroPlan(FrozenModel):
     """Elements per all-gather of updated parameters (stages 1-2)."""
     overlap_comm: bool
     """Launch gradient collectives asynchronously during backward."""
-    contiguous_gradients: bool = True
     reduce_scatter: bool = True
+    """Stages 1-2: reduce-scatter gradients (True) or all-reduce them, each rank keeping its slice."""
     prefetch_bucket_size: int = Field(ge=0)
     """Stage 3: elements fetched ahead of use."""
     param_persistence_threshold: int = Field(ge=0)
     """Stage 3: parameters with fewer elements stay whole on every rank."""
     model_persistence_threshold: int = Field(ge=0)
+    """Stage 3: cap on the elements kept whole by the persistence threshold."""
     max_live_parameters: int = Field(ge=0)
+    """Stage 3: elements gathered or in flight at once beyond which nothing is prefetched."""
     max_reuse_distance: int = Field(ge=0)
+    """Stage 3: a module run again within this many gathered elements stays gathered."""
     sub_group_size: int = Field(ge=1)
     """Elements per optimizer-step tile (the NVMe swap unit)."""
-    gather_16bit_weights_on_model_save: bool = False
 
 
 class OffloadTarget(FrozenModel):
@@ -88,8 +91,6 @@ class OffloadTarget(FrozenModel):
     """Elements per swap buffer."""
     ratio: float = Field(default=1.0, ge=0, le=1)
     """Fraction offloaded (optimizer, stage 3 only)."""
-    max_in_cpu: int = Field(default=1_000_000_000, ge=0)
-    """Elements kept in host memory when parameters swap to NVMe."""
 
 
 class OffloadPlan(FrozenModel):
@@ -151,7 +152,6 @@ class ActivationCheckpointingPlan(FrozenModel):
     enabled: bool = False
     cpu_checkpointing: bool = False
     partition_activations: bool = False
-    number_checkpoints: int | None = None
 
 
 class MonitorOutput(FrozenModel):
@@ -179,6 +179,21 @@ class MonitorsPlan(FrozenModel):
     """One CSV file per event, `step,<name>` rows (DeepSpeed's csv_monitor)."""
     wandb: WandbPlan | None = None
     """A Weights & Biases run (needs the wandb package; WANDB_MODE=offline keeps it local)."""
+
+
+class DeepSpeedPassThrough(FrozenModel):
+    """Config values zeroplan's runtime does not act on, kept only so the ds_config.json export
+    says what the config said (DESIGN: every other plan field is read by the runtime). The
+    loader gives each a notice when it would have changed something in DeepSpeed."""
+
+    contiguous_gradients: bool = True
+    """zeroplan always reduces gradients through contiguous buckets."""
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    """zeroplan consolidates weights with engine.full_state_dict() at every stage."""
+    offload_param_max_in_cpu: int = Field(default=1_000_000_000, ge=0)
+    """With NVMe parameter offload zeroplan keeps every partition in its file."""
+    number_checkpoints: int | None = None
+    """Sizes DeepSpeed's contiguous checkpoint buffer; zeroplan recomputes every block."""
 
 
 class LoggingPlan(FrozenModel):
@@ -223,7 +238,7 @@ class Provenance(FrozenModel):
 
 
 class Plan(FrozenModel):
-    plan_version: Literal[1] = PLAN_VERSION
+    plan_version: Literal[2] = PLAN_VERSION
     world: WorldPlan
     parallel: ParallelPlan
     batch: BatchPlan
@@ -236,6 +251,7 @@ class Plan(FrozenModel):
     activation_checkpointing: ActivationCheckpointingPlan = ActivationCheckpointingPlan()
     logging: LoggingPlan = LoggingPlan()
     monitors: MonitorsPlan = MonitorsPlan()
+    deepspeed: DeepSpeedPassThrough = DeepSpeedPassThrough()
     estimates: Estimates = Estimates()
     provenance: Provenance = Provenance()
 
@@ -247,6 +263,10 @@ class Plan(FrozenModel):
         if b.micro_batch_size * b.gradient_accumulation_steps * p.dp != b.global_batch_size:
             raise ValueError(f"batch {b.global_batch_size} != micro {b.micro_batch_size} x accumulation "
                              f"{b.gradient_accumulation_steps} x dp {p.dp}")
+        if p.pp > 1 and p.pipeline_micro_batches != b.gradient_accumulation_steps:
+            raise ValueError(f"parallel.pipeline_micro_batches({p.pipeline_micro_batches}) != "
+                             f"batch.gradient_accumulation_steps({b.gradient_accumulation_steps}): a pipeline step "
+                             "runs every accumulated micro-batch through the stages")
         return self
 
     def to_json(self) -> str:

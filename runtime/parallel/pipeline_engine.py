@@ -87,7 +87,7 @@ class PipelineEngine(Engine):
         self.loss_fn = stage.loss_fn
         self.tied_spans, self._uncounted = self._tied_spans(stage.tied)
         self.actions = build_schedule(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
-                                      stages=self.stage.stages, micro_batches=self.accumulation)
+                                      stages=self.stage.stages, micro_batches=self.plan.parallel.pipeline_micro_batches)
         self.max_in_flight = 0
         """The most micro-batches whose activations this stage held at once in the last step."""
 

@@ -105,7 +105,8 @@ def case_plan(case: dict):
                      kernel=case.get("kernel", "torch_foreach"), sub_group=case.get("sub_group", 10**9),
                      checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000),
                      reduce_scatter=case.get("reduce_scatter", True),
-                     **{k: case[k] for k in ("model_persistence", "max_live", "max_reuse") if k in case})
+                     **{k: case[k] for k in ("model_persistence", "max_live", "max_reuse", "monitors", "wall_clock",
+                                             "comms_logger") if k in case})
 
 
 def loss_of(out):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from zeroplan.schemas import Plan
 from zeroplan.schemas.batch import BatchPlan
-from zeroplan.schemas.plan import (ActivationCheckpointingPlan, KernelsPlan, LossScalePlan, OffloadPlan, OptimizerPlan, ParallelPlan,
+from zeroplan.schemas.plan import (ActivationCheckpointingPlan, KernelsPlan, LoggingPlan, MonitorsPlan, LossScalePlan, OffloadPlan, OptimizerPlan, ParallelPlan,
                                    PrecisionPlan, SchedulerPlan, WorldPlan, ZeroPlan)
 
 WARMUP_DECAY = SchedulerPlan(type="WarmupDecayLR", params={
@@ -18,7 +18,8 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
               scheduler: SchedulerPlan | None = WARMUP_DECAY, loss_scaling: LossScalePlan | None = None,
               offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9,
               checkpointing: ActivationCheckpointingPlan | None = None, reduce_scatter: bool = True,
-              model_persistence: int = 2**63 - 1, max_live: int = 10**9, max_reuse: int = 10**9) -> Plan:
+              model_persistence: int = 2**63 - 1, max_live: int = 10**9, max_reuse: int = 10**9,
+              monitors: MonitorsPlan | None = None, wall_clock: bool = False, comms_logger: bool = False) -> Plan:
     """A concrete plan for `world` CPU ranks, ZeRO `stage`, `accum` micro-batches of `micro`."""
     if optimizer is None:
         optimizer = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5)
@@ -35,4 +36,5 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
                       max_reuse_distance=max_reuse, sub_group_size=sub_group, reduce_scatter=reduce_scatter),
         precision=precision, optimizer=optimizer, scheduler=scheduler, offload=offload or OffloadPlan(),
         kernels=KernelsPlan(optimizer=kernel),
-        activation_checkpointing=checkpointing or ActivationCheckpointingPlan())
+        activation_checkpointing=checkpointing or ActivationCheckpointingPlan(),
+        monitors=monitors or MonitorsPlan(), logging=LoggingPlan(wall_clock_breakdown=wall_clock, comms_logger=comms_logger))

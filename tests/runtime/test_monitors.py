@@ -24,7 +24,8 @@ STEPS, GLOBAL_BATCH = 3, 8
 
 def _config(out) -> dict:
     return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": 2,
-            "zero_optimization": {"stage": 2}, "wall_clock_breakdown": True,
+            "zero_optimization": {"stage": 2}, "wall_clock_breakdown": True, "steps_per_print": 1,
+            "comms_logger": {"enabled": True},
             "tensorboard": {"enabled": True, "output_path": str(out / "tb"), "job_name": "run"},
             "csv_monitor": {"enabled": True, "output_path": str(out / "csv"), "job_name": "run"},
             "wandb": {"enabled": True, "project": "zeroplan-test"}}
@@ -45,7 +46,7 @@ def trained(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (out / "m.jsonl").read_text().splitlines()[:-1]]
     assert len(losses) == STEPS
-    return out, losses
+    return out, losses, run.stdout
 
 
 SAMPLES = [GLOBAL_BATCH * (s + 1) for s in range(STEPS)]
@@ -53,7 +54,7 @@ SAMPLES = [GLOBAL_BATCH * (s + 1) for s in range(STEPS)]
 
 
 def test_tensorboard_event_files_read_back(trained):
-    out, losses = trained
+    out, losses, _ = trained
     events = EventAccumulator(str(out / "tb" / "run"))
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -68,7 +69,7 @@ def test_tensorboard_event_files_read_back(trained):
 
 
 def test_csv_files_have_deepspeeds_layout(trained):
-    out, losses = trained
+    out, losses, _ = trained
     frame = pd.read_csv(out / "csv" / "run" / "Train_Samples_train_loss.csv")
     assert list(frame.columns) == ["step", "train_loss"]
     assert frame["step"].tolist() == SAMPLES
@@ -102,7 +103,7 @@ def _wandb_records(path):
 
 
 def test_wandb_offline_run_holds_every_step(trained):
-    out, losses = trained
+    out, losses, _ = trained
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one run, from rank 0 only"
     rows = []
@@ -113,6 +114,15 @@ def test_wandb_offline_run_holds_every_step(trained):
     logged = [r for r in rows if "Train/Samples/train_loss" in r]
     assert [r["_step"] for r in logged] == SAMPLES
     assert [r["Train/Samples/train_loss"] for r in logged] == pytest.approx(losses, rel=1e-6)
+
+
+def test_timers_and_comms_are_printed_every_steps_per_print(trained):
+    """DeepSpeed's wall_clock_breakdown and comms_logger lines, on rank 0 only."""
+    stdout = trained[2]
+    for step in range(1, STEPS + 1):
+        assert stdout.count(f"[step {step}] time (ms) | forward: ") == 1, stdout[-2000:]
+        assert stdout.count(f"[step {step}] comms | ") == 1
+    assert "reduce_scatter_tensor: " in stdout
 
 
 def test_a_monitor_without_its_client_is_refused_at_compile_time(tmp_path, monkeypatch):

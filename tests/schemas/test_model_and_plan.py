@@ -69,8 +69,8 @@ def test_plan_is_frozen_and_checks_its_arithmetic():
 
 def test_plan_of_another_version_or_garbage_is_a_clear_error(tmp_path):
     path = tmp_path / "plan.json"
-    path.write_text(_plan().to_json().replace('"plan_version": 1', '"plan_version": 99'))
-    with pytest.raises(ConfigError, match="reads plan version 1"):
+    path.write_text(_plan().to_json().replace('"plan_version": 2', '"plan_version": 99'))
+    with pytest.raises(ConfigError, match="reads plan version 2"):
         Plan.load(path)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="plan.json"):
