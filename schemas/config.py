@@ -17,6 +17,7 @@ from .monitors import (
     ActivationCheckpointingConfig,
     AioConfig,
     CheckpointConfig,
+    CompileConfig,
     CometConfig,
     CommsLoggerConfig,
     CsvMonitorConfig,
@@ -72,6 +73,7 @@ class TrainConfig(StrictModel):
     flops_profiler: FlopsProfilerConfig = FlopsProfilerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     aio: AioConfig = AioConfig()
+    compile: CompileConfig = CompileConfig()
     autotuning: AutotuningConfig = AutotuningConfig()
     json_schema: str | None = Field(default=None, alias="$schema")
     """Editor hint (`"$schema": "..."`); ignored."""

@@ -18,19 +18,18 @@ from .errors import Problem
 
 RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset({
-        "amp", "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-        "dump_state", "memory_breakdown", "seq_parallel_communication_data_type", "sparse_attention",
-        "pipeline", "progressive_layer_drop", "eigenvalue", "quantize_training", "compression_training",
-        "data_efficiency", "curriculum_learning", "elasticity", "hybrid_engine", "data_types", "nebula",
-        "dataloader_drop_last", "disable_allgather", "weight_quantization", "compile", "timers",
-        "graph_harvesting", "torch_autocast", "use_data_before_expert_parallel_", "zenflow",
+        "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+        "dump_state", "memory_breakdown", "seq_parallel_communication_data_type",
+        "pipeline", "data_efficiency", "hybrid_engine", "data_types",
+        "dataloader_drop_last", "disable_allgather", "weight_quantization", "timers",
+        "torch_autocast", "use_data_before_expert_parallel_", "zenflow",
         "checkpoint_parallel_write_pipeline", "load_universal_checkpoint", "fp8",
     }),
     ("zero_optimization",): frozenset({
         "legacy_stage1", "zero_hpz_partition_size", "zero_quantized_weights",
-        "zero_quantized_nontrainable_weights", "zero_quantized_gradients", "mics_shard_size",
-        "mics_hierarchical_params_gather", "memory_efficient_linear", "pipeline_loading_checkpoint",
-        "override_module_apply", "use_multi_rank_bucket_allreduce", "zeropp_loco_param",
+        "zero_quantized_nontrainable_weights", "zero_quantized_gradients",
+        "memory_efficient_linear", "pipeline_loading_checkpoint",
+        "override_module_apply", "use_multi_rank_bucket_allreduce",
         "log_trace_cache_warnings", "module_granularity_threshold", "use_all_reduce_for_fetch_params",
         "stage3_use_all_reduce_for_fetch_params", "stage3_module_granularity_threshold",
         "reduce_scatter_dtype", "prefetch_sharded_params",
@@ -45,6 +44,41 @@ RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
     }),
 }
 """Keys DeepSpeed defines that zeroplan does not use, by the path of the block holding them."""
+
+REMOVED_BY_DEEPSPEED: dict[tuple[str, ...], dict[str, str]] = {
+    (): {
+        "nebula": "Nebula checkpointing is gone; checkpoints would silently be plain local files",
+        "compression_training": "the compression library is gone; the model would train unquantized",
+        "amp": "the Apex AMP integration is gone; use 'fp16' or 'bf16'",
+        "quantize_training": "Mixture-of-Quantization is gone",
+        "sparse_gradients": "sparse reduction of dense embedding gradients is gone",
+        "eigenvalue": "eigenvalue-based quantization is gone",
+        "sparse_attention": "Sparse Attention is gone",
+        "elasticity": "elastic training is gone; give the batch keys directly",
+        "graph_harvesting": "graph harvesting is gone",
+        "curriculum_learning": "the legacy top-level block is gone; DeepSpeed reads "
+                               "data_efficiency.data_sampling.curriculum_learning",
+        "progressive_layer_drop": "Progressive Layer Dropping is gone",
+    },
+    ("zero_optimization",): {
+        "mics_shard_size": "MiCS sharding is gone",
+        "mics_hierarchical_params_gather": "MiCS sharding is gone",
+        "zeropp_loco_param": "LoCo-ZeRO++ is gone",
+    },
+}
+"""Keys DeepSpeed 0.19 removed and refuses (DeepSpeedConfigError, its runtime/config.py):
+a config carrying one would not run under DeepSpeed either, so it is an error here too."""
+
+
+def refuse_removed(data: dict, problems: list[Problem]) -> None:
+    """One problem per key DeepSpeed removed (REMOVED_BY_DEEPSPEED), naming why."""
+    for path, keys in REMOVED_BY_DEEPSPEED.items():
+        block = _block(data, path)
+        if block is None:
+            continue
+        for key in sorted(keys.keys() & block.keys()):
+            problems.append(Problem(_dotted(path, key), f"DeepSpeed removed this and refuses configs that carry "
+                                    f"it: {keys[key]}", given=block.pop(key), suggestion=f"remove '{key}'"))
 
 _HINTS = {
     ("autotuning",): "zeroplan's tuner reads autotuning.space and the other keys in its schema",
@@ -145,5 +179,6 @@ def normalise(data: dict) -> tuple[list[str], list[Problem]]:
     problems: list[Problem] = []
     for remap in DEPRECATIONS:
         remap(data, notices, problems)
+    refuse_removed(data, problems)
     drop_recognised(data, notices)
     return notices, problems

@@ -81,6 +81,7 @@ NOT_ACTED_ON: dict[str, tuple[str, str]] = {
                    "change nothing"),
     "aio": ("", "zeroplan's NVMe offload does its own file I/O (O_DIRECT where the filesystem allows it); these "
             "settings change nothing"),
+    "compile": ("", "zeroplan runs no DeepCompile or torch.compile passes; these settings change nothing"),
 }
 """Blocks the schema accepts (real DeepSpeed configs carry them) that zeroplan does not act on:
 block -> (the switch that turns it on, "" for any key given; why it has no effect)."""

@@ -3,7 +3,7 @@
 Key names and defaults follow DeepSpeed's monitor and profiler configs.
 """
 
-from .types import AutoFlag, Flag, Positive, StrictModel, choice
+from .types import AutoFlag, Flag, Positive, Size, StrictModel, choice
 
 
 class TensorboardConfig(StrictModel):
@@ -93,6 +93,30 @@ class CheckpointConfig(StrictModel):
     """Each node writes its own checkpoint files to local disk."""
     parallel_write: dict = {}
     """DeepSpeed's pipeline-stage parallel write options; recorded as given."""
+
+
+class CompileConfig(StrictModel):
+    """DeepSpeed's `compile` block (DeepCompile, deepspeed/compile/config.py in 0.19): validated
+    like DeepSpeed does, an unknown key is an error; zeroplan acts on none of it (one notice)."""
+
+    deepcompile: Flag = False
+    autoep_non_moe: Flag = False
+    free_activation: Flag = False
+    free_activation_threshold: Size = 10 * 1024 * 1024
+    offload_activation: Flag = False
+    offload_activation_pin_memory: Flag = True
+    offload_opt_states: Flag = False
+    double_buffer: Flag = True
+    symmetric_memory: Flag = False
+    debug_log: Flag = False
+    offload_parameters: Flag = False
+    sync_before_reduce: Flag = False
+    sync_after_reduce: Flag = False
+    sync_before_allgather: Flag = False
+    sync_after_allgather: Flag = False
+    keep_int_input_tensors: Flag = True
+    keep_all_input_tensors: Flag = False
+    passes: list[choice("z1", "z3", "autosp", "autotp")] | None = None
 
 
 class AioConfig(StrictModel):

@@ -40,14 +40,15 @@ def test_validate_with_world_size_reports_degrees_and_derived_batch(tmp_path):
 def test_validate_lists_every_problem_exits_2_without_traceback(tmp_path):
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps({"train_batch_size": 8, "gradient_clipp1ng": 1,
-                               "zero_optimization": {"stage": 7}, "elasticity": {}}))
+                               "zero_optimization": {"stage": 7}, "hybrid_engine": {}, "elasticity": {}}))
     run = zeroplan("validate", str(cfg))
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
-    assert "2 problem(s) in " + str(cfg) in run.stderr
+    assert "3 problem(s) in " + str(cfg) in run.stderr
     assert "did you mean 'gradient_clipping'" in run.stderr
     assert "zero_optimization.stage: must be >= 0 and <= 3 (given: 7)" in run.stderr
-    assert "notice: recognised DeepSpeed key 'elasticity'" in run.stderr
+    assert "elasticity: DeepSpeed removed this and refuses configs that carry it" in run.stderr
+    assert "notice: recognised DeepSpeed key 'hybrid_engine'" in run.stderr
     assert run.stdout == ""
 
 
