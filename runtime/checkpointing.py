@@ -7,7 +7,7 @@ recomputation as in Korthikanti et al. 2022, section 4.2, which the memory model
 DeepSpeed's `activation_checkpointing` semantics:
 - `enabled`: run `fn` under torch's non-reentrant checkpoint (any autograd use, any number of
   outputs, nested modules' hooks included); off, it is a plain call;
-- `partition_activations`: each tensor argument is kept as this tp rank's 1/tp slice and
+- `partition_activations`: each positional tensor argument is kept as this tp rank's 1/tp slice and
   all-gathered over the tp group before the recompute (the block input is replicated over tp,
   so the slices together are the whole; Megatron/DeepSpeed's `partition_activations`);
 - `cpu_checkpointing`: the kept arguments (or slices) live in host memory and are copied back

@@ -67,9 +67,9 @@ class Engine:
         self.monitors = Monitors(backends=[])
         """TensorBoard / CSV / W&B writers of the plan's `monitors` (rank 0; set by initialize)."""
         self.timers = StepTimers(groups.device) if plan.logging.wall_clock_breakdown else None
+        """Forward / backward / step time per optimizer step (`logging.wall_clock_breakdown`)."""
         self.print_comms = plan.logging.comms_logger
         """Print the step's collectives every `steps_per_print` steps (DeepSpeed's comms_logger)."""
-        """Forward / backward / step time per optimizer step (`logging.wall_clock_breakdown`)."""
         self._last_loss: torch.Tensor | None = None
         self.last_lr: float = 0.0
         """The learning rate the last optimizer step used."""
