@@ -15,11 +15,11 @@ bench/memory_model.py rather than the paper's "the parameters are the masters":
   that master itself;
 - stage 0 accumulates gradients in a flat fp32 buffer; stage 1 in a full fp32 accumulation
   buffer plus the fp32 gradient shard the reduce-scatter writes; stages 2-3 keep the shard;
-- stage 3 is handed the whole model, built on every rank, and shards it in place, but the
-  whole model stays resident: `Stage3.attach` leaves the parameters whole (its `_release`
-  skips parameters not yet marked gathered; malloc_trim after `initialize` returns nothing),
-  and once the first forward releases them their memory stays in the process's heap. So
-  parameters count the whole model, not a shard, until the runtime releases at set-up.
+- stage 3 is handed the whole model, built on every rank (there is no sharded initialisation
+  yet), and shards it in place: `Stage3.attach` releases the whole copy, but it has been in
+  memory beside the new shards, and on CPU its pages stay in the process's heap (malloc_trim
+  after `initialize` returns nothing). So parameters count the whole model, not a shard,
+  until the model is built sharded.
 Measured state bytes per parameter at 2 ranks (tiny/small/medium): 20.2-20.8 at stage 0,
 16.3-16.5 at stage 1, 12.2-12.5 at stages 2-3; the model says 20, 16, 12 and 12.
 In 16-bit training the paper's accounting is kept: it has not been measured on a GPU here.

@@ -82,6 +82,9 @@ class Stage3(Stage2):
         for module in self.units:
             self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
             self._hooks.append(module.register_forward_hook(self._post_forward))
+        # The parameters arrive whole (the model as built): mark them gathered so that releasing
+        # them drops the whole copy now, not at their module's first forward.
+        self._gathered.update(range(len(self.layout)))
         for i in range(len(self.layout)):
             self._release(i)
 

@@ -46,7 +46,7 @@ def test_fp32_keeps_a_separate_flat_master_as_the_runtime_does():
     (0, 20.0),  # whole model, master, flat gradient, two moments
     (1, 16.0),  # + full fp32 accumulation buffer; master, gradient shard and moments over 2 ranks
     (2, 12.0),  # the gradient shard only
-    (3, 12.0),  # the whole model as built stays resident; the master is the parameter shard
+    (3, 12.0),  # the whole model as built (every rank builds it before sharding); the master is the shard
 ])
 def test_fp32_states_per_parameter_at_two_ranks(stage, expected):
     assert per_param(model_states(params=P, dp=2, stage=stage, param_dtype="fp32")) == expected

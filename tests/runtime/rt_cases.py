@@ -118,6 +118,7 @@ def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
     """Train `case` on this rank; rank 0 returns the consolidated fp32 parameters and losses."""
     rank = dist.get_rank()
     engine = initialize(build(case["model"]), plan=case_plan(case))
+    resident = sum(p.untyped_storage().nbytes() for p in engine.module.parameters())  # before any forward
     losses = []
     for step in range(steps):
         for k in range(case["accum"]):
@@ -128,7 +129,8 @@ def train_case(*, case: dict, steps: int = STEPS) -> dict | None:
     full = engine.full_state_dict()
     published = _published_gap(engine, full) if case["stage"] < 3 else 0.0
     recomputed, comms = engine.checkpointing.calls, engine.last_comms
-    stage3 = {"peak_live": engine.zero.peak_live, "persistent": len(engine.zero.persistent)} if case["stage"] == 3 else {}
+    stage3 = {"peak_live": engine.zero.peak_live, "persistent": len(engine.zero.persistent),
+              "resident_after_init": resident} if case["stage"] == 3 else {}
     engine.close()
     return {"params": full, "losses": losses, "published_gap": published, "recomputed": recomputed,
             "comms": comms, **stage3} if rank == 0 else None

@@ -61,6 +61,15 @@ def test_model_persistence_threshold_caps_what_stays_whole():
     assert _got("gpt-persist-cap-64")["persistent"] == 2  # two 32-element tensors, then the cap
 
 
+def test_initialize_leaves_only_the_persistent_parameters_whole():
+    """Stage 3 releases the whole model it was handed at set-up, not at each module's first
+    forward: before any forward the parameters hold the two persistent tensors and one shared
+    one-element placeholder each."""
+    got = _got("gpt-persist-cap-64")
+    tensors = 2 + 12 * 2 + 2  # wte, wpe, 12 per block, ln_f (lm_head is wte)
+    assert got["resident_after_init"] <= 4 * (64 + tensors)
+
+
 def test_persistence_rule_takes_tensors_in_order_until_the_cap():
     assert persistent_tensors([5, 50, 5, 5, 5], threshold=10, cap=12) == [True, False, True, False, False]
     assert persistent_tensors([5, 50, 5], threshold=10, cap=2**63 - 1) == [True, False, True]
