@@ -52,25 +52,26 @@ class EstimateRow:
 
 
 def _config(*, stage: int, optimizer: str, param: str, micro_batch: int, precision: str, checkpointing: bool,
-            nvme_path: str) -> dict:
+            nvme_path: str, tp: int) -> dict:
     def offload(device: str) -> dict:
         return {"device": device, **({"nvme_path": nvme_path} if device == "nvme" else {})}
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
             "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
-            "activation_checkpointing": {"enabled": checkpointing},
+            "activation_checkpointing": {"enabled": checkpointing}, "parallel": {"tp": tp},
             "zero_optimization": {"stage": stage, "offload_optimizer": offload(optimizer),
                                   "offload_param": offload(param)}}
 
 
 def estimate_rows(model: ModelSpec, cluster: ClusterSpec, *, micro_batch: int = 1, precision: str | None = None,
-                  checkpointing: bool = False) -> list[EstimateRow]:
-    """One compiled plan per stage x offload option (precision: bf16 on cuda, fp32 on cpu by default)."""
+                  checkpointing: bool = False, tp: int = 1) -> list[EstimateRow]:
+    """One compiled plan per stage x offload option (precision: bf16 on cuda, fp32 on cpu by default),
+    with `tp`-way tensor parallelism (dp is what the cluster's ranks leave)."""
     precision = precision or ("bf16" if cluster.device == "cuda" else "fp32")
     nvme_path = cluster.nvme_path or "/local_nvme"
     rows = []
     for stage, opt, par in OPTIONS:
         data = _config(stage=stage, optimizer=opt, param=par, micro_batch=micro_batch, precision=precision,
-                       checkpointing=checkpointing, nvme_path=nvme_path)
+                       checkpointing=checkpointing, nvme_path=nvme_path, tp=tp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConfigWarning)
             config = validate_config(data, source=f"stage {stage} option")
@@ -97,13 +98,14 @@ def _cells(row: EstimateRow) -> list[str]:
 def render_table(rows: list[EstimateRow], *, model: ModelSpec, cluster: ClusterSpec) -> str:
     """Plain aligned text: a header naming the inputs, then one line per option (sizes in GiB)."""
     plan = rows[0].plan
-    dp = plan.parallel.dp
+    dp, tp = plan.parallel.dp, plan.parallel.tp
     header = [
         f"model {model.name}: {model.total_params:,} parameters; cluster {cluster.name}: "
-        f"{cluster.nnodes} node(s) x {cluster.nproc_per_node} {cluster.device} rank(s), dp {dp}, "
+        f"{cluster.nnodes} node(s) x {cluster.nproc_per_node} {cluster.device} rank(s), dp {dp}, tp {tp}, "
         f"{cluster.memory_per_rank() / GiB:.2f} GiB per rank ({cluster.rates_source})",
         f"micro-batch {plan.batch.micro_batch_size} x {model.seq_len} tokens, {plan.precision.param_dtype}, "
-        f"Adam; activation checkpointing {'on' if plan.activation_checkpointing.enabled else 'off'}",
+        f"Adam; activation checkpointing {'on' if plan.activation_checkpointing.enabled else 'off'}; "
+        f"dropout {model.dropout:g}",
         "model states per parameter (ZeRO paper, mixed precision): stage 0: 16 B, 1: 4 + 12/dp, 2: 2 + 14/dp, "
         "3: 16/dp; sizes in GiB",
         "",

@@ -176,7 +176,7 @@ def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape) -> tuple[
     per_layer = layer_activation_bytes(
         seq=s, micro=b, hidden=model.hidden, heads=model.heads, ffn=model.ffn,
         kv_hidden=(model.kv_heads or model.heads) * model.head_dim, tp=tp, element_bytes=e,
-        flash=model.attention == "flash", gated_mlp=model.architecture == "llama")
+        dropout=model.dropout > 0, flash=model.attention == "flash", gated_mlp=model.architecture == "llama")
     head = head_activation_bytes(seq=s, micro=b, hidden=model.hidden, vocab=model.vocab, tp=tp,
                                  element_bytes=e) if shape.last else 0
     n = in_flight(plan, shape.index)

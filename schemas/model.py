@@ -39,6 +39,11 @@ class ModelSpec(FrozenModel):
     """The LM head reuses the token embedding matrix."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype the checkpoint is stored in (the plan's precision decides the training dtype)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout probability on the attention probabilities and on the attention and MLP outputs
+    (GPT-2's attn_pdrop / resid_pdrop, Megatron's). Above 0 backward keeps a one-byte mask per
+    dropped element and the dropped-out softmax besides the softmax (Korthikanti et al. 2022,
+    section 4.1). Only the memory model reads this; the built-in GPT has no dropout."""
     attention: Literal["eager", "flash"] = "eager"
     """How attention keeps what its backward needs. eager: the heads x seq x seq softmax is
     stored (Korthikanti et al. 2022's 5as/h term); flash: a fused kernel (FlashAttention) keeps

@@ -89,6 +89,9 @@ class GPT(nn.Module):
         if spec.architecture != "gpt" or spec.kv_heads not in (None, spec.heads):
             raise ValueError(f"the built-in model is a GPT; spec {spec.name!r} is {spec.architecture} "
                              f"(kv_heads={spec.kv_heads}); use a gpt preset: tiny, small, medium")
+        if spec.dropout:
+            raise ValueError(f"the built-in GPT has no dropout; spec {spec.name!r} asks for {spec.dropout} "
+                             "(set dropout 0, or train your own model with --model module:function)")
         self.spec = spec
         self.wte = nn.Embedding(spec.vocab, spec.hidden)
         self.wpe = nn.Embedding(spec.seq_len, spec.hidden)

@@ -68,11 +68,12 @@ def estimate(
     micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Samples per rank per forward.")] = 1,
     checkpointing: Annotated[bool, typer.Option("--activation-checkpointing",
                                                 help="Recompute blocks in backward.")] = False,
+    tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel degree (dp is the rest).")] = 1,
 ) -> None:
     """Per-rank memory for every ZeRO stage x offload option, and which fit."""
     from zeroplan.compiler.estimate_table import estimate_rows, render_table
 
     spec = ModelSpec.load(model)
     machines = ClusterSpec.load(cluster).with_shape(nnodes=nnodes, nproc_per_node=nproc_per_node)
-    rows = estimate_rows(spec, machines, micro_batch=micro_batch, checkpointing=checkpointing)
+    rows = estimate_rows(spec, machines, micro_batch=micro_batch, checkpointing=checkpointing, tp=tp)
     typer.echo(render_table(rows, model=spec, cluster=machines))
