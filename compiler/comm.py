@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from zeroplan.schemas import ModelSpec, Plan
 
 from .memory import BYTES
-from .shapes import StageShape, gathered_modules, persistent_elements, stage_shapes
+from .shapes import StageShape, persistent_tensors, stage_shapes
+from .shards import pack_buckets, padded
 
 
 @dataclass(frozen=True)
@@ -68,40 +69,72 @@ def ring_bytes(op: str, size_bytes: int, n: int) -> int:
     return factor * (n - 1) * size_bytes // n
 
 
-def _calls(elements: int, bucket: int) -> int:
-    return -(-elements // max(bucket, 1)) if elements else 0
+def _buckets(shape: StageShape, *, world: int, bucket: int, reverse: bool) -> int:
+    """Collective calls over the stage's tensors in buckets: the runtime's packing (shards.py)."""
+    return len(pack_buckets(shape.tensors, world=world, max_elements=bucket, reverse=reverse))
 
 
 def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
     z, n, accum = plan.zero, plan.parallel.dp, plan.batch.gradient_accumulation_steps
     if n == 1:
         return []
-    e_p, e_r, psi = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype], shape.params
-    grad_op = "reduce_scatter" if z.reduce_scatter else "all_reduce"
+    e_p, e_r = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype]
+    sharded = padded(shape.tensors, world=n)  # every tensor padded to a multiple of dp
     out = []
     if z.stage == 0:
-        out.append(Collective("dp", "all_reduce", "backward", n, ring_bytes("all_reduce", psi * e_r, n),
-                              _calls(psi, z.reduce_bucket_size)))
-    elif z.stage == 1:
-        out.append(Collective("dp", grad_op, "backward", n, ring_bytes(grad_op, psi * e_r, n),
-                              _calls(psi, z.reduce_bucket_size)))
-    elif z.stage == 2:
-        out.append(Collective("dp", grad_op, "backward", n, accum * ring_bytes(grad_op, psi * e_r, n),
-                              accum * _calls(psi, z.reduce_bucket_size)))
+        out.append(Collective("dp", "all_reduce", "backward", n, ring_bytes("all_reduce", shape.params * e_r, n),
+                              _buckets(shape, world=1, bucket=z.reduce_bucket_size, reverse=True)))
+    else:
+        grad_op = "reduce_scatter" if z.reduce_scatter or z.stage == 3 else "all_reduce"
+        times = 1 if z.stage == 1 else accum  # stage 1 reduces once per step, 2-3 every micro-batch
+        out.append(Collective("dp", grad_op, "backward", n, times * ring_bytes(grad_op, sharded * e_r, n),
+                              times * _buckets(shape, world=n, bucket=z.reduce_bucket_size, reverse=True)))
+        # The global gradient norm: each rank's squared shard norm (fp32; with tp, replicated and
+        # split parameters apart), summed over dp.
+        norm = 4 * (2 if plan.parallel.tp > 1 else 1)
+        out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", norm, n), 1))
+    if plan.precision.loss_scaling.enabled:  # the overflow flag, agreed by every dp rank
+        out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 4, n), 1))
     if z.stage in (1, 2):
-        out.append(Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", psi * e_p, n),
-                              _calls(psi, z.allgather_bucket_size)))
+        out.append(Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", sharded * e_p, n),
+                              _buckets(shape, world=n, bucket=z.allgather_bucket_size, reverse=False)))
     if z.stage == 3:
-        gathered = psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
-                                             cap=z.model_persistence_threshold)
-        modules = gathered_modules(shape, threshold=z.param_persistence_threshold, cap=z.model_persistence_threshold)
-        out.append(Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
-                              accum * modules))
-        out.append(Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", gathered * e_p, n),
-                              accum * modules))
-        out.append(Collective("dp", "reduce_scatter", "backward", n,
-                              accum * ring_bytes("reduce_scatter", psi * e_r, n),
-                              accum * _calls(psi, z.reduce_bucket_size)))
+        out += _stage3_gathers(plan, shape)
+    return out
+
+
+def _stage3_gathers(plan: Plan, shape: StageShape) -> list[Collective]:
+    """ZeRO-3's all-gathers, as runtime/zero/stage3.py launches them: per micro-batch, one per
+    module owning a non-persistent parameter in forward, and again in backward for every such
+    module but the embeddings (an embedding's backward needs only its indices; a tied head keeps
+    the matrix gathered until its gradient is whole); after the step, the persistent tensors,
+    one call per run of consecutive ones within an all-gather bucket."""
+    z, n, accum, e = plan.zero, plan.parallel.dp, plan.batch.gradient_accumulation_steps, BYTES[plan.precision.param_dtype]
+    flags = persistent_tensors(shape.tensors, threshold=z.param_persistence_threshold,
+                               cap=z.model_persistence_threshold)
+    flat = iter([*flags, *[flags[0]] * (sum(len(m) for m in shape.modules) - len(flags))])  # a tied head is the embedding
+    gathered = [[t for t in module if not next(flat)] for module in shape.modules]
+    embeddings = len(shape.embedding_modules)
+    forward = [padded(m, world=n) for m in gathered if m]
+    backward = [padded(m, world=n) for m in gathered[embeddings:] if m]
+    buckets = pack_buckets(shape.tensors, world=n, max_elements=z.allgather_bucket_size, reverse=False)
+    steps = [padded([shape.tensors[i] for i in range(max(s, a), min(e_, b)) if flags[i]], world=n)
+             for s, e_ in _runs(flags) for a, b in buckets if max(s, a) < min(e_, b)]
+    return [Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", sum(forward) * e, n),
+                       accum * len(forward)),
+            Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", sum(backward) * e, n),
+                       accum * len(backward)),
+            Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", sum(steps) * e, n), len(steps))]
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """Maximal index ranges [start, end) where `flags` holds."""
+    out: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        elif flag:
+            out.append((i, i + 1))
     return out
 
 

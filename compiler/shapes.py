@@ -23,16 +23,10 @@ def _split(n: int, tp: int) -> int:
 
 
 def block_tensors(model: ModelSpec, *, tp: int) -> list[int]:
-    """Element counts of one transformer block's tensors on one tp rank."""
-    h, f = model.hidden, model.ffn
-    if model.architecture == "gpt":
-        norms = [h, h, h, h]
-        split = [3 * h * h, 3 * h, h * h, h * f, f, f * h]
-        replicated_bias = [h, h]  # biases of the row-split attention output and second MLP layer
-        return norms + replicated_bias + [_split(n, tp) for n in split]
-    kv = (model.kv_heads or model.heads) * model.head_dim
-    split = [h * h, h * kv, h * kv, h * h, h * f, h * f, f * h]
-    return [h, h] + [_split(n, tp) for n in split]
+    """Element counts of one transformer block's tensors on one tp rank, in the order the
+    block's module registers its parameters (its modules in forward order): the order the
+    runtime shards and buckets them in."""
+    return [n for module in block_modules(model, tp=tp) for n in module]
 
 
 def block_modules(model: ModelSpec, *, tp: int) -> list[list[int]]:
@@ -84,6 +78,8 @@ class StageShape:
     modules: tuple[tuple[int, ...], ...] = ()
     """Parameter tensors of each module that owns some, in forward order: ZeRO-3 gathers one
     module's own parameters at a time (a tied LM head gathers the embedding matrix again)."""
+    embedding_modules: tuple[int, ...] = ()
+    """Which of `modules` come first as embeddings (the first stage's token and position ones)."""
 
     @property
     def params(self) -> int:
@@ -112,7 +108,8 @@ def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
             norm = head[:2] if model.architecture == "gpt" else head[:1]
             modules += [norm, [_split(model.vocab * model.hidden, tp)]]  # final norm, LM head (tied or not)
         shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors),
-                                 units=tuple(units), modules=tuple(tuple(m) for m in modules)))
+                                 units=tuple(units), modules=tuple(tuple(m) for m in modules),
+                                 embedding_modules=tuple(range(len(emb))) if i == 0 else ()))
     return shapes
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zeroplan.compiler.shards import chunk as chunk_of_tensor, pack_buckets
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -42,7 +44,7 @@ class ShardLayout:
         self.params = [p for _, p in params]
         slots, offset = [], 0
         for i, (name, p) in enumerate(params):
-            chunk = -(-p.numel() // world)
+            chunk = chunk_of_tensor(p.numel(), world)
             slots.append(Slot(index=i, name=name, shape=p.shape, numel=p.numel(), chunk=chunk, offset=offset))
             offset += chunk
         self.slots: list[Slot] = slots
@@ -109,21 +111,8 @@ class ShardLayout:
         return out
 
     def buckets(self, max_elements: int, *, reverse: bool) -> list[tuple[int, int]]:
-        """Consecutive slot ranges of at most `max_elements` padded elements (one slot at least).
-
-        Sizes count all ranks' elements (W x chunk), as DeepSpeed's bucket sizes count the
-        unsharded gradient. `reverse` lists them from the last parameter, the order backward
-        produces gradients in.
-        """
-        order = range(len(self.slots) - 1, -1, -1) if reverse else range(len(self.slots))
-        groups: list[list[int]] = []
-        size = 0
-        for i in order:
-            n = self.slots[i].chunk * self.world
-            if groups and size + n <= max_elements:
-                groups[-1].append(i)
-                size += n
-            else:
-                groups.append([i])
-                size = n
-        return [(min(g), max(g) + 1) for g in groups]
+        """Consecutive slot ranges of at most `max_elements` padded elements (one slot at least),
+        from the last parameter when `reverse`: compiler.shards.pack_buckets, which the comm
+        model uses too."""
+        return pack_buckets([s.numel for s in self.slots], world=self.world, max_elements=max_elements,
+                            reverse=reverse)

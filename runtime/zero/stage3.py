@@ -13,7 +13,7 @@ before they are used and released right after:
   backward  autograd's saved-tensor hooks record a partitioned parameter (or a view of one)
             as (parameter, view geometry) instead of keeping the gathered storage alive; when
             backward unpacks it, the module's parameters are gathered again (prefetching the
-            modules before it in forward order). A parameter is released as soon as its
+            modules the recorded first backward gathered next). A parameter is released as soon as its
             gradient is accumulated (post-accumulate-grad hook), after the gradient is handed
             to the bucketed reduce-scatter of stage 2.
   step      the fp32 master shard is updated and written to the partition (`pstore`, see
@@ -72,6 +72,9 @@ class Stage3(Stage2):
         self._inflight: dict[int, GatherHandle] = {}
         self._users: dict[int, int] = defaultdict(int)
         self._trace: list[nn.Module] = []
+        self._backward_trace: list[nn.Module] = []
+        """Modules in the order the first backward gathered them (for its prefetch)."""
+        self._backward_cursor = 0
         self._recording = True
         self._in_backward = False
         self._cursor = 0
@@ -175,6 +178,7 @@ class Stage3(Stage2):
     def begin_backward(self, *, boundary: bool) -> None:
         super().begin_backward(boundary=boundary)
         self._in_backward = True
+        self._backward_cursor = 0
 
     def _pre_forward(self, module: nn.Module, args) -> None:
         if not self._in_backward:  # not activation checkpointing's recompute
@@ -212,11 +216,23 @@ class Stage3(Stage2):
         if index not in self._gathered:
             module = self._home[index]
             self._ensure(module)
-            if self.prefetch_bucket_size > 0 and module in self._trace:
-                at = len(self._trace) - 1 - self._trace[::-1].index(module)
-                self._prefetch(self._trace[:at][::-1])
+            if self._recording:
+                self._backward_trace.append(module)
+            elif self.prefetch_bucket_size > 0:
+                self._prefetch(self._backward_next(module))
         param = self.layout.params[index]
         return param.detach().as_strided(size, stride, param.storage_offset() + offset)
+
+    def _backward_next(self, module: nn.Module) -> list[nn.Module]:
+        """The modules the recorded backward gathers after `module` (none if it strays from the
+        record). Backward is followed by its own trace, not by forward's reversed: a module
+        whose backward needs no parameters (an embedding) is never fetched for it."""
+        try:
+            at = self._backward_trace.index(module, self._backward_cursor)
+        except ValueError:
+            return []
+        self._backward_cursor = at + 1
+        return self._backward_trace[at + 1:]
 
     def on_grad(self, index: int, param: torch.Tensor) -> None:
         self.reducer.mark_ready(index)

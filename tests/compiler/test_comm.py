@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from zeroplan.compiler import comm_volume
 from zeroplan.compiler.comm import ring_bytes, summarize
+from zeroplan.compiler.shapes import stage_shapes
+from zeroplan.compiler.shards import pack_buckets, padded
 from zeroplan.schemas import ModelSpec
 
 
@@ -23,7 +27,8 @@ def test_stage0_all_reduces_gradients_in_buckets(tiny, compile_dict):
     sent, calls = _sent(plan)
     psi = tiny.total_params
     assert sent == {"dp.all_reduce": 2 * 3 * psi * 4 // 4}
-    assert calls == {"dp.all_reduce": -(-psi // 100_000)}
+    buckets = pack_buckets(stage_shapes(tiny, tp=1, pp=1)[0].tensors, world=1, max_elements=100_000, reverse=True)
+    assert calls == {"dp.all_reduce": len(buckets)} and len(buckets) >= -(-psi // 100_000)  # whole tensors
 
 
 def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(tiny, compile_dict):
@@ -32,7 +37,14 @@ def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(tiny, compile_dic
     zero3 = compile_dict({**base, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
                          nproc_per_node=4)
     total0, total3 = sum(_sent(zero0)[0].values()), sum(_sent(zero3)[0].values())
-    assert abs(total3 / total0 - 1.5) < 1e-6  # Rajbhandari et al. 2020, section 7.2.2: 3 Psi vs 2 Psi
+    # Rajbhandari et al. 2020, section 7.2.2: 3 Psi vs 2 Psi. The runtime also gathers the tied
+    # LM head's matrix (the embedding, V elements) again in forward and backward, and does not
+    # gather the embeddings (E elements) again in backward (their backward needs only indices).
+    shape = stage_shapes(tiny, tp=1, pp=1)[0]
+    embeddings = sum(shape.modules[i][0] for i in shape.embedding_modules)
+    head = shape.modules[-1][0]
+    extra = ring_bytes("all_gather", 2 * (2 * head - embeddings), 4) + ring_bytes("all_reduce", 4, 4)
+    assert total3 == pytest.approx(1.5 * total0 + extra, rel=1e-3)  # padding to multiples of 4 aside
 
 
 def test_stage2_reduce_scatters_every_micro_batch(tiny, compile_dict):
@@ -48,7 +60,8 @@ def test_stage1_without_reduce_scatter_all_reduces_once_per_step(tiny, compile_d
     plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3,
                          "zero_optimization": {"stage": 1, "reduce_scatter": False}}, nproc_per_node=2)
     sent, _ = _sent(plan)
-    assert sent["dp.all_reduce"] == 2 * (tiny.total_params * 4 // 2)
+    padded_bytes = padded(stage_shapes(tiny, tp=1, pp=1)[0].tensors, world=2) * 4
+    assert sent["dp.all_reduce"] == 2 * (padded_bytes // 2) + 4  # the gradients once; the norm's 4 bytes
 
 
 def test_tensor_parallel_all_reduces_four_times_per_block(tiny, compile_dict):

@@ -134,3 +134,21 @@ def metrics_after_training(*, stage: int) -> dict:
     out = engine.metrics()
     engine.close()
     return out
+
+
+def compiled_step_comms(*, plan_json: str) -> dict | None:
+    """One optimizer step of the tiny GPT under a compiled plan; rank 0's logged collectives."""
+    from zeroplan.runtime.models import GPT, MarkovChainData
+    from zeroplan.schemas import MODEL_PRESETS, Plan
+
+    plan = Plan.model_validate_json(plan_json)
+    spec = MODEL_PRESETS["tiny"]
+    torch.manual_seed(0)
+    engine = initialize(GPT(spec), plan=plan)
+    data = MarkovChainData(vocab=spec.vocab, seq_len=spec.seq_len).iterate(
+        global_batch_size=plan.batch.global_batch_size, micro_batch_size=plan.batch.micro_batch_size,
+        dp=plan.parallel.dp, dp_rank=engine.groups.dp_rank)
+    engine.train_batch(data)
+    comms, skipped = engine.last_comms, engine.skipped_steps
+    engine.close()
+    return {"comms": comms, "skipped": skipped} if dist.get_rank() == 0 else None

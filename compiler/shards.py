@@ -1,0 +1,39 @@
+"""Shard and bucket arithmetic that the compiler's models and the runtime's ZeRO stages share
+(runtime/zero/layout.py imports it): one definition, so a predicted count is the count run.
+
+A tensor of n elements sharded over W ranks is padded to W * ceil(n / W) elements (gloo's
+all-gather and reduce-scatter need equal parts); a bucket is a run of consecutive tensors whose
+padded sizes sum to at most the bucket size, one tensor at least. Bucket sizes count all
+ranks' elements, as DeepSpeed's count the unsharded gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def chunk(numel: int, world: int) -> int:
+    """Elements of a tensor each of `world` ranks holds (ceil(numel / world))."""
+    return -(-numel // world)
+
+
+def padded(numels: Sequence[int], *, world: int) -> int:
+    """Elements of the tensors once each is padded to a multiple of `world`."""
+    return sum(chunk(n, world) * world for n in numels)
+
+
+def pack_buckets(numels: Sequence[int], *, world: int, max_elements: int, reverse: bool) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of the buckets, in launch order: from the last tensor when
+    `reverse` (the order backward produces gradients in), else from the first."""
+    order = range(len(numels) - 1, -1, -1) if reverse else range(len(numels))
+    groups: list[list[int]] = []
+    size = 0
+    for i in order:
+        n = chunk(numels[i], world) * world
+        if groups and size + n <= max_elements:
+            groups[-1].append(i)
+            size += n
+        else:
+            groups.append([i])
+            size = n
+    return [(min(g), max(g) + 1) for g in groups]
