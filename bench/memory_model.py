@@ -16,7 +16,7 @@ non-negative least squares. Each row's calibrated error is given in-sample and l
 (fitted without that row), so the fit is not judged only on the data it saw.
 
 Usage: python -m bench.memory_model [--presets tiny small] [--stages 0 1 2 3] [--micro 1 4]
-       [--offload] [--budget-s S] [--out FILE.md]
+       [--activation-checkpointing off|on|both] [--no-offload] [--budget-s S] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class MemoryRow:
     """High-water mark once the system was set up (0 in files written before it was recorded)."""
     peak_by_step: list[int] = field(default_factory=list)
     """High-water mark after each step, max over ranks."""
+    checkpointing: bool = False
+    """The plan recomputed each block in backward (activation checkpointing)."""
 
     @property
     def predicted_total(self) -> int:
@@ -90,12 +92,13 @@ class MemoryRow:
         return self.measured_peak - self.after_setup
 
 
-def measure_row(preset: str, stage: int, micro: int, offload: str = "none") -> MemoryRow:
-    workload = Workload(preset=preset, micro_batch_size=micro, steps=STEPS, warmup=0)
+def measure_row(preset: str, stage: int, micro: int, offload: str = "none", checkpointing: bool = False) -> MemoryRow:
+    workload = Workload(preset=preset, micro_batch_size=micro, steps=STEPS, warmup=0,
+                        activation_checkpointing=checkpointing)
     plan = compile_plan(workload, stage=stage, offload=offload)
     name = f"zeroplan-z{stage}" + ("" if offload == "none" else f"-offload-{offload}")
     m = launch(name, workload)
-    return MemoryRow(preset=preset, stage=stage, micro=micro, offload=offload,
+    return MemoryRow(preset=preset, stage=stage, micro=micro, offload=offload, checkpointing=checkpointing,
                      predicted=dict(estimate_memory(plan, workload.spec).device),
                      measured_peak=max(r["peak_rss_bytes"] for r in m.ranks),
                      baseline=max(r["baseline_rss_bytes"] for r in m.ranks),
@@ -107,7 +110,8 @@ def measure_row(preset: str, stage: int, micro: int, offload: str = "none") -> M
 
 def repredict(row: MemoryRow) -> MemoryRow:
     """`row` with the current model's prediction (its measurements unchanged)."""
-    workload = Workload(preset=row.preset, micro_batch_size=row.micro, steps=STEPS, warmup=0)
+    workload = Workload(preset=row.preset, micro_batch_size=row.micro, steps=STEPS, warmup=0,
+                        activation_checkpointing=row.checkpointing)
     plan = compile_plan(workload, stage=row.stage, offload=row.offload)
     return MemoryRow(**{**asdict(row), "predicted": dict(estimate_memory(plan, workload.spec).device)})
 
@@ -176,7 +180,7 @@ def leave_one_out(rows: list[MemoryRow], *, source: str) -> list[float | None]:
 
 # -- running and reporting -------------------------------------------------------------------
 def run(*, presets: list[str], stages: list[int], micros: list[int], budget: Budget, offload: bool = True,
-        log=print) -> tuple[list[MemoryRow], list[str]]:
+        checkpointing: tuple[bool, ...] = (False,), log=print) -> tuple[list[MemoryRow], list[str]]:
     rows: list[MemoryRow] = []
     notes: list[str] = []
     if offload:
@@ -187,23 +191,23 @@ def run(*, presets: list[str], stages: list[int], micros: list[int], budget: Bud
     unit_s = 0.3  # seconds per rank-sample of tiny-preset work; re-measured by every row
     for preset in sorted(presets, key=work_per_sample):
         scale = work_per_sample(preset) / work_per_sample("tiny")
-        for stage in stages:
-            for micro in micros:
-                cost = STARTUP_S + STEPS * micro * unit_s * scale
-                if not budget.fits(cost):
-                    notes.append(f"{preset} stage {stage} micro {micro} not run: ~{cost:.0f}s did not fit the budget")
-                    continue
-                log(f"[memory] {preset} stage {stage} micro {micro}")
-                try:
-                    rows.append(measure_row(preset, stage, micro))
-                    unit_s = rows[-1].step_s / (micro * scale)
-                except LaunchError as e:
-                    notes.append(f"{preset} stage {stage} micro {micro} failed: {str(e).strip().splitlines()[-1]}")
+        for stage, micro, ac in ((s, m, a) for s in stages for m in micros for a in checkpointing):
+            what = f"{preset} stage {stage} micro {micro}" + (" checkpointing" if ac else "")
+            cost = STARTUP_S + STEPS * micro * unit_s * scale * (1.3 if ac else 1.0)
+            if not budget.fits(cost):
+                notes.append(f"{what} not run: ~{cost:.0f}s did not fit the budget")
+                continue
+            log(f"[memory] {what}")
+            try:
+                rows.append(measure_row(preset, stage, micro, checkpointing=ac))
+                unit_s = rows[-1].step_s / (micro * scale * (1.3 if ac else 1.0))
+            except LaunchError as e:
+                notes.append(f"{what} failed: {str(e).strip().splitlines()[-1]}")
     return rows, notes
 
 
 def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibration | None,
-                loo: list[float | None], *, command: str) -> list[str]:
+                loo: list[float | None], *, command: str, calibration_path: str = "") -> list[str]:
     lines = ["# Memory-model accuracy (CPU, peak RSS per rank)", "", *machine_lines({}),
              f"- command: `{command}`",
              f"- 2 processes, gloo, fp32, AdamW, zeroplan's runtime running the compiled plan for {STEPS} steps; "
@@ -219,15 +223,15 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
     body = []
     for r, l in zip(rows, loo):
         cal = calibrated_error(r, calibration) if calibration else None
-        body.append([r.preset, r.stage, r.micro, mib(r.predicted_total), mib(r.measured_peak), f"{100 * r.error:+.1f}%",
+        body.append([r.preset, r.stage, r.micro, "on" if r.checkpointing else "off", mib(r.predicted_total), mib(r.measured_peak), f"{100 * r.error:+.1f}%",
                      "yes" if abs(r.error) <= TARGET else "**no**",
                      f"{mib(r.predicted_states)} / {mib(r.measured_states)}",
                      f"{mib(r.predicted_training)} / {mib(r.measured_training)}",
                      f"{mib(r.predicted['overhead'])} / {mib(r.baseline)}",
                      "-" if cal is None else f"{100 * cal:+.1f}%", "-" if l is None else f"{100 * l:+.1f}%"])
-    lines += table(["preset", "stage", "micro", "predicted MiB", "measured MiB", "error", "within 10%",
+    lines += table(["preset", "stage", "micro", "checkpointing", "predicted MiB", "measured MiB", "error", "within 10%",
                     "states pred / meas", "training pred / meas", "startup pred / meas", "calibrated error",
-                    "calibrated, leave-one-out"], body, right=[False] + [True] * 11)
+                    "calibrated, leave-one-out"], body, right=[False, True, True, False] + [True] * 9)
     if rows:
         errs = [abs(r.error) for r in rows]
         lines += ["", f"- overall: mean |error| {100 * statistics.mean(errs):.1f}%, worst {100 * max(errs):.1f}%, "
@@ -240,7 +244,7 @@ def to_markdown(rows: list[MemoryRow], notes: list[str], calibration: Calibratio
                 lo = [abs(e) for e in loo]
                 lines.append(f"- calibrated (leave-one-out): mean |error| {100 * statistics.mean(lo):.1f}%, worst "
                              f"{100 * max(lo):.1f}%, {sum(e <= TARGET for e in lo)} of {len(rows)} within 10%")
-            lines += ["", "Calibration written to `bench/results/calibration-cpu.json`:", "", "```json",
+            lines += ["", f"Calibration written to `{calibration_path}`:", "", "```json",
                       calibration.model_dump_json(indent=1), "```"]
     lines += [""] + [f"- {n}" for n in notes]
     return lines
@@ -255,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/memory_model-DATE.md)")
     p.add_argument("--calibration-out", default=str(RESULTS / "calibration-cpu.json"))
+    p.add_argument("--activation-checkpointing", choices=["off", "on", "both"], default="off",
+                   help="rows with the plan's activation checkpointing off, on, or one of each")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="measure nothing: re-predict the rows of an earlier memory_model-*.json with the current "
                         "model and write the report (the measurements are the file's)")
@@ -271,7 +277,8 @@ def main(argv: list[str] | None = None, *, budget: Budget | None = None, command
         rows, notes, measured_by = load_rows(Path(args.from_json))
         command = f"{measured_by}`, re-predicted by `{command.strip()}" if measured_by else command
     else:
-        rows, notes = run(presets=args.presets, stages=args.stages, micros=args.micro,
+        checkpointing = {"off": (False,), "on": (True,), "both": (False, True)}[args.activation_checkpointing]
+        rows, notes = run(presets=args.presets, stages=args.stages, micros=args.micro, checkpointing=checkpointing,
                           offload=not args.no_offload, budget=budget or Budget(args.budget_s), log=log)
     path = Path(args.out) if args.out else result_path("memory_model")
     if not args.from_json:
@@ -285,7 +292,10 @@ def main(argv: list[str] | None = None, *, budget: Budget | None = None, command
         Path(args.calibration_out).write_text(calibration.model_dump_json(indent=2) + "\n")
     else:
         notes = notes + ["too few rows measured to fit a calibration"]
-    write(path, to_markdown(rows, notes, calibration, loo, command=command.strip()))
+    checkout = RESULTS.parent.parent
+    shown = Path(args.calibration_out).resolve()
+    shown = shown.relative_to(checkout) if shown.is_relative_to(checkout) else shown
+    write(path, to_markdown(rows, notes, calibration, loo, command=command.strip(), calibration_path=str(shown)))
     print(path.read_text())
     log(f"written to {path}")
     return rows

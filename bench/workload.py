@@ -33,6 +33,8 @@ class Workload:
     weight_decay: float = 0.1
     clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    activation_checkpointing: bool = False
+    """zeroplan's plans recompute each block in backward (the other systems ignore it)."""
 
     @property
     def global_batch_size(self) -> int:
@@ -64,6 +66,7 @@ def train_config(workload: Workload, *, stage: int, offload: str = "none") -> di
                                                   "eps": workload.eps, "weight_decay": workload.weight_decay}},
         "gradient_clipping": workload.clip,
         "zero_optimization": zero,
+        "activation_checkpointing": {"enabled": workload.activation_checkpointing},
     }
 
 
