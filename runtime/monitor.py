@@ -108,25 +108,25 @@ class WandbMonitor(MonitorBackend):
 def build_backends(monitors: MonitorsPlan) -> list[MonitorBackend]:
     """The plan's monitors, for rank 0 (ConfigError naming the block if a client is missing)."""
     out: list[MonitorBackend] = []
-    for key, package, target, make in (("tensorboard", "tensorboard", monitors.tensorboard, TensorBoardMonitor),
-                                       ("csv_monitor", None, monitors.csv, CsvMonitor)):
-        if target is not None:
-            _require(package, key)
-            out.append(make(output=target))
+    if monitors.tensorboard is not None:
+        _require("tensorboard")
+        out.append(TensorBoardMonitor(output=monitors.tensorboard))
+    if monitors.csv is not None:
+        out.append(CsvMonitor(output=monitors.csv))
     if monitors.wandb is not None:
-        _require("wandb", "wandb")
+        _require("wandb")
         out.append(WandbMonitor(plan=monitors.wandb))
     return out
 
 
-def _require(package: str | None, key: str) -> None:
-    if package is None:
-        return
+def _require(package: str) -> None:
+    """The client of the `package` block (tensorboard, wandb) must import on this node too:
+    the plan may have been compiled on another machine."""
     import importlib.util
 
     if importlib.util.find_spec(package) is None:
-        raise ConfigError(Problem(f"{key}.enabled", f"the plan writes {key} events but the {package} package is not "
-                                  "installed here", given=True,
+        raise ConfigError(Problem(f"{package}.enabled", f"the plan writes {package} events but the {package} "
+                                  "package is not installed here", given=True,
                                   suggestion=f"pip install 'zeroplan[monitors]' (or {package}) on every node"))
 
 
