@@ -136,8 +136,3 @@ def persistent_elements(shape: StageShape, *, threshold: int, cap: int) -> int:
     flags = persistent_tensors(shape.tensors, threshold=threshold, cap=cap)
     return sum(n for n, keep in zip(shape.tensors, flags) if keep)
 
-
-def gathered_modules(shape: StageShape, *, threshold: int, cap: int) -> int:
-    """ZeRO-3: modules gathered one by one, those owning a tensor that does not persist."""
-    flags = iter(persistent_tensors([n for m in shape.modules for n in m], threshold=threshold, cap=cap))
-    return sum(1 for tensors in shape.modules if not all([next(flags) for _ in tensors]))
