@@ -10,8 +10,8 @@ Defaults for "auto" knobs are the values worth measuring on real hardware:
   `offload_param` is conditional: it exists only when the stage is 3;
 - bucket sizes: 5e7, 2e8, 5e8 elements; `overlap_comm`: false, true;
 - parallel degrees: one categorical dimension over the valid (dp, tp, pp) factorisations of
-  the world size (tp divides heads and hidden, pp <= layers), written "dp.tp.pp", because
-  the three are not independent.
+  the world size (compiler/degrees.py's `degree_choices`: the rule compile checks), written
+  "dp.tp.pp", because the three are not independent.
 
 Dimensions are plain data; `suggest` asks an Optuna trial for values and `apply` writes
 them into the config data, which is then validated and compiled like any other config.
@@ -23,6 +23,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from zeroplan.compiler.degrees import degree_choices
 from zeroplan.schemas import ModelSpec, TrainConfig, is_auto
 from zeroplan.schemas.autotuning import TUNABLE, KnobRange
 
@@ -110,20 +111,6 @@ def _micro_batches(config: TrainConfig, *, world_size: int) -> tuple[int, ...]:
     if glob is not None and not is_auto(glob):
         values = [m for m in values if glob % m == 0] or [1]
     return tuple(values)
-
-
-def degree_choices(*, world_size: int, model: ModelSpec, tp_max: int | None = None,
-                   pp_max: int | None = None) -> list[tuple[int, int, int]]:
-    """Valid (dp, tp, pp) with dp * tp * pp = world_size for this model."""
-    out = []
-    for tp in range(1, world_size + 1):
-        if world_size % tp or model.heads % tp or model.hidden % tp or (tp_max and tp > tp_max):
-            continue
-        for pp in range(1, world_size // tp + 1):
-            if (world_size // tp) % pp or pp > model.layers or (pp_max and pp > pp_max):
-                continue
-            out.append((world_size // (tp * pp), tp, pp))
-    return out
 
 
 def _degree_dimension(config: TrainConfig, *, world_size: int, model: ModelSpec) -> Dimension | None:

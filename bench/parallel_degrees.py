@@ -104,7 +104,7 @@ def row(layout: Layout, base: float | None) -> list[str]:
     m, pp = p["pipeline_micro_batches"], p["pp"]
     step = statistics.median(r["mean_step_time_s"] for r in layout.runs)
     samples = layout.plan["batch"]["global_batch_size"] / step
-    sent = layout.runs[-1]["comms_per_step"].get("send", {}).get("bytes", 0)
+    sent = layout.runs[-1]["comms_per_step"].get("pp.send", {}).get("bytes", 0)
     bubble = (pp - 1) / (m + pp - 1) if pp > 1 else 0.0
     predicted = layout.plan["estimates"]["predicted_step_time_s"]
     peak = max(max(r["peak_rss_bytes_per_rank"]) for r in layout.runs) / 2 ** 20

@@ -17,8 +17,9 @@ every micro-batch, one call per module owning a non-persistent parameter (as Dee
 and zeroplan's runtime do), and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
 parallelism all-reduces activations twice per block forward and twice backward (Shoeybi et al.
 2019, figure 4), twice more when checkpointing recomputes the forward, plus the vocab-parallel
-embedding, LM head and loss (see _tp_collectives); pipelining sends one
-activation forward and one gradient backward per micro-batch and stage boundary.
+embedding, LM head and loss (see _tp_collectives); pipelining sends a header and an
+activation forward and one gradient backward per micro-batch and stage boundary, and sums
+the tied embedding and the gradient norm over stages (see _pp_collectives).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 from zeroplan.schemas import ModelSpec, Plan
 
 from .memory import BYTES
-from .shapes import StageShape, persistent_tensors, stage_shapes
-from .shards import pack_buckets, padded
+from .shapes import StageShape, embedding_tensors, persistent_tensors, stage_shapes
+from .shards import chunk, pack_buckets, padded
 
 
 @dataclass(frozen=True)
@@ -162,18 +163,36 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
             Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1)]
 
 
+PIPE_MAX_DIMS = 8
+"""Most dimensions of a tensor passed between pipeline stages (the header's room for its shape)."""
+PIPE_HEADER_ELEMENTS = 2 + PIPE_MAX_DIMS
+"""int64 elements of the header sent before every activation: dtype code, ndim, dims
+(runtime/parallel/pipeline_comm.py)."""
+
+
 def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    """What runtime/parallel/pipeline_engine.py sends per step (logged as `pp.<op>`). Per
+    micro-batch, to the next stage a header (shapes may change between micro-batches) and the
+    activation, to the previous one the activation's gradient: [micro, seq, hidden] in the
+    parameters' dtype, whole on every tp rank. `send_recv` counts the sends; every one is
+    received once. At the step, fp32 all-reduces: on the first and last stage the tied
+    embedding's gradient, this rank's ZeRO shard of it (the whole matrix at stage 0), over those
+    two stages (Megatron's embedding group); over the pp group the fp16 overflow flag (after
+    the dp and tp groups': together, the world's) and the squared gradient norm. The loss the
+    last stage broadcasts is reporting, after the step's count, as the dp loss average is."""
     p = plan.parallel
     if p.pp == 1:
         return []
-    e, m = BYTES[plan.precision.param_dtype], p.pipeline_micro_batches
-    activation = e * model.seq_len * plan.batch.micro_batch_size * model.hidden // p.tp
-    sends = m * ((shape.index < p.pp - 1) + (shape.index > 0))
-    out = [Collective("pp", "send_recv", "forward", 2, sends * activation, sends)]
+    m, forward, backward = p.pipeline_micro_batches, shape.index < p.pp - 1, shape.index > 0
+    activation = BYTES[plan.precision.param_dtype] * model.seq_len * plan.batch.micro_batch_size * model.hidden
+    out = [Collective("pp", "send_recv", "forward", 2, m * forward * (activation + 8 * PIPE_HEADER_ELEMENTS),
+                      2 * m * forward),
+           Collective("pp", "send_recv", "backward", 2, m * backward * activation, m * backward)]
     if model.tied_embeddings and (shape.index == 0 or shape.last):
-        # The first and last stages sum the gradients of their two copies of the embedding.
-        emb = -(-model.vocab * model.hidden // p.tp) * BYTES[plan.precision.reduce_dtype]
-        out.append(Collective("pp", "all_reduce", "step", 2, ring_bytes("all_reduce", emb, 2), 1))
+        tied = chunk(embedding_tensors(model, tp=p.tp)[0], p.dp if plan.zero.stage else 1)
+        out.append(Collective("pp", "all_reduce", "step", 2, ring_bytes("all_reduce", 4 * tied, 2), 1))
+    scalars = 1 + plan.precision.loss_scaling.enabled
+    out.append(Collective("pp", "all_reduce", "step", p.pp, scalars * ring_bytes("all_reduce", 4, p.pp), scalars))
     return out
 
 
@@ -184,7 +203,8 @@ def stage_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[C
 
 def comm_volume(plan: Plan, model: ModelSpec) -> list[Collective]:
     """Collectives per step of the rank that sends the most (the busiest pipeline stage)."""
-    shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp)
+    p = plan.parallel
+    shapes = stage_shapes(model, tp=p.tp, pp=p.pp, method=p.pipeline_partition_method)
     per_stage = [stage_collectives(plan, model, s) for s in shapes]
     return max(per_stage, key=lambda cs: sum(c.bytes for c in cs))
 

@@ -177,9 +177,9 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
 def step_time(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[str, float]:
     """Seconds per step by term for the slowest pipeline stage; the sum is the prediction."""
     best: dict[str, float] = {}
-    for shape in stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp):
+    p = plan.parallel
+    for shape in stage_shapes(model, tp=p.tp, pp=p.pp, method=p.pipeline_partition_method):
         compute = compute_seconds(plan, model, cluster, shape)
-        p = plan.parallel
         terms = {"compute": compute,
                  "pipeline_bubble": compute * (p.pp - 1) / p.pipeline_micro_batches if p.pp > 1 else 0.0}
         comm = exposed_comm(plan, cluster, stage_collectives(plan, model, shape), compute=compute)

@@ -1,4 +1,6 @@
-"""The dp/tp/pp degrees for a world, and every reason they cannot work with a model.
+"""The dp/tp/pp degrees for a world, and every reason they cannot work with a model: the one
+degree rule, which compile checks, and the cost-model search (search.py) and the tuner's
+search space (autotune/space.py) enumerate through `degree_choices`.
 
 Messages echo the numbers, say which were given and which derived, and name the key or
 option to change (`parallel.tp`, `--nproc-per-node`), as torchtitan's `ParallelDims` does.
@@ -58,6 +60,20 @@ def degree_problems(*, dp: int, tp: int, pp: int, stage: int, model: ModelSpec,
                                 "modules", given=3,
                                 suggestion="set zero_optimization.stage to 0, 1 or 2, or parallel.pp to 1"))
     return problems
+
+
+def degree_choices(*, world_size: int, model: ModelSpec, tp_max: int | None = None,
+                   pp_max: int | None = None) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) with dp * tp * pp = world_size that can split `model` (no
+    `degree_problems` below ZeRO stage 3, whose refusal of pp > 1 is the stage's to choose),
+    optionally with tp <= tp_max and pp <= pp_max; by tp, then pp, ascending."""
+    out = []
+    for tp in range(1, min(world_size, tp_max or world_size) + 1):
+        for pp in range(1, min(world_size // tp, pp_max or world_size) + 1):
+            if world_size % (tp * pp) == 0 and not degree_problems(dp=world_size // (tp * pp), tp=tp, pp=pp,
+                                                                   stage=0, model=model):
+                out.append((world_size // (tp * pp), tp, pp))
+    return out
 
 
 def degree_warnings(*, dp: int, tp: int, pp: int, stage: int, nproc_per_node: int, micro_batches: int) -> list[str]:

@@ -288,7 +288,8 @@ def estimate_memory(plan: Plan, model: ModelSpec, *, calibration: Calibration | 
     comm_buffers, overhead. Host (per rank): offloaded parameters, fp32 gradients, optimizer
     states, masters, checkpointed activations, swap buffers. NVMe: offloaded bytes per rank.
     """
-    shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp)
+    shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp,
+                          method=plan.parallel.pipeline_partition_method)
     estimates = [_stage_estimate(plan, model, s) for s in shapes]
     worst = max(estimates, key=lambda m: (m.device_total, sum(m.host.values())))
     if calibration is None:

@@ -14,6 +14,7 @@ from .comm import comm_volume, summarize
 from .cost import step_time
 from .degrees import degree_problems, degree_warnings, resolve_degrees
 from .memory import MemoryEstimate, estimate_memory
+from .shapes import partition_notes
 from .sections import (
     checkpointing_plan,
     deepspeed_plan,
@@ -126,6 +127,7 @@ def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
     warnings = degree_warnings(dp=p.dp, tp=p.tp, pp=p.pp, stage=plan.zero.stage, nproc_per_node=cluster.nproc_per_node,
                                micro_batches=p.pipeline_micro_batches)
     warnings += fit_warnings(memory, cluster=cluster) + bucket_warnings(plan, model) + swap_warnings(plan, model)
+    warnings += partition_notes(p.pipeline_partition_method, pp=p.pp)
     estimates = Estimates(
         memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
         nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,

@@ -21,6 +21,7 @@ from zeroplan.schemas.plan import Provenance
 from .autoresolve import get_path, set_path
 from .calibration import Calibration
 from .cost import step_time
+from .degrees import degree_choices
 from .memory import estimate_memory
 from .plan_builder import build_plan, fit_warnings
 
@@ -41,29 +42,32 @@ class Candidate:
     fits: bool
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _degree_options(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec) -> list[dict[str, Any]]:
-    """(tp, pp) pairs for the world; dp is derived unless given."""
+    """The valid (dp, tp, pp) of the world (degrees.py's rule) that keep the given degrees; a
+    searched tp stays within a node. dp is derived unless given."""
     world = cluster.world_size
     tp_key = "tensor_parallel.autotp_size" if "tensor_parallel.autotp_size" in autos else "parallel.tp"
-    tps = [t for t in _divisors(world) if t <= cluster.nproc_per_node] if tp_key in autos else [None]
-    pps = [p for p in _divisors(world) if p <= model.layers] if "parallel.pp" in autos else [None]
-    dp_given = get_path(data, "parallel.dp")
+    searched = {"tp": tp_key in autos, "pp": "parallel.pp" in autos}
+    given = {"dp": get_path(data, "parallel.dp"), "tp": get_path(data, tp_key) or 1,
+             "pp": get_path(data, "parallel.pp") or 1}
     options = []
-    for tp, pp in itertools.product(tps, pps):
-        t = tp or get_path(data, tp_key) or 1
-        p = pp or get_path(data, "parallel.pp") or 1
-        if world % (t * p) or (isinstance(dp_given, int) and dp_given * t * p != world):
+    for dp, tp, pp in degree_choices(world_size=world, model=model,
+                                     tp_max=cluster.nproc_per_node if searched["tp"] else None):
+        chosen = {"dp": dp, "tp": tp, "pp": pp}
+        if any(not searched.get(k) and isinstance(given[k], int) and given[k] != v for k, v in chosen.items()):
             continue
         option = {"parallel.dp": None} if "parallel.dp" in autos else {}
-        if tp is not None:
+        if searched["tp"]:
             option[tp_key] = tp
-        if pp is not None:
+        if searched["pp"]:
             option["parallel.pp"] = pp
         options.append(option)
+    if not options:
+        fixed = ", ".join(f"{k}({v})" for k, v in given.items() if isinstance(v, int) and not searched.get(k))
+        raise ConfigError(Problem(next(k for k in autos if k in _DEGREES),
+                                  f"no dp x tp x pp = world_size({world}) with {fixed} splits model {model.name} "
+                                  "(tp must divide its heads, hidden and ffn; pp at most its layers)",
+                                  suggestion="change the given degrees or the process count"))
     return options
 
 

@@ -3,11 +3,17 @@
 Megatron-LM's layout (Shoeybi et al. 2019, "Megatron-LM", section 3): the QKV and first MLP
 matrices are split by columns, the attention output and second MLP matrices by rows, the
 embedding by vocabulary rows; norms and the biases of row-split layers are replicated on every
-tp rank. Pipeline stages take consecutive blocks, the first stage the embedding, the last the
-final norm and LM head; with tied embeddings and pp > 1 the last stage keeps a copy of the
-embedding matrix (Narayanan et al. 2021, section 2.2 of "Efficient Large-Scale Language Model
-Training on GPU Clusters Using Megatron-LM"). With tp = pp = 1 the counts equal
-`ModelSpec.total_params` exactly (a test checks it).
+tp rank. Pipeline stages take consecutive layers of the sequence the built-in GPT hands the
+runtime (the embeddings, each block, the final norm with the LM head), cut by the plan's
+`pipeline_partition_method` with the runtime's own partition (partition.py), so the first
+stage holds the embedding and the last the head; with tied embeddings and pp > 1 the last
+stage keeps a copy of the embedding matrix (Narayanan et al. 2021, section 2.2 of "Efficient
+Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"). With tp = pp = 1 the
+counts equal `ModelSpec.total_params` exactly (a test checks it).
+
+A model other than the built-in GPT is modelled by the same sequence: its stages are predicted
+as well as its ModelSpec describes it, and a `type:<regex>` method is matched against the
+built-in class names (`PIPELINE_LAYER_CLASSES`), the only ones the compiler knows.
 """
 
 from __future__ import annotations
@@ -16,6 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from zeroplan.schemas import ModelSpec
+from zeroplan.schemas.parallel import parse_partition_method
+
+from .partition import partition_layers
+
+PIPELINE_LAYER_CLASSES = ("Embeddings", "Block", "Head")
+"""Class names of the built-in GPT's pipeline layers (runtime/models/gpt.py, `pipeline_layers`):
+the embeddings, every transformer block, the final norm with the LM head. A test holds the
+runtime's model to them."""
 
 
 def _split(n: int, tp: int) -> int:
@@ -57,10 +71,42 @@ def head_tensors(model: ModelSpec, *, tp: int, pp: int) -> list[int]:
     return norm
 
 
-def stage_layers(layers: int, *, pp: int) -> list[int]:
-    """Blocks per pipeline stage; the first `layers % pp` stages take one more."""
-    base, extra = divmod(layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]
+def pipeline_layers(model: ModelSpec, *, tp: int) -> tuple[list[str], list[int]]:
+    """(class names, trainable parameters on one tp rank) of the layers the built-in GPT hands
+    the pipeline, in order. The head layer holds the LM head matrix, tied or not (a tied one is
+    the embedding's, counted in both layers, as the runtime's per-layer count does)."""
+    embeddings, block, head = PIPELINE_LAYER_CLASSES
+    norm = head_tensors(model, tp=tp, pp=1)[:2 if model.architecture == "gpt" else 1]
+    names = [embeddings, *[block] * model.layers, head]
+    params = [sum(embedding_tensors(model, tp=tp)), *[sum(block_tensors(model, tp=tp))] * model.layers,
+              sum(norm) + _split(model.vocab * model.hidden, tp)]
+    return names, params
+
+
+def modelled_partition_method(method: str) -> str:
+    """The method the compiler partitions with: `method`, except a `type:` regex that matches
+    none of the built-in layer classes, read as naming the model's transformer block class
+    (DeepSpeed's usual `type:transformer`); see `partition_notes`."""
+    kind, regex = parse_partition_method(method)
+    if kind == "type" and not any(regex.search(name) for name in PIPELINE_LAYER_CLASSES):
+        return f"type:^{PIPELINE_LAYER_CLASSES[1]}$"
+    return method
+
+
+def partition_notes(method: str, *, pp: int) -> list[str]:
+    """What the plan's stage estimates assume about a partition method the compiler cannot
+    check: a class regex matching none of the built-in GPT's layers."""
+    if pp == 1 or modelled_partition_method(method) == method:
+        return []
+    return [f"parallel.pipeline.partition_method {method!r} matches none of the built-in GPT's pipeline layer "
+            f"classes ({', '.join(PIPELINE_LAYER_CLASSES)}), so zeroplan's GPT refuses it; the estimates assume "
+            "it names your model's transformer block class"]
+
+
+def stage_bounds(model: ModelSpec, *, tp: int, pp: int, method: str = "parameters") -> list[int]:
+    """Boundaries [0, ..., layers + 2] of the stages over `pipeline_layers`: the runtime's partition."""
+    names, params = pipeline_layers(model, tp=tp)
+    return partition_layers(names=names, params=params, stages=pp, method=modelled_partition_method(method))
 
 
 @dataclass(frozen=True)
@@ -80,6 +126,8 @@ class StageShape:
     module's own parameters at a time (a tied LM head gathers the embedding matrix again)."""
     embedding_modules: tuple[int, ...] = ()
     """Which of `modules` come first as embeddings (the first stage's token and position ones)."""
+    layer_range: tuple[int, int] = (0, 0)
+    """The pipeline layers [start, end) the stage runs (`pipeline_layers` indices)."""
 
     @property
     def params(self) -> int:
@@ -87,11 +135,14 @@ class StageShape:
 
 
 
-def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
-    """One `StageShape` per pipeline stage, for one tp rank."""
+def stage_shapes(model: ModelSpec, *, tp: int, pp: int, method: str = "parameters") -> list[StageShape]:
+    """One `StageShape` per pipeline stage, for one tp rank, partitioned by `method` (the plan's
+    `pipeline_partition_method`)."""
     block = block_tensors(model, tp=tp)
+    bounds = stage_bounds(model, tp=tp, pp=pp, method=method)
     shapes = []
-    for i, n_layers in enumerate(stage_layers(model.layers, pp=pp)):
+    for i in range(pp):
+        n_layers = min(bounds[i + 1], model.layers + 1) - max(bounds[i], 1)  # blocks are layers 1..L
         tensors, units, modules = [], [], []
         if i == 0:
             emb = embedding_tensors(model, tp=tp)
@@ -109,13 +160,14 @@ def stage_shapes(model: ModelSpec, *, tp: int, pp: int) -> list[StageShape]:
             modules += [norm, [_split(model.vocab * model.hidden, tp)]]  # final norm, LM head (tied or not)
         shapes.append(StageShape(index=i, last=i == pp - 1, layers=n_layers, tensors=tuple(tensors),
                                  units=tuple(units), modules=tuple(tuple(m) for m in modules),
-                                 embedding_modules=tuple(range(len(emb))) if i == 0 else ()))
+                                 embedding_modules=tuple(range(len(emb))) if i == 0 else (),
+                                 layer_range=(bounds[i], bounds[i + 1])))
     return shapes
 
 
-def rank_params(model: ModelSpec, *, tp: int, pp: int) -> int:
+def rank_params(model: ModelSpec, *, tp: int, pp: int, method: str = "parameters") -> int:
     """Parameters of the fullest rank (the most loaded pipeline stage), before ZeRO sharding."""
-    return max(s.params for s in stage_shapes(model, tp=tp, pp=pp))
+    return max(s.params for s in stage_shapes(model, tp=tp, pp=pp, method=method))
 
 
 def persistent_tensors(numels: Sequence[int], *, threshold: int, cap: int) -> list[bool]:

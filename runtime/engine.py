@@ -143,18 +143,22 @@ class Engine:
         if self.reporter is not None:
             self.reporter.on_step(self)
 
+    def _overflow(self) -> bool:
+        """An inf/nan in the gradient of any rank that steps with this one: agreed over dp, then
+        over tp (tp ranks hold different gradients; all skip or none)."""
+        overflow = self.coll.any_true(not bool(torch.isfinite(self.zero.grad).all()), device=self.device)
+        if self.tp_coll is not None:
+            overflow = self.tp_coll.any_true(overflow, device=self.device)
+        return overflow
+
     def _optimizer_step(self) -> None:
         self.last_lr = self.schedule.lr()
         grad = self.zero.grad
-        if self.scaler.check_overflow:
-            overflow = self.coll.any_true(not bool(torch.isfinite(grad).all()), device=self.device)
-            if self.tp_coll is not None:  # tp ranks hold different gradients; all skip or none
-                overflow = self.tp_coll.any_true(overflow, device=self.device)
-            if overflow:
-                self.skipped_steps += 1
-                self.scaler.update_scale(True)
-                self.zero.zero_grad()
-                return
+        if self.scaler.check_overflow and self._overflow():
+            self.skipped_steps += 1
+            self.scaler.update_scale(True)
+            self.zero.zero_grad()
+            return
         inv_scale = 1.0 / self.scaler.loss_scale
         norm = self._grad_norm() * inv_scale
         self.last_grad_norm = norm

@@ -12,14 +12,12 @@ The built-in GPT implements it (embeddings, blocks, final norm + LM head); `Pipe
 wraps any `nn.Sequential` (or list of modules) with a loss function. A plain `nn.Sequential`
 has no loss, so it is refused with a message that points at `PipelineModule`.
 
-Partition methods (DeepSpeed's `partition_method`):
-- `parameters` (default): balance the trainable parameter counts of the stages;
-- `uniform`: balance the number of layers (the first stages take one more when it does not divide);
-- `type:<regex>`: balance the layers whose class name matches the regex (case-insensitive),
-  e.g. `type:Block` for the GPT's transformer blocks.
-Balancing minimises the heaviest stage (DeepSpeed's `partition_balanced`); every stage gets at
-least one layer. A parameter used by layers on two stages (the GPT's embedding, tied to its LM
-head) is kept on both; the engine sums its gradients across them (Megatron's embedding group).
+Partition methods (DeepSpeed's `partition_method`): `parameters` (default), `uniform` and
+`type:<regex>` (e.g. `type:Block` for the GPT's transformer blocks), cut by the compiler's
+torch-free arithmetic (compiler/partition.py), so a plan's stage estimates are this partition's;
+this module only reads each layer's class name and trainable parameter count. A parameter used
+by layers on two stages (the GPT's embedding, tied to its LM head) is kept on both; the engine
+sums its gradients across them (Megatron's embedding group).
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zeroplan.compiler.partition import partition_layers
 from zeroplan.schemas import ConfigError, Problem
-from zeroplan.schemas.parallel import parse_partition_method
 
 class PipelineModule(nn.Module):
     """Layers run in order, then `loss_fn(output, labels)`: a model any pp can split.
@@ -66,69 +64,16 @@ class PipelineModule(nn.Module):
         return self.loss_fn
 
 
-# -- partition arithmetic (no torch) -------------------------------------------------------------
-def partition_uniform(items: int, parts: int) -> list[int]:
-    """Boundaries [0, ..., items] of `parts` runs whose sizes differ by at most one (first runs larger)."""
-    base, extra = divmod(items, parts)
-    bounds = [0]
-    for i in range(parts):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
-    return bounds
-
-
-def partition_balanced(weights: Sequence[int], parts: int) -> list[int]:
-    """Boundaries of `parts` non-empty runs of consecutive items minimising the heaviest run."""
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    lo, hi = max(weights), prefix[-1]
-    while lo < hi:  # the smallest feasible bottleneck
-        mid = (lo + hi) // 2
-        if _probe(prefix, parts, mid) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    return _probe(prefix, parts, lo)
-
-
-def _probe(prefix: list[int], parts: int, bottleneck: int) -> list[int] | None:
-    """Greedy boundaries with every run <= bottleneck and non-empty, or None if impossible."""
-    n, bounds, start = len(prefix) - 1, [0], 0
-    for j in range(parts):
-        end = start + 1
-        if prefix[end] - prefix[start] > bottleneck:
-            return None
-        last_end = n - (parts - j - 1)  # leave one item for every later run
-        while end < last_end and prefix[end + 1] - prefix[start] <= bottleneck:
-            end += 1
-        bounds.append(end)
-        start = end
-    return bounds if start == n else None
-
-
-def layer_weights(layers: Sequence[nn.Module], method: str) -> list[int]:
-    """What `method` balances, per layer."""
-    kind, regex = parse_partition_method(method)
-    if kind == "uniform":
-        return [1] * len(layers)
-    if kind == "parameters":
-        return [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
-    weights = [1 if regex.search(type(layer).__name__) else 0 for layer in layers]
-    if not any(weights):
-        names = sorted({type(layer).__name__ for layer in layers})
-        raise ValueError(f"partition_method {method!r} matches no layer class (the layers are {', '.join(names)})")
-    return weights
-
-
+# -- partition (the arithmetic is the compiler's, compiler/partition.py) ------------------------
 def partition(layers: Sequence[nn.Module], *, stages: int, method: str) -> list[int]:
     """Stage boundaries [0, ..., len(layers)]: stage s runs layers [b[s], b[s + 1])."""
-    if stages > len(layers):
-        raise ConfigError(Problem("parallel.pp", f"pp({stages}) > layers({len(layers)}) of the model's pipeline "
-                                  "sequence: every pipeline stage needs at least one layer", given=stages,
-                                  suggestion=f"compile the plan with parallel.pp at most {len(layers)}"))
-    if parse_partition_method(method)[0] == "uniform":
-        return partition_uniform(len(layers), stages)
-    return partition_balanced(layer_weights(layers, method), stages)
+    return partition_layers(**_described(layers), stages=stages, method=method)
+
+
+def _described(layers: Sequence[nn.Module]) -> dict[str, list]:
+    """Each layer's class name and trainable parameter count: all the partition reads."""
+    return {"names": [type(layer).__name__ for layer in layers],
+            "params": [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]}
 
 
 # -- the stage module --------------------------------------------------------------------------

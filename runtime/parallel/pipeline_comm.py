@@ -9,9 +9,10 @@ against. Each message has its own tag (micro-batch and direction), so matching n
 on the order two messages travel in.
 
 Shapes: an activation's shape and dtype are not known to the next stage in advance (a user's
-`nn.Sequential` may change them), so each forward message is preceded by a fixed-size int64
-header (dtype code, ndim, dims). A gradient has its output's shape, which the receiver holds:
-no header.
+`nn.Sequential` may change them, and micro-batches of one step may differ in length), so each
+forward message is preceded by a fixed-size int64 header (dtype code, ndim, dims; its size is
+the compiler's, compiler/comm.py, which counts it). A gradient has its output's shape, which
+the receiver holds: no header.
 
 On gloo (torch 2.13, CPU) `isend`/`irecv` between any two ranks of a subgroup work, with
 global ranks as peers; `batch_isend_irecv` works as well but adds nothing here since sends
@@ -20,6 +21,9 @@ never block. NCCL takes the same calls.
 Tied parameters (the GPT's embedding, on the first and last stage): `tied_groups` builds one
 group per set of stages sharing a parameter, for every (dp, tp) coordinate (Megatron's
 embedding group); `sum_tied` all-reduces each tied parameter's gradient shard slice over it.
+
+Everything here is logged as `pp.<op>` (`pp.send`, `pp.recv`, `pp.all_reduce`) beside the dp
+group's collectives, as tensor parallelism's are as `tp.<op>`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import CommsLogger
+from zeroplan.compiler.comm import PIPE_HEADER_ELEMENTS, PIPE_MAX_DIMS
+
+from ..comm import Collectives, CommsLogger
+from .tensor_comm import PrefixedLogger
 from .topology import Topology
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
-MAX_DIMS = 8
 _FORWARD, _HEADER, _BACKWARD = 0, 1, 2
 
 
@@ -40,7 +46,8 @@ class PipeComm:
 
     def __init__(self, *, group: dist.ProcessGroup, stage: int, stages: int, device: torch.device,
                  logger: CommsLogger):
-        self.group, self.stage, self.stages, self.device, self.logger = group, stage, stages, device, logger
+        self.group, self.stage, self.stages, self.device = group, stage, stages, device
+        self.logger = pp_logger(logger)
         self.prev = dist.get_global_rank(group, stage - 1) if stage > 0 else None
         self.next = dist.get_global_rank(group, stage + 1) if stage < stages - 1 else None
         self._pending: list[tuple[object, torch.Tensor]] = []
@@ -60,10 +67,10 @@ class PipeComm:
 
     def send_forward(self, activation: torch.Tensor, mb: int) -> None:
         t = activation.detach().contiguous()
-        if t.dim() > MAX_DIMS or t.dtype not in DTYPES:
-            raise TypeError(f"a pipeline stage must pass one tensor of at most {MAX_DIMS} dims and a dtype in "
+        if t.dim() > PIPE_MAX_DIMS or t.dtype not in DTYPES:
+            raise TypeError(f"a pipeline stage must pass one tensor of at most {PIPE_MAX_DIMS} dims and a dtype in "
                             f"{DTYPES}; got {t.dtype} of shape {tuple(t.shape)}")
-        header = torch.zeros(2 + MAX_DIMS, dtype=torch.int64)
+        header = torch.zeros(PIPE_HEADER_ELEMENTS, dtype=torch.int64)
         header[0], header[1] = DTYPES.index(t.dtype), t.dim()
         header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
         self._isend(header.to(self.device), dst=self.next, tag=self._tag(mb, _HEADER))
@@ -71,7 +78,7 @@ class PipeComm:
 
     def recv_forward(self, mb: int) -> torch.Tensor:
         """The previous stage's output for micro-batch mb (a fresh tensor, no grad yet)."""
-        header = self._recv(torch.empty(2 + MAX_DIMS, dtype=torch.int64, device=self.device),
+        header = self._recv(torch.empty(PIPE_HEADER_ELEMENTS, dtype=torch.int64, device=self.device),
                             src=self.prev, tag=self._tag(mb, _HEADER)).tolist()
         dtype, ndim = DTYPES[header[0]], header[1]
         out = torch.empty(header[2:2 + ndim], dtype=dtype, device=self.device)
@@ -91,6 +98,16 @@ class PipeComm:
         self._pending.clear()
 
 
+def pp_logger(logger: CommsLogger) -> PrefixedLogger:
+    """`logger` recording as "pp.<op>"."""
+    return PrefixedLogger(logger, "pp")
+
+
+def pp_collectives(*, group: dist.ProcessGroup, logger: CommsLogger) -> Collectives:
+    """Collectives over the pp group (the norm's, the overflow flag's and the loss's sums), logged as "pp.<op>"."""
+    return Collectives(group=group, logger=pp_logger(logger))
+
+
 def tied_groups(*, topology: Topology, stage_sets: list[tuple[int, ...]],
                 rank: int) -> dict[tuple[int, ...], dist.ProcessGroup]:
     """This rank's group for each stage set it belongs to (a collective: every rank calls it,
@@ -108,8 +125,9 @@ def tied_groups(*, topology: Topology, stage_sets: list[tuple[int, ...]],
 
 
 def sum_tied(grad: torch.Tensor, *, spans: list[tuple[int, int, dist.ProcessGroup]], logger: CommsLogger) -> None:
-    """Sum each (offset, length) slice of the gradient shard over its group, in place."""
+    """Sum each (offset, length) slice of the (fp32) gradient shard over its group, in place;
+    logged as "pp.all_reduce"."""
     for offset, length, group in spans:
         part = grad[offset:offset + length]
-        logger.record("all_reduce", part)
+        pp_logger(logger).record("all_reduce", part)
         dist.all_reduce(part, group=group)

@@ -13,9 +13,9 @@ A step (`train_batch`):
      last backward being the accumulation boundary;
   3. the gradients of tied parameters (the GPT's embedding on the first and last stage) are
      summed over their stages, so both copies take the same step;
-  4. the plain Engine's optimizer step: fp16 overflow skips the step on every rank of the world;
-     the global gradient norm sums the squared shard norms over dp and pp, counting a tied
-     parameter once; clip, step, publish;
+  4. the plain Engine's optimizer step: fp16 overflow skips the step on every rank of the world
+     (the flag agreed over dp, tp, then pp); the global gradient norm sums the squared shard
+     norms over dp and pp, counting a tied parameter once; clip, step, publish;
   5. the mean loss of the m micro-batches is broadcast from the last stage to the pp group, so
      every rank returns it.
 
@@ -24,6 +24,9 @@ gloo with CPU tensors in torch 2.13 (checked with a two-stage nn.Sequential), bu
 schedules run backward themselves and offer no point between micro-batches at which the ZeRO
 stages can open and close a backward (begin_backward / end_backward with the accumulation
 boundary) or see that the step is over, so this small executor runs the schedules instead.
+
+Every pp message and collective of a step is logged as `pp.<op>`; compiler/comm.py's
+`_pp_collectives` predicts them, and a contract test holds the two equal.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 from ..dist import ProcessGroups
 from ..engine import Engine, _cast_floats, _tokens
 from .pipeline import PipelineStage, split_model, tied_stage_sets
-from .pipeline_comm import PipeComm, sum_tied, tied_groups
+from .pipeline_comm import PipeComm, pp_collectives, sum_tied, tied_groups
 from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
                         build_schedule)
 
@@ -84,6 +87,7 @@ class PipelineEngine(Engine):
         self.stage = stage.module
         self.pipe = PipeComm(group=self.groups.pp_group, stage=self.stage.stage, stages=self.stage.stages,
                              device=self.device, logger=self.coll.logger)
+        self.pp_coll = pp_collectives(group=self.groups.pp_group, logger=self.coll.logger)
         self.loss_fn = stage.loss_fn
         self.tied_spans, self._uncounted = self._tied_spans(stage.tied)
         self.actions = build_schedule(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
@@ -178,19 +182,12 @@ class PipelineEngine(Engine):
     def _optimizer_step(self) -> None:
         if self.tied_spans:
             sum_tied(self.zero.grad, spans=self.tied_spans, logger=self.coll.logger)
-        if self.scaler.check_overflow and self._overflow_anywhere():
-            self.skipped_steps += 1
-            self.scaler.update_scale(True)
-            self.zero.zero_grad()
-            return
         super()._optimizer_step()
 
-    def _overflow_anywhere(self) -> bool:
-        """An inf/nan in any stage's gradient skips the step on every rank (the Engine's own check
-        covers the dp group only)."""
-        flag = torch.tensor([0.0 if bool(torch.isfinite(self.zero.grad).all()) else 1.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def _overflow(self) -> bool:
+        """An inf/nan in any stage's gradient skips the step on every rank: the Engine's flag,
+        agreed over dp and tp, agreed over pp too (the three groups together span the world)."""
+        return self.pp_coll.any_true(super()._overflow(), device=self.device)
 
     def _counts_in_norm(self, index: int) -> bool:
         """A tied parameter's copies hold the same summed gradient: only its first stage counts it."""
@@ -198,10 +195,7 @@ class PipelineEngine(Engine):
 
     def _grad_sq(self) -> torch.Tensor:
         """The Engine's squared norm over dp and tp (this stage's parameters), summed over pp."""
-        sq = super()._grad_sq()
-        self.coll.logger.record("all_reduce", sq)
-        dist.all_reduce(sq, group=self.groups.pp_group)
-        return sq
+        return self.pp_coll.sum_scalar(super()._grad_sq())
 
     # -- state ----------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -218,5 +212,6 @@ class PipelineEngine(Engine):
     def close(self) -> None:
         """The Engine's close; drop the pipeline's group references too (see ProcessGroups.close)."""
         super().close()
+        self.pp_coll.close()
         self.pipe.group = None
         self.tied_spans = []

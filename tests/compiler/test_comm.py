@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zeroplan.compiler import comm_volume
-from zeroplan.compiler.comm import ring_bytes, summarize
+from zeroplan.compiler.comm import PIPE_HEADER_ELEMENTS, ring_bytes, summarize
 from zeroplan.compiler.shapes import stage_shapes
 from zeroplan.compiler.shards import pack_buckets, padded
 from zeroplan.schemas import ModelSpec
@@ -75,12 +75,41 @@ def test_tensor_parallel_all_reduces_four_times_per_block(tiny, compile_dict):
     assert sent["tp.all_reduce"] == (4 * tiny.layers + 2) * activation + small  # 2(t-1)/t = 1 at t = 2
 
 
-def test_pipeline_sends_one_activation_per_micro_batch_and_boundary(tiny, compile_dict):
+def test_pipeline_sends_a_header_and_an_activation_per_micro_batch_and_boundary(tiny, compile_dict):
     plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
                          "parallel": {"pp": 2}}, nproc_per_node=2)
+    sent, calls = _sent(plan)  # the first stage: it sends the headers and sums the tied embedding
+    activation = 4 * tiny.seq_len * tiny.hidden
+    assert calls["pp.send_recv"] == 4 * 2
+    assert sent["pp.send_recv"] == 4 * (activation + 8 * PIPE_HEADER_ELEMENTS)
+    # the tied embedding's fp32 gradient (whole at ZeRO 0, over its 2 stages) and the norm's 4 bytes
+    assert calls["pp.all_reduce"] == 2
+    assert sent["pp.all_reduce"] == ring_bytes("all_reduce", 4 * tiny.vocab * tiny.hidden, 2) + 4
+
+
+def test_pipeline_tied_sum_is_the_zero_shard_and_fp16_adds_the_overflow_flag(tiny, compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                         "zero_optimization": {"stage": 1}, "fp16": {"enabled": True},
+                         "parallel": {"pp": 2, "tp": 2}}, nproc_per_node=16)  # dp 4
     sent, calls = _sent(plan)
-    assert calls["pp.send_recv"] == 4
-    assert sent["pp.send_recv"] == 4 * 4 * tiny.seq_len * tiny.hidden
+    shard = 4 * -(-tiny.vocab * tiny.hidden // 2 // 4)  # the vocab half's dp shard, fp32
+    assert calls["pp.all_reduce"] == 3
+    assert sent["pp.all_reduce"] == ring_bytes("all_reduce", shard, 2) + 2 * 4
+    activation = 2 * tiny.seq_len * tiny.hidden  # fp16, whole on every tp rank
+    assert sent["pp.send_recv"] == 2 * (activation + 8 * PIPE_HEADER_ELEMENTS)
+
+
+@pytest.mark.parametrize("method, blocks", [("parameters", [1, 2, 2, 1]), ("uniform", [1, 2, 2, 1]),
+                                           ("type:Block", [2, 2, 2, 0]), ("type:conv", [2, 2, 2, 0])])
+def test_stages_follow_the_plans_partition_method(tiny, compile_dict, method, blocks):
+    """The embeddings and head weigh about a block each, so 'parameters' and 'uniform' give the
+    end stages one block; 'type:Block' balances the blocks alone. A regex that matches none of
+    the built-in GPT's layer classes is read as naming the blocks, with a warning."""
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
+                         "parallel": {"pp": 4, "pipeline": {"partition_method": method}}}, nproc_per_node=4)
+    assert [s.layers for s in stage_shapes(tiny, tp=1, pp=4, method=method)] == blocks
+    noted = any("matches none of the built-in GPT's pipeline layer classes" in w for w in plan.estimates.warnings)
+    assert noted == (method == "type:conv")
 
 
 def test_a_single_rank_communicates_nothing(compile_dict):

@@ -136,8 +136,9 @@ def metrics_after_training(*, stage: int) -> dict:
     return out
 
 
-def compiled_step_comms(*, plan_json: str) -> dict | None:
-    """One optimizer step of the tiny GPT under a compiled plan; rank 0's logged collectives."""
+def compiled_step_comms(*, plan_json: str, every_rank: bool = False) -> dict | list | None:
+    """One optimizer step of the tiny GPT under a compiled plan; rank 0's logged collectives, or
+    with `every_rank` each rank's, with its pipeline stage and parameter tensors' sizes."""
     from zeroplan.runtime.models import GPT, MarkovChainData
     from zeroplan.schemas import MODEL_PRESETS, Plan
 
@@ -149,6 +150,12 @@ def compiled_step_comms(*, plan_json: str) -> dict | None:
         global_batch_size=plan.batch.global_batch_size, micro_batch_size=plan.batch.micro_batch_size,
         dp=plan.parallel.dp, dp_rank=engine.groups.dp_rank)
     engine.train_batch(data)
-    comms, skipped = engine.last_comms, engine.skipped_steps
+    mine = {"comms": engine.last_comms, "skipped": engine.skipped_steps, "stage": engine.groups.pp_rank,
+            "numels": [s.numel for s in engine.zero.layout.slots]}
+    ranks: list = [None] * dist.get_world_size()
+    if every_rank:
+        dist.all_gather_object(ranks, mine)
     engine.close()
-    return {"comms": comms, "skipped": skipped} if dist.get_rank() == 0 else None
+    if dist.get_rank():
+        return None
+    return ranks if every_rank else {"comms": mine["comms"], "skipped": mine["skipped"]}

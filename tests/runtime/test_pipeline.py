@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroplan.compiler import compile
+from zeroplan.compiler.shapes import PIPELINE_LAYER_CLASSES, stage_shapes
 from zeroplan.runtime import initialize
 from zeroplan.runtime.models import GPT
 from zeroplan.runtime.parallel import PipelineModule
-from zeroplan.runtime.parallel.pipeline import (model_layers, partition, partition_balanced, partition_uniform,
-                                                split_model)
+from zeroplan.runtime.parallel.pipeline import model_layers, partition, split_model
 from zeroplan.runtime.parallel.schedules import Action, build_schedule, gpipe, max_in_flight, one_f_one_b, simulate
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, validate_config
 
@@ -84,31 +84,6 @@ def test_schedule_arguments_are_checked():
 
 
 # -- partitioning ------------------------------------------------------------------------------
-def test_partition_arithmetic():
-    assert partition_uniform(7, 3) == [0, 3, 5, 7]
-    assert partition_balanced([5, 1, 1, 1, 1, 5], 2) == [0, 3, 6]
-    assert partition_balanced([10, 1, 1, 1], 2) == [0, 1, 4]
-    assert partition_balanced([0, 1, 1, 0], 2) == [0, 2, 4]
-    assert partition_balanced([1, 1, 1, 100], 4) == [0, 1, 2, 3, 4]  # every stage gets a layer
-    for weights in ([3, 1, 4, 1, 5, 9, 2, 6], [1] * 9, [0, 0, 7, 0]):
-        for parts in range(1, len(weights) + 1):
-            b = partition_balanced(weights, parts)
-            assert b[0] == 0 and b[-1] == len(weights) and all(x < y for x, y in zip(b, b[1:]))
-            heaviest = max(sum(weights[x:y]) for x, y in zip(b, b[1:]))
-            assert heaviest == _best_bottleneck(weights, parts)
-
-
-def _best_bottleneck(weights, parts):
-    """Brute force over every cut."""
-    import itertools
-    best = None
-    for cuts in itertools.combinations(range(1, len(weights)), parts - 1):
-        b = [0, *cuts, len(weights)]
-        worst = max(sum(weights[x:y]) for x, y in zip(b, b[1:]))
-        best = worst if best is None else min(best, worst)
-    return best
-
-
 def test_gpt_partition_methods():
     layers = GPT(SPEC).pipeline_layers()  # embeddings, 4 blocks, head
     assert [type(m).__name__ for m in layers] == ["Embeddings", "Block", "Block", "Block", "Block", "Head"]
@@ -122,6 +97,28 @@ def test_gpt_partition_methods():
         partition(layers, stages=2, method="balanced")
     with pytest.raises(ConfigError, match=r"pp\(7\) > layers\(6\)"):
         partition(layers, stages=7, method="uniform")
+
+
+PARTITION_SPECS = [SPEC, ModelSpec.load("tiny"),
+                   ModelSpec(name="wide-vocab", layers=6, hidden=32, heads=2, ffn=128, vocab=2000, seq_len=8),
+                   ModelSpec(name="untied", layers=5, hidden=32, heads=2, ffn=128, vocab=500, seq_len=8,
+                             tied_embeddings=False)]
+
+
+@pytest.mark.parametrize("method", ["parameters", "uniform", "type:block", "type:Block|Head"])
+@pytest.mark.parametrize("spec", PARTITION_SPECS, ids=[s.name for s in PARTITION_SPECS])
+def test_runtime_partition_is_the_compilers(spec, method):
+    """Each stage the runtime cuts from the built-in GPT runs the layers the compiler's stage
+    shape says and holds its parameter tensors, in order (the memory and comm models' input)."""
+    model = GPT(spec)
+    assert tuple(type(m).__name__ for m in model.pipeline_layers()) == (
+        PIPELINE_LAYER_CLASSES[0], *[PIPELINE_LAYER_CLASSES[1]] * spec.layers, PIPELINE_LAYER_CLASSES[2])
+    for pp in range(2, min(spec.layers, 4) + 1):
+        for shape in stage_shapes(spec, tp=1, pp=pp, method=method):
+            stage, _ = split_model(model, stage=shape.index, stages=pp, method=method)
+            layers = [int(k) for k in stage.layers]
+            assert (layers[0], layers[-1] + 1) == shape.layer_range, f"pp {pp}, stage {shape.index}"
+            assert [p.numel() for p in stage.parameters() if p.requires_grad] == list(shape.tensors)
 
 
 def test_gpt_layers_reproduce_its_forward():

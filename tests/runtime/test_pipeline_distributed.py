@@ -95,7 +95,7 @@ def test_every_stage_returns_the_loss_and_keeps_the_schedule_bound(spawned, case
         bound = m if case["schedule"] == "gpipe" else min(pp - stage, m)
         assert in_flight == bound, f"stage {stage} held {in_flight} micro-batches, expected {bound}"
     assert "call engine.train_batch(data_iter)" in got["refused"]
-    assert got["comms"]["send"]["count"] > 0
+    assert got["comms"]["pp.send"]["count"] > 0
 
 
 def test_pipeline_losses_fall(spawned):
