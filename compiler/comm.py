@@ -17,7 +17,8 @@ every micro-batch, one call per module owning a non-persistent parameter (as Dee
 and zeroplan's runtime do), and reduce-scatters gradients (3 * Psi, 1.5x data parallelism). Tensor
 parallelism all-reduces activations twice per block forward and twice backward (Shoeybi et al.
 2019, figure 4), twice more when checkpointing recomputes the forward, plus the vocab-parallel
-embedding, LM head and loss (see _tp_collectives); pipelining sends a header and an
+embedding, LM head and loss (see _tp_collectives); with sequence parallelism each becomes an
+all-gather and a reduce-scatter (see _sp_collectives); pipelining sends a header and an
 activation forward and one gradient backward per micro-batch and stage boundary, and sums
 the tied embedding and the gradient norm over stages (see _pp_collectives).
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from zeroplan.schemas import ModelSpec, Plan
 
 from .memory import BYTES
-from .shapes import StageShape, embedding_tensors, persistent_tensors, stage_shapes
+from .shapes import StageShape, embedding_tensors, persistent_tensors, stage_shapes, tp_replicated_tensors
 from .shards import chunk, pack_buckets, padded
 
 
@@ -149,6 +150,8 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     t = plan.parallel.tp
     if t == 1:
         return []
+    if plan.parallel.sequence_parallel:
+        return _sp_collectives(plan, model, shape)
     e, m = BYTES[plan.precision.param_dtype], plan.batch.gradient_accumulation_steps
     tokens = model.seq_len * plan.batch.micro_batch_size
     per_call = ring_bytes("all_reduce", e * tokens * model.hidden, t)
@@ -161,6 +164,38 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call + loss_bytes, fwd_calls + 2 * m * head),
             Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls),
             Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1)]
+
+
+def _sp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
+    """Sequence parallelism (Korthikanti et al. 2022, section 4.2.2; runtime/parallel/sequence.py),
+    per micro-batch: each all-reduce of an activation becomes a reduce-scatter (forward: after a
+    row-parallel layer and the embedding) or an all-gather (forward: before a column-parallel
+    layer and the LM head), the same ring bytes in twice the calls. Backward mirrors them, and
+    each column-parallel layer all-gathers its kept sequence shard again for its weight gradient
+    (Megatron's way: the gathered input is not kept), so a block costs 2 all-gathers and 2
+    reduce-scatters forward (again when recomputed) and 4 all-gathers and 2 reduce-scatters
+    backward; the LM head, an all-gather forward and one of each backward; the embedding, a
+    reduce-scatter forward and an all-gather backward. The loss's two small all-reduces stay; at the step, the squared norm of the tp-split
+    gradients, and one all-reduce summing the fp32 gradient shard of the tp-replicated tensors
+    (each tp rank's covers its part of the sequence only)."""
+    t, e, m = plan.parallel.tp, BYTES[plan.precision.param_dtype], plan.batch.gradient_accumulation_steps
+    tokens = model.seq_len * plan.batch.micro_batch_size
+    gather, scatter = (ring_bytes(op, e * tokens * model.hidden, t) for op in ("all_gather", "reduce_scatter"))
+    passes = 2 if plan.activation_checkpointing.enabled else 1
+    embedding, head = (1 if shape.index == 0 else 0), (1 if shape.last else 0)
+    calls = {("forward", "all_gather"): passes * 2 * shape.layers + head,
+             ("forward", "reduce_scatter"): passes * 2 * shape.layers + embedding,
+             ("backward", "all_gather"): 4 * shape.layers + head + embedding,
+             ("backward", "reduce_scatter"): 2 * shape.layers + head}
+    out = [Collective("tp", op, phase, t, m * n * (gather if op == "all_gather" else scatter), m * n)
+           for (phase, op), n in calls.items()]
+    if head:
+        loss_bytes = m * (ring_bytes("all_reduce", 4 * tokens, t) + ring_bytes("all_reduce", 8 * tokens, t))
+        out.append(Collective("tp", "all_reduce", "forward", t, loss_bytes, 2 * m))
+    world = plan.parallel.dp if plan.zero.stage > 0 else 1  # stage 0 keeps the whole gradient
+    replicated = 4 * padded(tp_replicated_tensors(model, shape), world=world) // world
+    return out + [Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1),
+                  Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", replicated, t), 1)]
 
 
 PIPE_MAX_DIMS = 8

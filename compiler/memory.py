@@ -122,7 +122,7 @@ def _fp32_runtime_states(*, params: int, shard: int, stage: int, state: int) -> 
 
 def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn: int, kv_hidden: int | None = None,
                            tp: int = 1, element_bytes: int = 2, dropout: bool = False, flash: bool = False,
-                           gated_mlp: bool = False) -> int:
+                           gated_mlp: bool = False, sequence_parallel: bool = False) -> int:
     """Activation bytes one transformer block keeps for backward (no recomputation), on one tp rank.
 
     Korthikanti et al. 2022, section 4.1, count per layer in 16-bit with dropout:
@@ -135,6 +135,10 @@ def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn
     the MLP's hidden activations and the scores. `flash` keeps per-row log-sum-exp statistics
     (fp32) instead of the scores (Dao et al. 2022, FlashAttention). `gated_mlp` (SwiGLU) keeps
     the gate and up outputs, the gate's activation and their product: 4 * ffn per token.
+    With `sequence_parallel` (section 4.2.2, equation 4: sbh(34/t + 5as/(ht)) with dropout) the
+    replicated part is split by t too: the norms, their inputs and the masks act on 1/t of the
+    sequence, and the column-parallel layers keep their input's sequence shard and all-gather it
+    again in backward, as Megatron-LM does (runtime/parallel/sequence.py).
     """
     e, sbh, sb = element_bytes, seq * micro * hidden, seq * micro
     kv = kv_hidden if kv_hidden is not None else hidden
@@ -146,16 +150,20 @@ def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn
         scores = 4 * heads * sb
     else:
         scores = heads * seq * seq * micro * (e + (mask + e if dropout else 0))
+    if sequence_parallel:
+        return (replicated + attention + mlp + scores) // tp
     return replicated + (attention + mlp + scores) // tp
 
 
-def head_activation_bytes(*, seq: int, micro: int, hidden: int, vocab: int, tp: int, element_bytes: int) -> int:
+def head_activation_bytes(*, seq: int, micro: int, hidden: int, vocab: int, tp: int, element_bytes: int,
+                          sequence_parallel: bool = False) -> int:
     """Final norm input, LM head input and the fp32 log-softmax the loss keeps (Korthikanti et al.
     2022, section 4.3: the output layer's 4sbv/t). The logits themselves are not kept: the LM
     head saves its input, and the cast to fp32 and log-softmax's backward need only outputs
-    (measured: counting the logits too over-predicts the training memory by 4 bytes x sbv)."""
+    (measured: counting the logits too over-predicts the training memory by 4 bytes x sbv). With
+    `sequence_parallel` the norm's and the head's inputs are this rank's 1/t of the sequence."""
     sb = seq * micro
-    return 2 * element_bytes * sb * hidden + 4 * sb * vocab // tp
+    return 2 * element_bytes * sb * hidden // (tp if sequence_parallel else 1) + 4 * sb * vocab // tp
 
 
 def in_flight(plan: Plan, stage: int) -> int:
@@ -172,19 +180,21 @@ def in_flight(plan: Plan, stage: int) -> int:
 def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape) -> tuple[int, int]:
     """(device, host) activation bytes of one stage's rank."""
     e, tp, ac = BYTES[plan.precision.param_dtype], plan.parallel.tp, plan.activation_checkpointing
-    s, b = model.seq_len, plan.batch.micro_batch_size
+    s, b, sp = model.seq_len, plan.batch.micro_batch_size, plan.parallel.sequence_parallel
     per_layer = layer_activation_bytes(
         seq=s, micro=b, hidden=model.hidden, heads=model.heads, ffn=model.ffn,
         kv_hidden=(model.kv_heads or model.heads) * model.head_dim, tp=tp, element_bytes=e,
-        dropout=model.dropout > 0, flash=model.attention == "flash", gated_mlp=model.architecture == "llama")
+        dropout=model.dropout > 0, flash=model.attention == "flash", gated_mlp=model.architecture == "llama",
+        sequence_parallel=sp)
     head = head_activation_bytes(seq=s, micro=b, hidden=model.hidden, vocab=model.vocab, tp=tp,
-                                 element_bytes=e) if shape.last else 0
+                                 element_bytes=e, sequence_parallel=sp) if shape.last else 0
     n = in_flight(plan, shape.index)
     if not ac.enabled:
         return shape.layers * per_layer * n + head, 0
     # Full recomputation (Korthikanti et al. 2022, section 4.2): keep each block's input
-    # (2sbh in 16-bit, split by t when partitioned) and rebuild one block at a time in backward.
-    checkpoint = e * s * b * model.hidden // (tp if ac.partition_activations else 1)
+    # (2sbh in 16-bit, split by t when partitioned, or already a 1/t sequence shard with sequence
+    # parallelism) and rebuild one block at a time in backward.
+    checkpoint = e * s * b * model.hidden // (tp if ac.partition_activations or sp else 1)
     stored = shape.layers * checkpoint * n
     if ac.cpu_checkpointing:
         return per_layer + head, stored

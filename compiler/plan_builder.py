@@ -32,7 +32,8 @@ from .sections import (
 GiB = 1 << 30
 
 
-def _parallel_plan(config: TrainConfig, *, dp: int, tp: int, pp: int, accum: int) -> tuple[ParallelPlan, list[Problem]]:
+def _parallel_plan(config: TrainConfig, *, model: ModelSpec, dp: int, tp: int, pp: int,
+                   accum: int) -> tuple[ParallelPlan, list[Problem]]:
     pipe = config.parallel.pipeline
     micro_batches = pipe.micro_batches if pipe.micro_batches is not None else accum
     problems = []
@@ -42,10 +43,34 @@ def _parallel_plan(config: TrainConfig, *, dp: int, tp: int, pp: int, accum: int
                                 "step runs every accumulated micro-batch through the stages",
                                 given=micro_batches,
                                 suggestion="remove parallel.pipeline.micro_batches or make them equal"))
+    sequence_parallel = config.parallel.sequence_parallel
+    if sequence_parallel and tp > 1:
+        problems += sequence_parallel_problems(model, tp=tp, pp=pp)
     plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule,
                         pipeline_micro_batches=micro_batches if pp > 1 else 1,
-                        pipeline_partition_method=pipe.partition_method)
+                        pipeline_partition_method=pipe.partition_method, sequence_parallel=sequence_parallel)
     return plan, problems
+
+
+def sequence_parallel_problems(model: ModelSpec, *, tp: int, pp: int) -> list[Problem]:
+    """Why sequence parallelism cannot split this model over tp ranks: each holds seq_len / tp
+    positions, only the built-in GPT's layers implement it (runtime/parallel/sequence.py), and
+    pipeline stages exchange whole activations."""
+    problems = []
+    if pp > 1:
+        problems.append(Problem("parallel.sequence_parallel", f"sequence parallelism with pp({pp}) > 1 is not "
+                                "supported: pipeline stages send and receive whole-sequence activations",
+                                given=True, suggestion="set parallel.sequence_parallel false, or parallel.pp 1"))
+    if model.seq_len % tp:
+        problems.append(Problem("parallel.sequence_parallel", f"seq_len({model.seq_len}) of model {model.name} is "
+                                f"not divisible by tp({tp}): each tp rank holds seq_len / tp positions", given=True,
+                                suggestion=f"change parallel.tp to a divisor of {model.seq_len}, or set "
+                                "parallel.sequence_parallel false"))
+    if model.architecture != "gpt":
+        problems.append(Problem("parallel.sequence_parallel", f"model {model.name} is a {model.architecture}; "
+                                "sequence parallelism is implemented for the built-in GPT's layers only", given=True,
+                                suggestion="set parallel.sequence_parallel false"))
+    return problems
 
 
 def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, provenance: Provenance) -> Plan:
@@ -59,7 +84,8 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
                               config.gradient_accumulation_steps, dp=dp)
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from e
-    parallel, pipe_problems = _parallel_plan(config, dp=dp, tp=tp, pp=pp, accum=batch.gradient_accumulation_steps)
+    parallel, pipe_problems = _parallel_plan(config, model=model, dp=dp, tp=tp, pp=pp,
+                                               accum=batch.gradient_accumulation_steps)
     if problems + pipe_problems:
         raise ConfigError(problems + pipe_problems)
     return Plan(

@@ -71,6 +71,19 @@ def head_tensors(model: ModelSpec, *, tp: int, pp: int) -> list[int]:
     return norm
 
 
+def tp_replicated_tensors(model: ModelSpec, shape: "StageShape") -> list[int]:
+    """Element counts of the stage's tensors every tp rank holds whole, in parameter order: the
+    first stage's learned positions (gpt), each block's norms and row-parallel biases, the final
+    norm. Under sequence parallelism each tp rank's gradient of them covers its part of the
+    sequence only, so they are summed over tp at the step (runtime/parallel/sequence_comm.py)."""
+    h = model.hidden
+    gpt = model.architecture == "gpt"
+    first = [model.seq_len * h] if gpt and shape.index == 0 else []
+    block = [h] * (6 if gpt else 2)  # gpt: ln1 weight and bias, proj bias, ln2 weight and bias, out bias
+    last = [h] * (2 if gpt else 1) if shape.last else []
+    return first + block * shape.layers + last
+
+
 def pipeline_layers(model: ModelSpec, *, tp: int) -> tuple[list[str], list[int]]:
     """(class names, trainable parameters on one tp rank) of the layers the built-in GPT hands
     the pipeline, in order. The head layer holds the LM head matrix, tied or not (a tied one is

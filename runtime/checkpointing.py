@@ -9,7 +9,9 @@ DeepSpeed's `activation_checkpointing` semantics:
   outputs, nested modules' hooks included); off, it is a plain call;
 - `partition_activations`: each positional tensor argument is kept as this tp rank's 1/tp slice and
   all-gathered over the tp group before the recompute (the block input is replicated over tp,
-  so the slices together are the whole; Megatron/DeepSpeed's `partition_activations`);
+  so the slices together are the whole; Megatron/DeepSpeed's `partition_activations`); with
+  sequence parallelism the block input is already this rank's 1/tp of the sequence and is kept
+  as it is (`initialize` passes no tp group), which is what Megatron-LM keeps there too;
 - `cpu_checkpointing`: the kept arguments (or slices) live in host memory and are copied back
   for the recompute (on a CPU device host and device memory are the same: nothing moves).
 

@@ -34,6 +34,7 @@ from .metrics import StepMeter, StepReporter, peak_memory
 from .monitor import Monitors, StepTimers, log_lines
 from .offload import MasterOptimizer
 from .parallel import tp_split_of
+from .parallel.sequence_comm import sum_replicated_gradients
 from .precision import LossScaler
 from .rng import get_rng_state, set_rng_state
 from .schedulers import Schedule
@@ -49,6 +50,9 @@ class Engine:
         self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
         self.tp_coll = tp_coll
         """Collectives over the tp group (None when tp = 1); the tensor-parallel layers hold it too."""
+        self.sequence_parallel = plan.parallel.sequence_parallel and tp_coll is not None
+        """The tp-replicated parameters saw this rank's part of the sequence: their gradients are
+        summed over tp at the step (parallel/sequence.py)."""
         self.zero, self.optimizer, self.schedule, self.scaler = zero, optimizer, schedule, scaler
         self.param_dtype = param_dtype
         self.device = groups.device
@@ -154,6 +158,8 @@ class Engine:
     def _optimizer_step(self) -> None:
         self.last_lr = self.schedule.lr()
         grad = self.zero.grad
+        if self.sequence_parallel:  # the tp-replicated runs (a pipeline's uncounted tied copy is tp-split)
+            sum_replicated_gradients(grad, runs=self._norm_runs()[0], coll=self.tp_coll)
         if self.scaler.check_overflow and self._overflow():
             self.skipped_steps += 1
             self.scaler.update_scale(True)

@@ -92,7 +92,8 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     model.to(groups.device)
     if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
         _broadcast_whole(model)
-    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan)
+    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan,
+                               sequence_parallel=plan.parallel.sequence_parallel)
     if groups.pp_size == 1:  # with pp the whole-model broadcast above already made every rank equal
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
@@ -101,7 +102,10 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     if groups.pp_size > 1:
         stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
         model = stage.module
-    checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing, tp_coll=tp_coll)
+    # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):
+    # partition_activations keeps it as it is rather than slicing it again.
+    checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing,
+                                            tp_coll=None if plan.parallel.sequence_parallel else tp_coll)
     install_checkpointing(model, checkpointing)
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
@@ -144,11 +148,16 @@ def _start_monitors(plan: Plan, *, groups) -> Monitors:
 
 
 def _check_pipeline(plan: Plan) -> None:
-    """pp > 1 runs ZeRO stages 0-2 (the compiler refuses stage 3 with pp; a hand-made plan is refused here)."""
+    """pp > 1 runs ZeRO stages 0-2 and no sequence parallelism (the compiler refuses both; a
+    hand-made plan is refused here)."""
     if plan.parallel.pp > 1 and plan.zero.stage == 3:
         raise ConfigError(Problem("zero.stage", f"ZeRO stage 3 with pp({plan.parallel.pp}) > 1 is not supported: "
                                   "stage 3 gathers parameters per module while pipeline stages own disjoint modules",
                                   suggestion="compile the plan with zero_optimization.stage 0, 1 or 2, or parallel.pp 1"))
+    if plan.parallel.pp > 1 and plan.parallel.tp > 1 and plan.parallel.sequence_parallel:
+        raise ConfigError(Problem("parallel.sequence_parallel", f"sequence parallelism with pp({plan.parallel.pp}) > 1 "
+                                  "is not supported: pipeline stages exchange whole-sequence activations", given=True,
+                                  suggestion="compile the plan with parallel.sequence_parallel false, or parallel.pp 1"))
 
 
 def _broadcast_whole(model: nn.Module) -> None:
@@ -158,13 +167,21 @@ def _broadcast_whole(model: nn.Module) -> None:
             torch.distributed.broadcast(t.data, src=0)
 
 
-def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
-                     tp_plan: Mapping[str, Any] | None) -> Collectives | None:
+def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger, tp_plan: Mapping[str, Any] | None,
+                     sequence_parallel: bool) -> Collectives | None:
     """Split `model` over the tp group (in place): the tp ranks' full copies are made equal
-    first, so every slice comes from one initialisation. None when tp = 1."""
+    first, so every slice comes from one initialisation. None when tp = 1 (where sequence
+    parallelism has nothing to split: no effect, as in Megatron-LM). Sequence parallelism is
+    the built-in GPT's layout only (parallel/sequence.py): a tp_plan of one's own is refused."""
     if groups.tp_size == 1:
         return None
-    plan = tp_plan if tp_plan is not None else default_plan(model, tp=groups.tp_size)
+    if sequence_parallel and tp_plan is not None:
+        raise ConfigError(Problem("parallel.sequence_parallel", "sequence parallelism uses the built-in GPT's own "
+                                  "plan; a tp_plan passed to initialize cannot say which replicated parameters see "
+                                  "only part of the sequence", given=True,
+                                  suggestion="leave out tp_plan, or compile with parallel.sequence_parallel false"))
+    plan = tp_plan if tp_plan is not None else default_plan(model, tp=groups.tp_size,
+                                                            sequence_parallel=sequence_parallel)
     if not plan:
         raise ConfigError(Problem("parallel.tp", f"tp({groups.tp_size}) > 1 needs a tensor-parallel plan for "
                                   f"{type(model).__name__}", suggestion="pass initialize(model, tp_plan={'layer.*.fc': "
@@ -172,6 +189,6 @@ def _tensor_parallel(model: nn.Module, *, groups, logger: CommsLogger,
                                   "or compile with parallel.tp = 1"))
     tp_coll = tp_collectives(group=groups.tp_group, logger=logger)
     sync_tp_replicas(model, tp_coll)
-    apply_tensor_parallel(model, plan=plan, coll=tp_coll)
+    apply_tensor_parallel(model, plan=plan, coll=tp_coll, sequence_parallel=sequence_parallel)
     return tp_coll
 

@@ -80,6 +80,28 @@ def refuse_removed(data: dict, problems: list[Problem]) -> None:
             problems.append(Problem(_dotted(path, key), f"DeepSpeed removed this and refuses configs that carry "
                                     f"it: {keys[key]}", given=block.pop(key), suggestion=f"remove '{key}'"))
 
+ULYSSES_KEY = "sequence_parallel_size"
+"""DeepSpeed's Ulysses degree (Jacobs et al. 2023, "DeepSpeed Ulysses"): the sequence split over
+its own group, all-to-all around attention. zeroplan has no Ulysses; its
+`parallel.sequence_parallel` is Megatron-LM's sequence parallelism inside the tp group."""
+
+
+def refuse_ulysses(data: dict, notices: list[str], problems: list[Problem]) -> None:
+    """`sequence_parallel_size`: 1 (DeepSpeed's default) is dropped with a notice; any other
+    value is an error that says what zeroplan offers instead."""
+    if ULYSSES_KEY not in data:
+        return
+    value = data.pop(ULYSSES_KEY)
+    if value == 1 and not isinstance(value, bool):
+        notices.append(f"recognised DeepSpeed key '{ULYSSES_KEY}' (Ulysses sequence parallelism) is 1, its "
+                       "default: no effect")
+        return
+    problems.append(Problem(ULYSSES_KEY, "DeepSpeed-Ulysses sequence parallelism (all-to-all over attention heads "
+                            "in a sequence-parallel group) is not implemented by zeroplan", given=value,
+                            suggestion="remove it; for Megatron-style sequence parallelism within the tensor-"
+                            "parallel group set parallel.tp > 1 and parallel.sequence_parallel true"))
+
+
 _HINTS = {
     ("autotuning",): "zeroplan's tuner reads autotuning.space and the other keys in its schema",
 }
@@ -180,5 +202,6 @@ def normalise(data: dict) -> tuple[list[str], list[Problem]]:
     for remap in DEPRECATIONS:
         remap(data, notices, problems)
     refuse_removed(data, problems)
+    refuse_ulysses(data, notices, problems)
     drop_recognised(data, notices)
     return notices, problems

@@ -120,6 +120,9 @@ def config_notices(config: TrainConfig) -> list[str]:
         value = getattr(config, block)
         if (getattr(value, switch) is True) if switch else value.model_fields_set:
             notices.append(f"{block} is accepted but not acted on: {why}")
+    if config.parallel.sequence_parallel is True and config.tp in (None, 1):
+        notices.append("parallel.sequence_parallel has no effect at tp 1: there is no tensor-parallel group to split "
+                       "the sequence over (as in Megatron-LM); set parallel.tp > 1")
     ac = config.activation_checkpointing
     if ac.model_fields_set and "enabled" not in ac.model_fields_set:
         notices.append("activation_checkpointing is given without 'enabled': nothing is recomputed (DeepSpeed "

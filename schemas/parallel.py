@@ -12,7 +12,7 @@ from pydantic import PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, Problem
-from .types import AutoPositive, StrictModel, choice, is_auto
+from .types import AutoPositive, Flag, StrictModel, choice, is_auto
 
 PARTITION_METHODS = ("parameters", "uniform", "type:<regex>")
 
@@ -62,6 +62,12 @@ class ParallelConfig(StrictModel):
     """Tensor-parallel degree; None means 1 (or tensor_parallel.autotp_size when given)."""
     pp: AutoPositive | None = None
     """Pipeline-parallel degree; None means 1."""
+    sequence_parallel: Flag = False
+    """zeroplan's (Megatron-LM's `--sequence-parallel`; Korthikanti et al. 2022, section 4.2.2):
+    within the tp group, the norms and the residual stream between blocks hold 1/tp of the
+    sequence, and each tp all-reduce becomes an all-gather and a reduce-scatter. Needs the
+    model's seq_len divisible by tp, and the built-in GPT (its layout is what is split). No
+    effect at tp 1, as in Megatron. Not DeepSpeed-Ulysses (DeepSpeed's `sequence_parallel_size`)."""
     pipeline: PipelineConfig = PipelineConfig()
 
 

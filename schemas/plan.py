@@ -54,6 +54,9 @@ class ParallelPlan(FrozenModel):
     """Micro-batches per step through the pipeline (the accumulation count when pp > 1)."""
     pipeline_partition_method: str = "parameters"
     """How layers are cut into pp stages: 'parameters', 'uniform' or 'type:<regex>' (parallel.pipeline)."""
+    sequence_parallel: bool = False
+    """Megatron-style sequence parallelism within the tp group (parallel.sequence_parallel): norms
+    and the residual stream hold 1/tp of the sequence; no effect at tp 1."""
 
 
 class ZeroPlan(FrozenModel):

@@ -5,7 +5,9 @@ out-projection Linear(h, h), MLP Linear(h, ffn) + GELU + Linear(ffn, h), all wit
 final LayerNorm; the LM head tied to the token embedding (GPT-2, Radford et al. 2019). Its
 parameter count is exactly `spec.total_params` (tests check it). Tensor parallelism
 (runtime/parallel/tensor_plan.py, GPT_PLAN) replaces its Linear/Embedding layers and loss in
-place; attention reads its local head count from the qkv weight.
+place; attention reads its local head count from the qkv weight. With sequence parallelism
+(GPT_SEQUENCE_PARALLEL_PLAN) the residual stream and the norms hold this tp rank's part of the
+sequence ([batch, seq/tp, hidden]); the layers gather and scatter it, this code is unchanged.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(spec.hidden, spec.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        b, t, _ = qkv.shape  # the whole sequence: with sequence parallelism x holds 1/tp of it
         heads = self.qkv.weight.shape[0] // (3 * self.head_dim)  # this rank's heads under tensor parallelism
-        q, k, v = self.qkv(x).view(b, t, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(b, t, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 

@@ -16,6 +16,10 @@ hooks). A split parameter carries a `tp_split` attribute (`TpSplit`: which dimen
 rank's size, how many fused blocks) that the gradient norm and the consolidated export read;
 a parameter without it is replicated on every tp rank (norms, row-parallel biases).
 
+Each layer takes `sequence_parallel` (sequence.py): its input or output between the tensor-
+parallel regions is then this rank's part of the sequence, and its all-reduce an all-gather
+or a reduce-scatter along the sequence.
+
 torch.distributed.tensor.parallel (torch 2.13): `parallelize_module` with ColwiseParallel /
 RowwiseParallel runs on gloo with CPU tensors and matches a single-process forward, but the
 parameters become DTensors: `p.data.copy_(plain_tensor)` fails ("mixed torch.Tensor and
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import Collectives
+from .sequence import gather_column_linear
+from .sequence_comm import reduce_scatter_sequence
 from .tensor_comm import copy_to_tp, gather_dim0, gather_from_tp, piece, reduce_from_tp, scatter_to_tp
 
 
@@ -90,17 +96,22 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's rows (output features) split: this rank computes its slice of y.
 
     Forward: copy_to_tp(x) (identity; its backward all-reduces dx), then the local matmul;
-    with `gather_output` the slices are all-gathered into the full y.
+    with `gather_output` the slices are all-gathered into the full y. With `sequence_parallel`
+    x is this rank's sequence shard, all-gathered along the sequence (backward: reduce-scatter).
     """
 
     def __init__(self, *, weight: nn.Parameter, bias: nn.Parameter | None, coll: Collectives,
-                 out_sizes: tuple[int, ...], gather_output: bool = False):
+                 out_sizes: tuple[int, ...], gather_output: bool = False, sequence_parallel: bool = False):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.coll, self.out_sizes, self.gather_output = coll, out_sizes, gather_output
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.coll), self.weight, self.bias)
+        if self.sequence_parallel:
+            y = gather_column_linear(x, self.weight, self.bias, self.coll)
+        else:
+            y = F.linear(copy_to_tp(x, self.coll), self.weight, self.bias)
         return gather_from_tp(y, self.coll, self.out_sizes) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -112,19 +123,22 @@ class RowParallelLinear(nn.Module):
 
     Forward: (scatter_to_tp(x) unless the input is already this rank's slice, as after a
     column-parallel layer), the local matmul, reduce_from_tp (all-reduce; identity backward),
-    then the bias, which is replicated and added once.
+    then the bias, which is replicated and added once. With `sequence_parallel` the partial
+    outputs are reduce-scattered along the sequence instead (backward: all-gather).
     """
 
     def __init__(self, *, weight: nn.Parameter, bias: nn.Parameter | None, coll: Collectives,
-                 in_sizes: tuple[int, ...], input_is_parallel: bool = True):
+                 in_sizes: tuple[int, ...], input_is_parallel: bool = True, sequence_parallel: bool = False):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.coll, self.in_sizes, self.input_is_parallel = coll, in_sizes, input_is_parallel
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.coll, self.in_sizes)
-        y = reduce_from_tp(F.linear(x, self.weight), self.coll)
+        reduce = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
+        y = reduce(F.linear(x, self.weight), self.coll)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -135,18 +149,21 @@ class VocabParallelEmbedding(nn.Module):
     """An embedding whose rows [vocab_start, vocab_end) live on this rank.
 
     Ids outside the slice look up zeros; the all-reduce (identity backward) sums each id's one
-    owning row into every rank's output. The gradient touches local rows only.
+    owning row into every rank's output. The gradient touches local rows only. With
+    `sequence_parallel` the sum is reduce-scattered: each rank gets its part of the sequence.
     """
 
-    def __init__(self, *, weight: nn.Parameter, coll: Collectives, vocab_start: int):
+    def __init__(self, *, weight: nn.Parameter, coll: Collectives, vocab_start: int, sequence_parallel: bool = False):
         super().__init__()
         self.weight, self.coll, self.vocab_start = weight, coll, vocab_start
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.coll)
+        reduce = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
+        return reduce(out.masked_fill(outside.unsqueeze(-1), 0.0), self.coll)
 
     def extra_repr(self) -> str:
         start = self.vocab_start

@@ -27,6 +27,11 @@ The built-in GPT's plan (`GPT_PLAN`) splits attention by heads (the fused [q|k|v
 cut block by block, so each rank keeps whole heads of q, k and v), the MLP in two, and the
 vocabulary of the tied embedding / LM head and the loss. With tp > 1 its forward without
 labels returns this rank's vocabulary slice of the logits (Megatron's parallel_output).
+
+`sequence_parallel=True` (the plan's parallel.sequence_parallel; sequence.py) builds every
+layer in its sequence-parallel form, and the "positions" style looks the learned positions up
+for this rank's part of the sequence: GPT_SEQUENCE_PARALLEL_PLAN. It is the built-in GPT's
+only: `default_plan` refuses it for any other model.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import nn
 from zeroplan.schemas import ConfigError, Problem
 
 from ..comm import Collectives
+from .sequence import SequenceParallelPositions
 from .tensor import (ColumnParallelLinear, RowParallelLinear, TpSplit, VocabParallelCrossEntropy,
                      VocabParallelEmbedding, shard_parameter)
 from .tensor_comm import piece, split_sizes
@@ -66,8 +72,14 @@ class Vocab:
     """Split by vocabulary: an embedding's rows, an LM head's outputs, a cross-entropy's classes."""
 
 
-Style = Union[Colwise, Rowwise, Vocab]
-STYLES: dict[str, Style] = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab()}
+@dataclass(frozen=True)
+class Positions:
+    """Learned position embeddings (replicated) looked up for this rank's part of the sequence:
+    sequence parallelism only."""
+
+
+Style = Union[Colwise, Rowwise, Vocab, Positions]
+STYLES: dict[str, Style] = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab(), "positions": Positions()}
 
 GPT_PLAN: dict[str, str | Style] = {
     "wte": "vocab",
@@ -80,13 +92,16 @@ GPT_PLAN: dict[str, str | Style] = {
 }
 """The built-in GPT's plan (runtime/models/gpt.py)."""
 
+GPT_SEQUENCE_PARALLEL_PLAN: dict[str, str | Style] = {**GPT_PLAN, "wpe": "positions"}
+"""The built-in GPT's plan with sequence parallelism (applied with sequence_parallel=True)."""
+
 
 def _problem(pattern: str, message: str, given=None, suggestion: str | None = None) -> ConfigError:
     return ConfigError(Problem(f"tp_plan[{pattern!r}]", message, given=given, suggestion=suggestion))
 
 
 def _style(pattern: str, style) -> Style:
-    if isinstance(style, (Colwise, Rowwise, Vocab)):
+    if isinstance(style, (Colwise, Rowwise, Vocab, Positions)):
         return style
     if isinstance(style, str) and style in STYLES:
         return STYLES[style]
@@ -94,8 +109,9 @@ def _style(pattern: str, style) -> Style:
                    suggestion="use 'colwise', 'rowwise', 'vocab', Colwise(...) or Rowwise(...)")
 
 
-def default_plan(model: nn.Module, *, tp: int) -> dict | None:
-    """The plan a model brings: GPT_PLAN for the built-in GPT, else a `tp_plan` attribute, else None."""
+def default_plan(model: nn.Module, *, tp: int, sequence_parallel: bool = False) -> dict | None:
+    """The plan a model brings: GPT_PLAN (GPT_SEQUENCE_PARALLEL_PLAN) for the built-in GPT, else a
+    `tp_plan` attribute, else None. Sequence parallelism for another model is a ConfigError."""
     from ..models.gpt import GPT
 
     if isinstance(model, GPT):
@@ -104,7 +120,13 @@ def default_plan(model: nn.Module, *, tp: int) -> dict | None:
             raise ConfigError(Problem("parallel.tp", f"tp({tp}) does not divide heads({heads}) of model "
                                       f"{model.spec.name}", given=tp,
                                       suggestion=f"compile the plan with parallel.tp a divisor of {heads}"))
-        return dict(GPT_PLAN)
+        return dict(GPT_SEQUENCE_PARALLEL_PLAN if sequence_parallel else GPT_PLAN)
+    if sequence_parallel:
+        raise ConfigError(Problem("parallel.sequence_parallel", f"sequence parallelism is implemented for the "
+                                  f"built-in GPT only, not {type(model).__name__}: a parameter a model of one's own "
+                                  "keeps whole on every tp rank may see the whole sequence, and summing its "
+                                  "gradient over tp would count it tp times", given=True,
+                                  suggestion="compile the plan with parallel.sequence_parallel false"))
     plan = getattr(model, "tp_plan", None)
     return dict(plan) if plan is not None else None
 
@@ -117,11 +139,12 @@ def sync_tp_replicas(model: nn.Module, coll: Collectives) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, *, plan: Mapping[str, str | Style], coll: Collectives,
-                          strict: bool = True) -> nn.Module:
+                          strict: bool = True, sequence_parallel: bool = False) -> nn.Module:
     """Replace the modules `plan` names with their tensor-parallel versions over `coll`'s group,
     each keeping this rank's slice of the module's current (initialised) weights. In place;
     returns `model`. `strict`: a pattern that matches no module is an error (a typo); pass
     False when the model is one pipeline stage holding part of the modules.
+    `sequence_parallel`: every layer in its sequence-parallel form (sequence.py).
     """
     styles = {pattern: _style(pattern, s) for pattern, s in plan.items()}
     targets = _match(model, styles)
@@ -135,7 +158,8 @@ def apply_tensor_parallel(model: nn.Module, *, plan: Mapping[str, str | Style], 
     tied: dict[int, tuple[TpSplit, nn.Parameter]] = {}
     for name, (pattern, style) in targets.items():
         module = model.get_submodule(name)
-        new = _convert(module, style, pattern=pattern, name=name, coll=coll, vocab=vocab, tied=tied)
+        new = _convert(module, style, pattern=pattern, name=name, coll=coll, vocab=vocab, tied=tied,
+                       sequence_parallel=sequence_parallel)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return model
@@ -169,24 +193,28 @@ def _vocab_size(model: nn.Module, targets: dict[str, tuple[str, Style]]) -> int 
 
 
 def _convert(module: nn.Module, style: Style, *, pattern: str, name: str, coll: Collectives,
-             vocab: int | None, tied: dict) -> nn.Module:
+             vocab: int | None, tied: dict, sequence_parallel: bool) -> nn.Module:
     kind = type(module).__name__
+    if isinstance(style, Positions):
+        return _positions(module, pattern=pattern, name=name, coll=coll, sequence_parallel=sequence_parallel)
     if isinstance(style, Vocab) and isinstance(module, nn.CrossEntropyLoss):
         return _vocab_loss(module, pattern=pattern, coll=coll, vocab=vocab)
     if isinstance(style, Vocab) and isinstance(module, nn.Embedding):
-        return _vocab_embedding(module, pattern=pattern, name=name, coll=coll, tied=tied)
+        return _vocab_embedding(module, pattern=pattern, name=name, coll=coll, tied=tied,
+                                sequence_parallel=sequence_parallel)
     if not isinstance(module, nn.Linear):
         raise _problem(pattern, f"module {name!r} is a {kind}; style {style} applies to nn.Linear"
                        + (", nn.Embedding and nn.CrossEntropyLoss" if isinstance(style, Vocab) else ""),
                        suggestion="remove the pattern or narrow it to the Linear layers")
     if isinstance(style, Rowwise):
-        return _rowwise(module, style, pattern=pattern, name=name, coll=coll, tied=tied)
+        return _rowwise(module, style, pattern=pattern, name=name, coll=coll, tied=tied,
+                        sequence_parallel=sequence_parallel)
     return _colwise(module, style if isinstance(style, Colwise) else Colwise(), pattern=pattern, name=name,
-                    coll=coll, tied=tied)
+                    coll=coll, tied=tied, sequence_parallel=sequence_parallel)
 
 
 def _colwise(module: nn.Linear, style: Colwise, *, pattern: str, name: str, coll: Collectives,
-             tied: dict) -> ColumnParallelLinear:
+             tied: dict, sequence_parallel: bool) -> ColumnParallelLinear:
     fused = style.fused
     if module.out_features % fused:
         raise _problem(pattern, f"{name!r} has {module.out_features} output features, not {fused} equal blocks",
@@ -201,11 +229,12 @@ def _colwise(module: nn.Linear, style: Colwise, *, pattern: str, name: str, coll
     split = TpSplit(dim=0, sizes=sizes, fused=fused)
     weight = _shared(module.weight, split, coll, tied, pattern=pattern, name=name)
     bias = None if module.bias is None else _shared(module.bias, split, coll, tied, pattern=pattern, name=name)
-    return ColumnParallelLinear(weight=weight, bias=bias, coll=coll, out_sizes=sizes, gather_output=style.gather_output)
+    return ColumnParallelLinear(weight=weight, bias=bias, coll=coll, out_sizes=sizes, gather_output=style.gather_output,
+                                sequence_parallel=sequence_parallel)
 
 
 def _rowwise(module: nn.Linear, style: Rowwise, *, pattern: str, name: str, coll: Collectives,
-             tied: dict) -> RowParallelLinear:
+             tied: dict, sequence_parallel: bool) -> RowParallelLinear:
     sizes = split_sizes(module.in_features, coll.size)
     if min(sizes) == 0:
         raise _problem(pattern, f"{name!r}: {module.in_features} input features cannot be split over "
@@ -213,17 +242,29 @@ def _rowwise(module: nn.Linear, style: Rowwise, *, pattern: str, name: str, coll
     weight = _shared(module.weight, TpSplit(dim=1, sizes=sizes), coll, tied, pattern=pattern, name=name)
     bias = None if module.bias is None else _shared(module.bias, None, coll, tied, pattern=pattern, name=name)
     return RowParallelLinear(weight=weight, bias=bias, coll=coll, in_sizes=sizes,
-                             input_is_parallel=style.input_is_parallel)
+                             input_is_parallel=style.input_is_parallel, sequence_parallel=sequence_parallel)
 
 
 def _vocab_embedding(module: nn.Embedding, *, pattern: str, name: str, coll: Collectives,
-                     tied: dict) -> VocabParallelEmbedding:
+                     tied: dict, sequence_parallel: bool) -> VocabParallelEmbedding:
     if module.padding_idx is not None or module.max_norm is not None or module.sparse:
         raise _problem(pattern, f"{name!r}: a vocab-parallel embedding supports no padding_idx, max_norm "
                        "or sparse gradients", suggestion="remove the pattern, or those options")
     sizes = split_sizes(module.num_embeddings, coll.size)
     weight = _shared(module.weight, TpSplit(dim=0, sizes=sizes), coll, tied, pattern=pattern, name=name)
-    return VocabParallelEmbedding(weight=weight, coll=coll, vocab_start=piece(sizes, coll.rank)[0])
+    return VocabParallelEmbedding(weight=weight, coll=coll, vocab_start=piece(sizes, coll.rank)[0],
+                                  sequence_parallel=sequence_parallel)
+
+
+def _positions(module: nn.Module, *, pattern: str, name: str, coll: Collectives,
+               sequence_parallel: bool) -> SequenceParallelPositions:
+    if not sequence_parallel:
+        raise _problem(pattern, "the 'positions' style splits the sequence: it needs parallel.sequence_parallel",
+                       suggestion="remove the pattern, or compile with parallel.sequence_parallel true")
+    if not isinstance(module, nn.Embedding) or module.padding_idx is not None or module.max_norm is not None:
+        raise _problem(pattern, f"module {name!r} is a {type(module).__name__}; 'positions' applies to a plain "
+                       "nn.Embedding of positions", suggestion="remove the pattern")
+    return SequenceParallelPositions(weight=module.weight, coll=coll)
 
 
 def _vocab_loss(module: nn.CrossEntropyLoss, *, pattern: str, coll: Collectives,

@@ -1,5 +1,6 @@
 """The memory model's per-layer activations equal Korthikanti et al. 2022's equation 2 for the
-paper's four shapes (tp 8, dropout), through a real compile; `zeroplan estimate --tp` reaches it."""
+paper's four shapes (tp 8, dropout), and equation 4 with sequence parallelism, through a real
+compile; `zeroplan estimate --tp` reaches it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from bench import korthikanti
 @pytest.mark.parametrize("name", list(korthikanti.SHAPES))
 def test_per_layer_activations_match_equation_2(name):
     predicted, want = korthikanti.predicted_layer_bytes(name), korthikanti.equation_2(name)
+    assert abs(predicted / want - 1) <= korthikanti.TARGET
+
+
+@pytest.mark.parametrize("name", list(korthikanti.SHAPES))
+def test_with_sequence_parallelism_they_match_equation_4(name):
+    predicted, want = korthikanti.predicted_layer_bytes(name, sequence_parallel=True), korthikanti.equation_4(name)
     assert abs(predicted / want - 1) <= korthikanti.TARGET
 
 

@@ -47,7 +47,7 @@ def _variants(root: str) -> list[tuple[str, callable, dict]]:
                                              monitors=monitors, wall_clock=True), steps=1)),
         (rt_pipeline.pp_train, dict(case=dict(model="gpt", stage=1, dp=1, pp=2, accum=2, schedule="gpipe",
                                               method="uniform"))),
-        (tp_jobs.train_tp, dict(case=dict(model="gpt", stage=0, dp=1, tp=2, accum=1))),
+        (tp_jobs.train_tp, dict(case=dict(model="gpt", stage=0, dp=1, tp=2, accum=1, sp=True))),
         (_static_fp16_without_schedule, dict(case=dict(gpt, stage=0, dtype="fp16", comms_logger=True))),
     ]
 

@@ -1,7 +1,8 @@
 """Activation checkpointing does what the plan says: the blocks are recomputed in backward, and
 training gives the parameters of single-process PyTorch without checkpointing (same bounds as
 the equivalence tests, rt_tolerance), under ZeRO 0-3, tensor parallelism with partitioned
-checkpoints, pipeline parallelism and host-memory checkpoints. One spawn of 2 ranks, one of 4."""
+checkpoints (a sequence shard kept as it is under sequence parallelism), pipeline parallelism and
+host-memory checkpoints. One spawn of 2 ranks, one of 4."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def _zero(stage, world, accum, ac=ON):
                 accum=accum, checkpointing=ac)
 
 
-def _tp(stage, dp, tp, ac):
-    return dict(id=f"tp-z{stage}-dp{dp}-tp{tp}-{_tag(ac)}", kind="tp", model="gpt", stage=stage, dp=dp, tp=tp,
-                accum=1, checkpointing=ac)
+def _tp(stage, dp, tp, ac, sp=False):
+    return dict(id=f"tp-z{stage}-dp{dp}-tp{tp}-{_tag(ac)}" + ("-sp" if sp else ""), kind="tp", model="gpt",
+                stage=stage, dp=dp, tp=tp, accum=1, checkpointing=ac, sp=sp)
 
 
 def _pp(stage, dp, pp, accum, ac=ON):
@@ -54,7 +55,7 @@ USERS_OWN = dict(_zero(3, 2, 3, ActivationCheckpointingPlan()), id="zero-z3-w2-a
                  model="gpt-torch-checkpoint")
 CASES = {
     2: [_zero(s, 2, a) for s, a in ((0, 1), (1, 3), (2, 1), (3, 3))] + [_zero(3, 2, 1, ON_HOST), USERS_OWN,
-        _tp(1, 1, 2, PARTITIONED), _tp(0, 1, 2, ON), _pp(1, 1, 2, 3)],
+        _tp(1, 1, 2, PARTITIONED), _tp(0, 1, 2, ON), _tp(3, 1, 2, PARTITIONED, sp=True), _pp(1, 1, 2, 3)],
     4: [_tp(3, 2, 2, ON_HOST), _pp(2, 2, 2, 2)],
 }
 ALL = [c for cases in CASES.values() for c in cases]

@@ -6,7 +6,8 @@ which joins the tp slices into the plain model's keys and shapes, with torch.opt
 the whole global batch in one process: within 1e-5 in fp32 (only the order of the sums in
 the tp and dp all-reduces differs; the GPT's key bias, whose gradient is analytically zero, is
 held to the drift bound of rt_tolerance). The test GPT has vocab 97, so the vocabulary split is
-uneven (49 + 48 rows). Two spawns: tp=2 on 2 processes; dp=2 x tp=2 on 4.
+uneven (49 + 48 rows). Sequence parallelism (`-sp` cases: ZeRO 0-3 at tp=2, one at dp=2 x tp=2)
+is held to the same bounds. Two spawns: tp=2 on 2 processes; dp=2 x tp=2 on 4.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from rt_harness import run_distributed
 from rt_spawn import job_result
-from rt_cases import SPEC
+from rt_cases import GLOBAL_BATCH, SPEC
 from rt_tolerance import compare
 from tp_jobs import STEPS, build_model, reference, tp_plan
 from zeroplan.compiler import comm_volume
@@ -30,14 +31,17 @@ from zeroplan.schemas import ConfigError, ModelSpec
 pytestmark = pytest.mark.numerics  # rerun under another vector unit (Makefile: test-capability)
 
 
-def _case(model, stage, dp, tp, accum=1):
-    return dict(id=f"{model}-z{stage}-dp{dp}-tp{tp}-a{accum}", model=model, stage=stage, dp=dp, tp=tp, accum=accum)
+def _case(model, stage, dp, tp, accum=1, sp=False):
+    return dict(id=f"{model}-z{stage}-dp{dp}-tp{tp}-a{accum}" + ("-sp" if sp else ""), model=model, stage=stage,
+                dp=dp, tp=tp, accum=accum, sp=sp)
 
 
+SP = [_case("gpt", 0, 1, 2, sp=True), _case("gpt", 1, 1, 2, accum=2, sp=True), _case("gpt", 2, 1, 2, sp=True),
+      _case("gpt", 3, 1, 2, accum=2, sp=True)]
 TRAIN = {
-    2: [_case("gpt", 0, 1, 2), _case("gpt", 1, 1, 2, accum=3), _case("tiny", 2, 1, 2)],
+    2: [_case("gpt", 0, 1, 2), _case("gpt", 1, 1, 2, accum=3), _case("tiny", 2, 1, 2), *SP],
     4: [_case("gpt", 0, 2, 2), _case("gpt", 1, 2, 2), _case("gpt", 2, 2, 2, accum=3), _case("gpt", 3, 2, 2),
-        _case("tiny", 3, 2, 2, accum=2)],
+        _case("tiny", 3, 2, 2, accum=2), _case("gpt", 2, 2, 2, accum=2, sp=True)],
 }
 ALL = [c for cases in TRAIN.values() for c in cases]
 CHECKPOINT = _case("gpt", 2, 2, 2)
@@ -47,7 +51,8 @@ def _jobs(world: int) -> list:
     jobs = [(c["id"], "train_tp", {"case": c}) for c in TRAIN[world]]
     jobs.append((f"ce{world}", "vocab_cross_entropy", {}))
     if world == 2:
-        jobs += [("grads", "replicated_grads", {"case": _case("gpt", 0, 1, 2)}), ("bad", "bad_plans", {})]
+        jobs += [("grads", "replicated_grads", {"case": _case("gpt", 0, 1, 2)}), ("bad", "bad_plans", {}),
+                 ("sp-refused", "sequence_parallel_refusals", {})]
     else:
         jobs.append(("ckpt", "checkpoint_tp", {"case": CHECKPOINT}))
     return jobs
@@ -104,6 +109,32 @@ def test_tokens_counted_once_and_tp_comms_per_step():
     assert got["comms"]["tp.all_reduce"]["count"] == forward + backward + 1  # + the gradient norm
     plan = tp_plan(_case("gpt", 1, 2, 2))
     assert summarize(comm_volume(plan, SPEC))[1]["tp.all_reduce"] == forward + backward + 1, "the compiler agrees"
+
+
+def test_sequence_parallel_comms_per_step():
+    """Per micro-batch, each activation all-reduce of plain tp becomes a reduce-scatter or an
+    all-gather along the sequence, and each column-parallel layer gathers its input again in
+    backward; at the step the replicated gradients are summed over tp."""
+    got = job_result(_spawned(2), "gpt-z0-dp1-tp2-a1-sp")
+    layers = 2
+    gathers = (2 * layers + 1) + (4 * layers + 1 + 1)  # forward: qkv, fc, LM head; backward: + the embedding's
+    scatters = (2 * layers + 1) + (2 * layers + 1)  # forward: proj, out, embedding; backward: qkv, fc, LM head
+    comms = got["comms"]
+    assert comms["tp.all_gather_into_tensor"]["count"] == gathers
+    assert comms["tp.reduce_scatter_tensor"]["count"] == scatters
+    assert comms["tp.all_reduce"]["count"] == 2 + 1 + 1  # the loss's two, the norm, the replicated gradients
+    activation = GLOBAL_BATCH * SPEC.seq_len * SPEC.hidden * 4  # fp32: each moves the whole sequence's bytes
+    assert comms["tp.all_gather_into_tensor"]["bytes"] == gathers * activation
+    _, calls = summarize(comm_volume(tp_plan(_case("gpt", 0, 1, 2, sp=True)), SPEC))
+    assert (calls["tp.all_gather"], calls["tp.reduce_scatter"], calls["tp.all_reduce"]) == (gathers, scatters, 4)
+
+
+def test_sequence_parallel_needs_the_built_in_gpt_and_a_divisible_sequence():
+    got = job_result(_spawned(2), "sp-refused")
+    assert "parallel.sequence_parallel: sequence parallelism is implemented for the built-in GPT only, not TinyLM" \
+        in got["own model"]
+    assert "parallel.sequence_parallel: sequence parallelism uses the built-in GPT's own plan" in got["own plan"]
+    assert "parallel.sequence_parallel: sequence length 7 is not divisible by tp(2)" in got["odd sequence"]
 
 
 def test_replicated_gradients_are_identical_across_tp():

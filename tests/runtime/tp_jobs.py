@@ -79,7 +79,7 @@ def tp_plan(case: dict) -> Plan:
                      dtype=case.get("dtype", "fp32"), checkpointing=case.get("checkpointing"))
     data = base.model_dump()
     data["world"] = WorldPlan(nnodes=1, nproc_per_node=dp * tp, world_size=dp * tp).model_dump()
-    data["parallel"] = ParallelPlan(dp=dp, tp=tp).model_dump()
+    data["parallel"] = ParallelPlan(dp=dp, tp=tp, sequence_parallel=case.get("sp", False)).model_dump()
     return Plan.model_validate(data)
 
 
@@ -216,6 +216,36 @@ def bad_plans() -> dict | None:
                         ("type", {"norm": "colwise"}), ("overlap", {"up": "colwise", "u*": "rowwise"})):
         try:
             initialize(build_model("tiny"), plan=tp_plan(case), tp_plan=plan).close()
+            out[label] = "accepted"
+        except ConfigError as e:
+            out[label] = str(e)
+    return out if dist.get_rank() == 0 else None
+
+
+def sequence_parallel_refusals() -> dict | None:
+    """Sequence parallelism refused with a ConfigError naming parallel.sequence_parallel (every rank
+    alike): for a model of one's own, for a tp_plan passed to initialize, and for a sequence whose
+    length tp does not divide (at the first collective that splits it)."""
+    from zeroplan.runtime.parallel import GPT_PLAN
+    from zeroplan.schemas import ConfigError
+
+    gpt = {"model": "gpt", "stage": 0, "dp": 1, "tp": dist.get_world_size(), "accum": 1, "sp": True}
+
+    def odd_sequence():
+        engine = initialize(build_model("gpt"), plan=tp_plan(gpt))
+        try:
+            batch = batch_of(gpt, 0, 0, 0)
+            engine(input_ids=batch["input_ids"][:, :7], labels=batch["labels"][:, :7])
+        finally:
+            engine.close()
+
+    attempts = {"own model": lambda: initialize(build_model("tiny"), plan=tp_plan(dict(gpt, model="tiny"))).close(),
+                "own plan": lambda: initialize(build_model("gpt"), plan=tp_plan(gpt), tp_plan=GPT_PLAN).close(),
+                "odd sequence": odd_sequence}
+    out = {}
+    for label, attempt in attempts.items():
+        try:
+            attempt()
             out[label] = "accepted"
         except ConfigError as e:
             out[label] = str(e)
