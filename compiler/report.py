@@ -27,7 +27,8 @@ def _degrees_row(plan: Plan, config: TrainConfig) -> tuple[str, str, str]:
     given = {"dp": config.parallel.dp is not None, "tp": config.tp is not None, "pp": config.parallel.pp is not None}
     how = ", ".join(f"{d} {'given' if given[d] else ('derived' if d == 'dp' else 'default 1')}"
                     for d in ("dp", "tp", "pp"))
-    return ("degrees", f"dp {p.dp} x tp {p.tp} x pp {p.pp}",
+    sp = ", sequence parallel" if p.sequence_parallel and p.tp > 1 else ""
+    return ("degrees", f"dp {p.dp} x tp {p.tp} x pp {p.pp}{sp}",
             f"{how}; dp = world_size / (tp x pp); ranks laid out tp fastest, then dp, then pp")
 
 

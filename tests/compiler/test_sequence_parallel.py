@@ -7,6 +7,7 @@ import pytest
 
 from zeroplan.compiler import comm_volume, compile
 from zeroplan.compiler.comm import ring_bytes, summarize
+from zeroplan.compiler.emit import render
 from zeroplan.compiler.memory import layer_activation_bytes
 from zeroplan.compiler.shapes import stage_shapes, tp_replicated_tensors
 from zeroplan.compiler.shards import padded
@@ -21,9 +22,13 @@ BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "
         "zero_optimization": {"stage": 1}}
 
 
-def test_the_plan_records_it(compile_dict):
-    assert compile_dict(_sp(BASE), nproc_per_node=4).parallel.sequence_parallel is True
+def test_the_plan_and_its_report_record_it(compile_dict, config_of):
+    plan = compile_dict(_sp(BASE), nproc_per_node=4)
+    assert plan.parallel.sequence_parallel is True
     assert compile_dict(BASE, nproc_per_node=4).parallel.sequence_parallel is False
+    report = render(plan, config=config_of(_sp(BASE)), model=ModelSpec.load("tiny"), cluster=ClusterSpec.load("cpu"))
+    assert "| degrees | dp 2 x tp 2 x pp 1, sequence parallel |" in report["report.md"]
+    assert "no key for Megatron-style sequence parallelism" in report["report.md"]
 
 
 def test_at_tp_1_it_changes_no_estimate(compile_dict):
