@@ -27,7 +27,7 @@ from torch import nn
 
 from zeroplan.schemas.plan import Plan
 
-from . import checkpoint
+from . import checkpoint, export
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, StepReporter, peak_memory
@@ -259,6 +259,19 @@ class Engine:
                 value = joined[id(t)]
             out[name] = value
         return out
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict as one process training it would hold it, on every rank
+        (a collective): `full_state_dict` in the training dtype (parameters are the fp32 master
+        rounded to it), names of one tied parameter sharing one tensor."""
+        return export.in_model_dtype(self.full_state_dict(), dtype=self.param_dtype)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
+        """Hugging Face's `save_pretrained` of the trained weights, written by rank 0 atomically
+        (every rank calls it; runtime/export.py). `kwargs` go to the model's own save_pretrained."""
+        export.check_pretrained(self.module)
+        return export.save_pretrained(self.module, state_dict=self.consolidated_state_dict(), directory=save_directory,
+                                      rank=self.groups.rank, device=self.device, **kwargs)
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None) -> Path:
         """Save this rank's shard and state (every rank calls it); returns the checkpoint directory."""

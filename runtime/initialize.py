@@ -24,6 +24,7 @@ from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
+from .gathered import attach_engine
 from .offload import Offload
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
@@ -121,6 +122,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     engine.reporter = StepReporter.from_env(rank=groups.rank)
     engine.monitors = _start_monitors(plan, groups=groups)
     engine.checkpointing = checkpointing
+    attach_engine(engine)
     return engine
 
 

@@ -16,6 +16,9 @@ _LAZY = {
     "tune": ("zeroplan.autotune.tune", "tune"),
     "initialize": ("zeroplan.runtime", "initialize"),
     "TrialComplete": ("zeroplan.runtime.metrics", "TrialComplete"),
+    "gathered": ("zeroplan.runtime.gathered", "gathered"),
+    "register_external_parameter": ("zeroplan.runtime.gathered", "register_external_parameter"),
+    "ParameterNotGathered": ("zeroplan.runtime.zero.released", "ParameterNotGathered"),
 }
 
 __all__ = ["AUTO", "ConfigError", "ConfigWarning", "TrainConfig", "load_config", "__version__", *_LAZY]

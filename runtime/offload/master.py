@@ -47,6 +47,11 @@ class MasterOptimizer(ABC):
         """Range [offset, offset + length) of the fp32 master, on the compute device."""
 
     @abstractmethod
+    def write_master(self, offset: int, values: torch.Tensor) -> None:
+        """Replace range [offset, offset + len(values)) of the fp32 master and hand it to the
+        stage's parameters (`zeroplan.gathered(..., modifier_rank=r)`); the state is kept."""
+
+    @abstractmethod
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """`master` and `optim.<name>` tensors for a checkpoint."""
 
@@ -100,6 +105,11 @@ class ShardMaster(MasterOptimizer):
 
     def read_master(self, offset, length) -> torch.Tensor:
         return self.master[offset:offset + length].to(self.device)
+
+    def write_master(self, offset, values) -> None:
+        target = self.master[offset:offset + values.numel()]
+        target.copy_(values)
+        self.zero.write_params(offset, target)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {MASTER: self.master, **{f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()}}

@@ -110,6 +110,10 @@ class NvmeMaster(MasterOptimizer):
     def read_master(self, offset, length) -> torch.Tensor:
         return self.state.files[MASTER].read(offset, length).to(self.device)
 
+    def write_master(self, offset, values) -> None:
+        self.state.files[MASTER].write(offset, values.cpu())
+        self.zero.write_params(offset, values)
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Read the files tile by tile into whole tensors (the checkpoint writer needs them)."""
         out = {name: torch.empty(self.numel, dtype=torch.float32) for name in self.state.names}

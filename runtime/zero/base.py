@@ -105,6 +105,20 @@ class ZeroStage(ABC):
     def reduces_now(self) -> bool:
         return self.boundary
 
+    # -- whole parameters outside the forward (runtime/gathered.py) -------------------------
+    def hold(self, indices: list[int]) -> None:
+        """Keep these slots' parameters whole until `unhold` (stages 0-2: they always are)."""
+
+    def unhold(self, indices: list[int]) -> None:
+        """End one `hold` of these slots."""
+
+    def saved_tensors_hooks(self):
+        """What autograd saves of a parameter while a `hold` is open (stages 0-2: the tensor)."""
+        return contextlib.nullcontext()
+
+    def register_external(self, module: nn.Module, param: torch.Tensor) -> None:
+        """`module`'s forward uses `param` too (stages 0-2: nothing to gather)."""
+
     def zero_grad(self) -> None:
         self.grad.zero_()
 
