@@ -87,7 +87,8 @@ def plan_of(case: dict):
     if case["model"] in ("gpt2", "llama"):
         return make_plan(stage=case["stage"], world=case["world"], micro=micro, persistence=0, optimizer=SGD,
                          scheduler=None)
-    return make_plan(stage=case["stage"], world=case["world"], micro=micro, persistence=0)
+    return make_plan(stage=case["stage"], world=case["world"], micro=micro, persistence=0,
+                     dtype=case.get("dtype", "fp32"))
 
 
 def batch(case: dict, step: int, rank: int) -> dict:
@@ -116,10 +117,11 @@ def loss_of(model: nn.Module, out, labels) -> torch.Tensor:
 
 
 def halve_first(model: nn.Module, rank: int) -> None:
-    """The write of the modifier tests: rank 0 halves `first.weight`; another rank's write is lost."""
+    """The write of the modifier tests: rank 0 halves row 0 of `first.weight`; another rank's
+    write is lost."""
     with torch.no_grad():
         if rank == 0:
-            model.first.weight.mul_(0.5)
+            model.first.weight[0].mul_(0.5)
         else:
             model.first.weight.fill_(7.0)
 
@@ -149,18 +151,24 @@ def train(*, case: dict) -> dict | None:
 
 
 def _modify(engine, model: nn.Module, rank: int) -> dict[str, bool]:
-    """Halve `first.weight` through gathered(modifier_rank=0); what this rank saw."""
-    whole = engine.consolidated_state_dict()["first.weight"]
+    """Halve row 0 of `first.weight` through gathered(modifier_rank=0); what this rank saw."""
+    whole, masters = engine.consolidated_state_dict()["first.weight"], engine.full_state_dict()
     with zeroplan.gathered(model.first.weight):
         before = model.first.weight.detach().clone()
     with zeroplan.gathered(model.first.weight, modifier_rank=0):
         unchanged = torch.equal(model.first.weight.detach(), before)
         halve_first(model, rank)
+    want = before.clone()
+    want[0] *= 0.5
     with zeroplan.gathered(list(model.parameters())):
         after = model.first.weight.detach().clone()
+    now = engine.full_state_dict()
+    kept = all(torch.equal(now[k], v) for k, v in masters.items() if k != "first.weight")
     return {"gathered_is_whole": torch.equal(before, whole), "entered_unchanged": unchanged,
-            "sees_rank0_write": torch.equal(after, before * 0.5),
-            "consolidated_has_it": torch.equal(engine.consolidated_state_dict()["first.weight"], before * 0.5)}
+            "sees_rank0_write": torch.equal(after, want),
+            "consolidated_has_it": torch.equal(engine.consolidated_state_dict()["first.weight"], want),
+            "master_took_row_0": torch.equal(now["first.weight"][0], want[0].float()),
+            "master_kept_the_rest": kept and torch.equal(now["first.weight"][1:], masters["first.weight"][1:])}
 
 
 def _released_reads(engine, model: nn.Module, case: dict) -> dict[str, str]:

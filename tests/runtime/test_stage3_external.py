@@ -5,7 +5,8 @@ weight), a module that applies its sibling's weight, and a loss that reads a wei
 `zeroplan.gathered` all train at ZeRO-3 to the single-process result (rt_tolerance); so do
 the same with the reads registered ahead. Reading a released parameter anywhere else raises
 ParameterNotGathered naming it, never NaN. `gathered(modifier_rank=0)` shows the whole weight
-on every rank and keeps rank 0's write in every shard and the next steps. A Hugging Face
+on every rank and keeps rank 0's write in every shard, the fp32 master (in bf16 too, without
+rounding the elements it did not write) and the next steps. A Hugging Face
 GPT-2 and Llama trained at ZeRO-3 (and GPT-2 at stage 1) save with `engine.save_pretrained`
 what the model's own save_pretrained writes, and reload equal to the consolidated state dict
 and to a single-process run. One spawn of 2 ranks.
@@ -31,6 +32,8 @@ def _case(name, *, model="children", stage=3, steps=4, **extra):
 
 TRAINED = [_case("parent-reads-z3"), _case("registered-z3", register=True), _case("loss-reads-z3", head_in_loss=True),
            _case("modify-z3", modify_after=1), _case("modify-z1", stage=1, modify_after=1)]
+MODIFIED_BF16 = _case("modify-z3-bf16", modify_after=1, steps=2, dtype="bf16")
+"""Its fp32 master bits outside the written row must survive the write (not checked for numerics)."""
 HF = [_case("gpt2-z3", model="gpt2", steps=2), _case("llama-z3", model="llama", steps=2),
       _case("gpt2-z1", model="gpt2", stage=1, steps=2)]
 
@@ -44,7 +47,7 @@ def spawned(tmp_path_factory) -> dict:
     existing.mkdir(parents=True)
     (existing / "tokenizer.json").write_text("{}")
     (existing / "model-00001-of-00002.safetensors").write_text("a stale shard")
-    cases = TRAINED + HF
+    cases = TRAINED + [MODIFIED_BF16] + HF
     return spawn_jobs(2, [(c["id"], "rt_external_jobs:train", {"case": c}) for c in cases])
 
 
@@ -67,13 +70,18 @@ def test_a_released_parameter_read_outside_a_gather_names_itself(case, spawned):
                 assert f"'{read}'" in message, f"rank {rank}: {message}"
 
 
-@pytest.mark.parametrize("case", [c for c in TRAINED if "modify_after" in c], ids=lambda c: c["id"])
+MODIFIED = [c for c in TRAINED if "modify_after" in c] + [MODIFIED_BF16]
+
+
+@pytest.mark.parametrize("case", MODIFIED, ids=[c["id"] for c in MODIFIED])
 def test_gathered_shows_the_whole_weight_and_keeps_the_modifier_ranks_write(case, spawned):
     for rank, checks in enumerate(job_result(spawned, case["id"])["ranks"]):
         assert checks["gathered_is_whole"], f"rank {rank}: gathered() is not the consolidated weight"
         assert checks["entered_unchanged"], f"rank {rank}"
         assert checks["sees_rank0_write"], f"rank {rank} does not read rank 0's write (rank 1 wrote 7.0)"
         assert checks["consolidated_has_it"], f"rank {rank}: the shards did not take the write"
+        assert checks["master_took_row_0"], f"rank {rank}: the fp32 master did not take the write"
+        assert checks["master_kept_the_rest"], f"rank {rank}: the write changed master elements it did not touch"
 
 
 @pytest.mark.parametrize("case", HF, ids=[c["id"] for c in HF])
