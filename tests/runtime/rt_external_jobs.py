@@ -58,10 +58,14 @@ def build(case: dict) -> nn.Module:
     if case["model"] in ("gpt2", "llama"):
         return build_hf(case["model"])
     model = ReadsChildren(head_in_loss=case.get("head_in_loss", False))
-    if case.get("register"):  # ahead of initialize, as DeepSpeed users do in __init__
-        zeroplan.register_external_parameter(model, model.emb.weight)
-        zeroplan.register_external_parameter(model.second, model.first.weight)
+    if case.get("register") == "before":  # ahead of initialize, as DeepSpeed users do in __init__
+        register(model)
     return model
+
+
+def register(model: ReadsChildren) -> None:
+    zeroplan.register_external_parameter(model, model.emb.weight)
+    zeroplan.register_external_parameter(model.second, model.first.weight)
 
 
 def build_hf(kind: str) -> nn.Module:
@@ -133,6 +137,8 @@ def train(*, case: dict) -> dict | None:
     rank = dist.get_rank()
     model = build(case)
     engine = initialize(model, plan=plan_of(case))
+    if case.get("register") == "after":
+        register(model)
     checks: dict = {}
     for step in range(case["steps"]):
         rows = batch(case, step, rank)

@@ -30,7 +30,8 @@ def _case(name, *, model="children", stage=3, steps=4, **extra):
     return dict(id=name, model=model, stage=stage, world=2, steps=steps, **extra)
 
 
-TRAINED = [_case("parent-reads-z3"), _case("registered-z3", register=True), _case("loss-reads-z3", head_in_loss=True),
+TRAINED = [_case("parent-reads-z3"), _case("registered-z3", register="before"),
+           _case("registered-after-z3", register="after"), _case("loss-reads-z3", head_in_loss=True),
            _case("modify-z3", modify_after=1), _case("modify-z1", stage=1, modify_after=1)]
 MODIFIED_BF16 = _case("modify-z3-bf16", modify_after=1, steps=2, dtype="bf16")
 """Its fp32 master bits outside the written row must survive the write (not checked for numerics)."""
