@@ -1,10 +1,10 @@
 """Predicted step time of a Plan from a ClusterSpec's rates: good enough to rank plans.
 
 Terms, in seconds per optimizer step on the busiest rank:
-- compute: 6 FLOPs per parameter per token (2 forward, 4 backward; Kaplan et al. 2020,
-  section 2.1), 8 with full activation checkpointing (one more forward), plus attention's
-  score and value products, 12 * layers * seq * hidden per token (16 when recomputed;
-  Narayanan et al. 2021, appendix), at the cluster's matmul rate for the training dtype.
+- compute: the stage's matrix-product FLOPs per step (flops.py: forward, backward and, with
+  activation checkpointing, the blocks' recomputed forward; about 6 per parameter per token,
+  Kaplan et al. 2020, section 2.1, plus attention's score and value products), at the
+  cluster's matmul rate for the training dtype.
 - pipeline bubble: (pp - 1) / m of the compute (Narayanan et al. 2021, section 2.2).
 - communication: per collective, calls * ring steps * latency + bytes / bandwidth (comm.py),
   at intra- or inter-node rates depending on whether the group spans nodes (ranks are laid
@@ -39,6 +39,7 @@ from __future__ import annotations
 from zeroplan.schemas import ClusterSpec, ModelSpec, Plan
 
 from .comm import Collective, stage_collectives
+from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
 from .shapes import StageShape, persistent_elements, stage_shapes
 
@@ -60,13 +61,10 @@ def collective_time(c: Collective, *, plan: Plan, cluster: ClusterSpec) -> float
 
 def compute_seconds(plan: Plan, model: ModelSpec, cluster: ClusterSpec, shape: StageShape) -> float:
     """Forward + backward matmul time of one stage's rank over a step."""
-    recompute = plan.activation_checkpointing.enabled
     tokens = plan.batch.micro_batch_size * plan.batch.gradient_accumulation_steps * model.seq_len
-    dense = (8 if recompute else 6) * shape.params * tokens
-    attention = (16 if recompute else 12) * shape.layers * model.seq_len * model.hidden * tokens // plan.parallel.tp
-    rates = cluster.rates
-    rate = rates.matmul_flops_fp32 if plan.precision.param_dtype == "fp32" else rates.matmul_flops_16bit
-    return (dense + attention) / rate
+    flops = step_flops(model, tokens=tokens, layers=shape.layers, head=shape.last, tp=plan.parallel.tp,
+                       recompute=plan.activation_checkpointing.enabled)
+    return flops.total / peak_flops(cluster, dtype=plan.precision.param_dtype)
 
 
 def _overlappable(plan: Plan, c: Collective) -> bool:

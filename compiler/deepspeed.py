@@ -112,4 +112,6 @@ def ds_config(plan: Plan) -> dict[str, Any]:
             out[key] = {"enabled": True, "output_path": target.output_path, "job_name": target.job_name}
     if m.wandb is not None:
         out["wandb"] = {"enabled": True, **m.wandb.model_dump(exclude_none=True)}
+    if m.flops_profiler is not None:
+        out["flops_profiler"] = {"enabled": True, **m.flops_profiler.model_dump(exclude={"peak_flops", "peak_source"})}
     return out

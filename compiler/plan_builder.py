@@ -93,7 +93,7 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
         offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),
         scheduler=scheduler_plan(config), kernels=kernels_plan(config, cluster),
         activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config),
-        monitors=monitors_plan(config), deepspeed=deepspeed_plan(config), provenance=provenance)
+        monitors=monitors_plan(config, cluster), deepspeed=deepspeed_plan(config), provenance=provenance)
 
 
 def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:

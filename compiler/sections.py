@@ -13,6 +13,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, Problem, TrainConfig
 from zeroplan.schemas.plan import (
     ActivationCheckpointingPlan,
     DeepSpeedPassThrough,
+    FlopsProfilerPlan,
     KernelsPlan,
     LoggingPlan,
     LossScalePlan,
@@ -27,6 +28,8 @@ from zeroplan.schemas.plan import (
     WorldPlan,
     ZeroPlan,
 )
+
+from .flops import peak_flops
 
 DEFAULT_LR = 1e-3
 """torch.optim.AdamW's and DeepSpeed's Adam default learning rate."""
@@ -123,7 +126,7 @@ def deepspeed_plan(config: TrainConfig) -> DeepSpeedPassThrough:
         number_checkpoints=config.activation_checkpointing.number_checkpoints)
 
 
-def monitors_plan(config: TrainConfig) -> MonitorsPlan:
+def monitors_plan(config: TrainConfig, cluster: ClusterSpec) -> MonitorsPlan:
     """The enabled monitor blocks; each must find its client (a missing one is an error here,
     at compile time, not at the first step)."""
     tb, csv, wandb = config.tensorboard, config.csv_monitor, config.wandb
@@ -136,7 +139,20 @@ def monitors_plan(config: TrainConfig) -> MonitorsPlan:
     return MonitorsPlan(
         tensorboard=MonitorOutput(output_path=tb.output_path, job_name=tb.job_name) if tb.enabled else None,
         csv=MonitorOutput(output_path=csv.output_path, job_name=csv.job_name) if csv.enabled else None,
-        wandb=WandbPlan(project=wandb.project, group=wandb.group, team=wandb.team) if wandb.enabled else None)
+        wandb=WandbPlan(project=wandb.project, group=wandb.group, team=wandb.team) if wandb.enabled else None,
+        flops_profiler=flops_profiler_plan(config, cluster))
+
+
+def flops_profiler_plan(config: TrainConfig, cluster: ClusterSpec) -> FlopsProfilerPlan | None:
+    """DeepSpeed's block with the cluster's matmul rate in the training dtype as MFU's peak, so
+    the runtime, which reads only the plan, can report MFU."""
+    fp = config.flops_profiler
+    if not fp.enabled:
+        return None
+    return FlopsProfilerPlan(
+        profile_step=fp.profile_step, module_depth=fp.module_depth, top_modules=fp.top_modules, detailed=fp.detailed,
+        output_file=fp.output_file or None, recompute_fwd_factor=fp.recompute_fwd_factor,
+        peak_flops=peak_flops(cluster, dtype=config.precision), peak_source=cluster.rates_source)
 
 
 def logging_plan(config: TrainConfig) -> LoggingPlan:

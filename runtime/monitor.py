@@ -1,5 +1,6 @@
 """Training monitors: what DeepSpeed's `tensorboard`, `csv_monitor` and `wandb` blocks write,
-from the plan's `monitors` section, on rank 0, after every optimizer step.
+from the plan's `monitors` section, on rank 0, after every optimizer step; and DeepSpeed's
+`flops_profiler`, which every rank runs (runtime/flops.py).
 
 Events are (name, value, step) with DeepSpeed's names and x-axis, the global sample count
 (optimizer steps x global batch):
@@ -34,6 +35,7 @@ import torch
 from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import MonitorOutput, MonitorsPlan, WandbPlan
 
+from .flops import FlopsProfiler
 from .metrics import synchronize
 
 Event = tuple[str, float, int]
@@ -189,22 +191,33 @@ def log_lines(engine, *, timers: dict[str, float] | None) -> list[str]:
 
 
 class Monitors:
-    """The monitors of one rank (none but on rank 0); `__init__` stores."""
+    """The monitors of one rank: the event writers (rank 0 only) and the FLOPs profiler (every
+    rank counts, rank 0 reports; runtime/flops.py). `__init__` stores."""
 
-    def __init__(self, *, backends: list[MonitorBackend]):
+    def __init__(self, *, backends: list[MonitorBackend], flops: FlopsProfiler | None = None):
         self.backends = backends
+        self.flops = flops
 
     @classmethod
     def from_plan(cls, monitors: MonitorsPlan, *, rank: int) -> "Monitors":
-        return cls(backends=build_backends(monitors) if rank == 0 else [])
+        backends = build_backends(monitors) if rank == 0 else []
+        flops = None
+        if monitors.flops_profiler is not None:
+            flops = FlopsProfiler(plan=monitors.flops_profiler, rank=rank)
+            flops.arm(steps_done=0)
+        return cls(backends=backends, flops=flops)
 
     def on_step(self, engine, *, timers: dict[str, float] | None) -> None:
+        if self.flops is not None:
+            self.flops.on_step(engine, timers=timers)
         if self.backends:
             events = step_events(engine, loss=engine.last_loss, timers=timers)
             for backend in self.backends:
                 backend.write_events(events)
 
     def close(self) -> None:
+        if self.flops is not None:
+            self.flops.close()
         for backend in self.backends:
             backend.close()
         self.backends = []

@@ -76,7 +76,6 @@ def validate_config(data: dict, *, source: str = "config", world_size: int | Non
 
 NOT_ACTED_ON: dict[str, tuple[str, str]] = {
     "comet": ("enabled", "zeroplan writes no Comet experiment (it writes tensorboard, csv_monitor and wandb)"),
-    "flops_profiler": ("enabled", "zeroplan does not profile FLOPs: no profile is printed"),
     "checkpoint": ("", "zeroplan's checkpoints are per-rank shards with hashes, checked on load; these options "
                    "change nothing"),
     "aio": ("", "zeroplan's NVMe offload does its own file I/O (O_DIRECT where the filesystem allows it); these "

@@ -47,7 +47,8 @@ class ModelSpec(FrozenModel):
     attention: Literal["eager", "flash"] = "eager"
     """How attention keeps what its backward needs. eager: the heads x seq x seq softmax is
     stored (Korthikanti et al. 2022's 5as/h term); flash: a fused kernel (FlashAttention) keeps
-    only per-row statistics and recomputes the scores. Only the memory model reads this."""
+    only per-row statistics and recomputes the scores in backward. The memory model and the
+    FLOP count (compiler/flops.py) read this."""
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelSpec":

@@ -3,7 +3,7 @@
 Key names and defaults follow DeepSpeed's monitor and profiler configs.
 """
 
-from .types import AutoFlag, Flag, Positive, Size, StrictModel, choice
+from .types import AutoFlag, Flag, Positive, Size, StrictModel, choice, count, real
 
 
 class TensorboardConfig(StrictModel):
@@ -52,18 +52,24 @@ class CommsLoggerConfig(StrictModel):
 
 
 class FlopsProfilerConfig(StrictModel):
+    """DeepSpeed's FLOPs profiler: one optimizer step's FLOPs counted on every rank, reported by
+    rank 0 (runtime/flops.py)."""
+
     enabled: Flag = False
-    recompute_fwd_factor: float = 0.0
-    """Extra forward passes per step from activation checkpointing (0.0 none, 1.0 full)."""
+    recompute_fwd_factor: real(ge=0) = 0.0
+    """DeepSpeed's estimate of the forwards recomputed per step (0.0 none, 1.0 full), for its
+    backward = (2 + factor) x forward. zeroplan counts the recompute that really runs and prints
+    DeepSpeed's estimate beside the count."""
     profile_step: Positive = 1
-    """Optimizer step at which to profile."""
-    module_depth: int = -1
-    """Depth of the module tree to report; -1 for all."""
+    """Optimizer step to profile (1-based, DeepSpeed's global step)."""
+    module_depth: count(ge=-1) = -1
+    """Depth of the module tree to report (the model is depth 0); -1 for all."""
     top_modules: Positive = 1
-    """Modules listed per depth, by cost."""
+    """Module classes listed per depth, by FLOPs."""
     detailed: Flag = True
+    """Print every module (to module_depth) with its FLOPs and parameters."""
     output_file: str | None = None
-    """File for the report; None prints it."""
+    """File for rank 0's report, written atomically; None or "" prints it."""
 
 
 class ActivationCheckpointingConfig(StrictModel):

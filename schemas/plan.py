@@ -172,9 +172,34 @@ class WandbPlan(FrozenModel):
     """The W&B entity the run is logged under; None is the user's default."""
 
 
+class FlopsProfilerPlan(FrozenModel):
+    """DeepSpeed's flops_profiler (runtime/flops.py): every rank counts the FLOPs of one
+    optimizer step with torch's FlopCounterMode; rank 0 reports them with the step's latency,
+    achieved FLOP/s and MFU against `peak_flops`."""
+
+    profile_step: int = Field(ge=1)
+    """Optimizer step counted (1-based, DeepSpeed's global step)."""
+    module_depth: int = Field(default=-1, ge=-1)
+    """Depth of the module tree reported (the model is depth 0); -1 for all."""
+    top_modules: int = Field(default=1, ge=1)
+    """Module classes listed per depth, by FLOPs."""
+    detailed: bool = True
+    """List every module to `module_depth` with its FLOPs and parameters."""
+    output_file: str | None = None
+    """File rank 0 writes the report to (atomically); None prints it."""
+    recompute_fwd_factor: float = Field(default=0.0, ge=0)
+    """DeepSpeed's estimate of the forwards recomputed per step; the report prints DeepSpeed's
+    (3 + factor) x forward beside the count of what ran."""
+    peak_flops: float = Field(gt=0)
+    """FLOP/s of a large matmul on one device in the training dtype (the cluster's
+    `matmul_flops_fp32` or `matmul_flops_16bit`): MFU's denominator."""
+    peak_source: Literal["nominal", "measured"]
+    """Where `peak_flops` comes from: a preset's datasheet figure or `zeroplan probe`."""
+
+
 class MonitorsPlan(FrozenModel):
     """Training monitors rank 0 writes after every optimizer step (runtime/monitor.py), with
-    DeepSpeed's event names. None: that monitor is off."""
+    DeepSpeed's event names, and the FLOPs profiler every rank runs. None: that monitor is off."""
 
     tensorboard: MonitorOutput | None = None
     """TensorBoard event files (torch's SummaryWriter; needs the tensorboard package)."""
@@ -182,6 +207,8 @@ class MonitorsPlan(FrozenModel):
     """One CSV file per event, `step,<name>` rows (DeepSpeed's csv_monitor)."""
     wandb: WandbPlan | None = None
     """A Weights & Biases run (needs the wandb package; WANDB_MODE=offline keeps it local)."""
+    flops_profiler: FlopsProfilerPlan | None = None
+    """One step's FLOPs, latency and MFU (DeepSpeed's flops_profiler)."""
 
 
 class DeepSpeedPassThrough(FrozenModel):

@@ -8,8 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from zeroplan.schemas.plan import (ActivationCheckpointingPlan, MonitorOutput, MonitorsPlan, OffloadPlan,
-                                   OffloadTarget, OptimizerPlan, WandbPlan)
+from zeroplan.schemas.plan import (ActivationCheckpointingPlan, FlopsProfilerPlan, MonitorOutput, MonitorsPlan,
+                                   OffloadPlan, OffloadTarget, OptimizerPlan, WandbPlan)
 from zeroplan.schemas.types import FrozenModel
 
 import rt_cases
@@ -31,7 +31,9 @@ def _variants(root: str) -> list[tuple[str, callable, dict]]:
     """(worker, kwargs) runs whose options together touch every plan field."""
     monitors = MonitorsPlan(tensorboard=MonitorOutput(output_path=os.path.join(root, "tb"), job_name="j"),
                             csv=MonitorOutput(output_path=os.path.join(root, "csv"), job_name="j"),
-                            wandb=WandbPlan(project="p", group="g"))
+                            wandb=WandbPlan(project="p", group="g"),
+                            flops_profiler=FlopsProfilerPlan(profile_step=1, output_file=os.path.join(root, "flops.txt"),
+                                                             peak_flops=1e9, peak_source="measured"))
     nvme = OffloadTarget(device="nvme", nvme_path=root, pin_memory=True, buffer_count=2, buffer_size=4096)
     sgd = OptimizerPlan(type="SGD", lr=1e-3, momentum=0.9, dampening=0.1, nesterov=False, gradient_clipping=0.5)
     adam = OptimizerPlan(type="Adam", lr=1e-3, decoupled_weight_decay=False, prescale_gradients=True)

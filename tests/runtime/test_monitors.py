@@ -1,12 +1,14 @@
 """DeepSpeed's monitor blocks do what they say: `zeroplan compile` of a config with
-`tensorboard`, `csv_monitor` and `wandb` enabled, then `zeroplan train` of the plan on 2
-processes, writes TensorBoard event files, CSV files and a W&B run (offline) that their own
-readers load back, with DeepSpeed's event names and the losses the run printed."""
+`tensorboard`, `csv_monitor`, `wandb` and `flops_profiler` enabled, then `zeroplan train` of the
+plan on 2 processes, writes TensorBoard event files, CSV files and a W&B run (offline) that their
+own readers load back, with DeepSpeed's event names and the losses the run printed, and prints
+one FLOPs profile."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from zeroplan.compiler import compile as compile_plan
+from zeroplan.compiler.flops import step_flops
 from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, ConfigError, load_config
 
 ZEROPLAN = [sys.executable, "-m", "zeroplan"]
@@ -28,7 +31,8 @@ def _config(out) -> dict:
             "comms_logger": {"enabled": True},
             "tensorboard": {"enabled": True, "output_path": str(out / "tb"), "job_name": "run"},
             "csv_monitor": {"enabled": True, "output_path": str(out / "csv"), "job_name": "run"},
-            "wandb": {"enabled": True, "project": "zeroplan-test"}}
+            "wandb": {"enabled": True, "project": "zeroplan-test"},
+            "flops_profiler": {"enabled": True, "profile_step": 2, "module_depth": 2, "top_modules": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def trained(tmp_path_factory):
                                "--nproc-per-node", "2", "--out", str(out / "plan")],
                               capture_output=True, text=True, timeout=120, env=env)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "flops_profiler" not in compiled.stderr  # acted on: no notice
     run = subprocess.run([*ZEROPLAN, "train", str(out / "plan" / "plan.json"), "--model", "tiny", "--steps",
                           str(STEPS), "--metrics", str(out / "m.jsonl")],
                          capture_output=True, text=True, timeout=300, env=env)
@@ -123,6 +128,27 @@ def test_timers_and_comms_are_printed_every_steps_per_print(trained):
         assert stdout.count(f"[step {step}] time (ms) | forward: ") == 1, stdout[-2000:]
         assert stdout.count(f"[step {step}] comms | ") == 1
     assert "reduce_scatter_tensor: " in stdout
+
+
+def _counted(stdout: str, label: str) -> int:
+    return int(re.search(rf"{label}:\s+[\d.]+ \w*FLOP \((\d+)\)", stdout).group(1))
+
+
+def test_rank_zero_prints_the_flops_profile_of_its_step(trained):
+    """Step 2's count equals the compiler's analytic figure for the tiny GPT on one rank's 4
+    samples (nothing recomputed), with latency, FLOP/s, MFU against the cpu preset's peak and
+    the per-module table to module_depth 2."""
+    stdout, tiny = trained[2], MODEL_PRESETS["tiny"]
+    assert stdout.count("zeroplan FLOPs profiler") == 1, stdout[-3000:]
+    assert "Profile of step 2 on rank 0 of 2" in stdout
+    expected = step_flops(tiny, tokens=GLOBAL_BATCH // 2 * tiny.seq_len, layers=tiny.layers, head=True)
+    counted = {phase: _counted(stdout, f"{phase} FLOPs") for phase in ("forward", "backward", "recomputed forward")}
+    assert counted == {"forward": expected.forward, "backward": expected.backward, "recomputed forward": 0}
+    assert _counted(stdout, "total FLOPs per step on this rank") == expected.total
+    assert re.search(r"achieved FLOP/s, total / step latency:\s+[\d.]+ [kMGT]?FLOP/s", stdout)
+    assert re.search(r"MFU, .*:\s+[\d.]+% of 40.00 GFLOP/s peak \(fp32 matmul, nominal\)", stdout)
+    assert "Top 2 module classes by forward FLOPs" in stdout and "depth 2: Block " in stdout
+    assert "    0 (Block)" in stdout and "lm_head (Linear)" in stdout and "qkv (Linear)" not in stdout
 
 
 def test_a_monitor_without_its_client_is_refused_at_compile_time(tmp_path, monkeypatch):
