@@ -145,8 +145,10 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     two activation all-reduces per block (attention and MLP outputs), one for the vocab-split
     embedding (first stage) and two small fp32 ones for the vocab-parallel loss (last stage:
     the row maxima, then [sum of exp, target logit]); backward, two per block (attention and MLP
-    inputs) and one for the LM head's input (last stage); at the step, the squared norm of the
-    tp-split gradients."""
+    inputs) and one for the LM head's input (last stage), and with `partition_activations` the
+    all-gather of each recomputed block's input from its tp slices (runtime/checkpointing.py);
+    at the step, the squared norm of the tp-split gradients and, with loss scaling, the
+    overflow flag (`_tp_step`)."""
     t = plan.parallel.tp
     if t == 1:
         return []
@@ -161,9 +163,22 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     fwd_calls = m * (forward_per_layer * shape.layers + embedding)
     bwd_calls = m * (2 * shape.layers + head)
     loss_bytes = m * head * (ring_bytes("all_reduce", 4 * tokens, t) + ring_bytes("all_reduce", 8 * tokens, t))
-    return [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call + loss_bytes, fwd_calls + 2 * m * head),
-            Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls),
-            Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1)]
+    out = [Collective("tp", "all_reduce", "forward", t, fwd_calls * per_call + loss_bytes, fwd_calls + 2 * m * head),
+           Collective("tp", "all_reduce", "backward", t, bwd_calls * per_call, bwd_calls)]
+    ac = plan.activation_checkpointing
+    if ac.enabled and ac.partition_activations:  # each rank's slice is zero-padded to 1/t of the whole
+        gathered = -(-tokens * model.hidden // t) * t * e
+        out.append(Collective("tp", "all_gather", "backward", t, m * shape.layers * ring_bytes("all_gather", gathered, t),
+                              m * shape.layers))
+    return out + _tp_step(plan)
+
+
+def _tp_step(plan: Plan) -> list[Collective]:
+    """At the step, over tp: the squared norm of the tp-split gradients (fp32) and, with loss
+    scaling, the overflow flag every tp rank must agree on (runtime/engine.py `_overflow`)."""
+    t = plan.parallel.tp
+    calls = 2 if plan.precision.loss_scaling.enabled else 1
+    return [Collective("tp", "all_reduce", "step", t, calls * ring_bytes("all_reduce", 4, t), calls)]
 
 
 def _sp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
@@ -194,8 +209,7 @@ def _sp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
         out.append(Collective("tp", "all_reduce", "forward", t, loss_bytes, 2 * m))
     world = plan.parallel.dp if plan.zero.stage > 0 else 1  # stage 0 keeps the whole gradient
     replicated = 4 * padded(tp_replicated_tensors(model, shape), world=world) // world
-    return out + [Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1),
-                  Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", replicated, t), 1)]
+    return out + _tp_step(plan) + [Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", replicated, t), 1)]
 
 
 PIPE_MAX_DIMS = 8

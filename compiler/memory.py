@@ -15,17 +15,25 @@ bench/memory_model.py rather than the paper's "the parameters are the masters":
   that master itself;
 - stage 0 accumulates gradients in a flat fp32 buffer; stage 1 in a full fp32 accumulation
   buffer plus the fp32 gradient shard the reduce-scatter writes; stages 2-3 keep the shard;
-- stage 3 is handed the whole model, built on every rank (there is no sharded initialisation
-  yet), and shards it in place: `Stage3.attach` releases the whole copy, but it has been in
-  memory beside the new shards, and on CPU its pages stay in the process's heap (malloc_trim
-  after `initialize` returns nothing). So parameters count the whole model, not a shard,
-  until the model is built sharded.
+- stage 3 keeps its parameters as the fp32 master shard itself, plus the persistent ones whole.
+  It is handed the whole model, built on every rank (there is no sharded initialisation yet),
+  and releases it in `Stage3.attach`: that set-up moment is a phase of its own (below).
 Measured state bytes per parameter at 2 ranks (tiny/small/medium): 20.2-20.8 at stage 0,
 16.3-16.5 at stage 1, 12.2-12.5 at stages 2-3; the model says 20, 16, 12 and 12.
 In 16-bit training the paper's accounting is kept: it has not been measured on a GPU here.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models", section 4 and equation 2); see `layer_activation_bytes`. Offloaded state
+Transformer Models", section 4 and equation 2); see `layer_activation_bytes`.
+
+The rank's peak is the largest of phases that do not overlap in time (`training_phases`):
+set-up (stage 3: the whole model beside its shards), the loss's backward (every stored
+activation and the loss's temporaries), the rest of backward (ZeRO-3's gathered and
+prefetched parameters beside the activations not yet freed), the gradient
+reduction at the end of backward (its buffers; the activations not yet freed when buckets
+launch during backward) and the publishing of the update (stages 1-2's all-gather). The
+categories of an estimate are what is live at that peak, so they sum to it. On CPU the
+runtime returns freed tensors to the operating system (runtime/host_memory.py), so the
+process's resident memory follows these tensors rather than malloc's retained heap. Offloaded state
 (ZeRO-Offload, Ren et al. 2021; ZeRO-Infinity, Rajbhandari et al. 2021) moves from the device
 categories to host or NVMe.
 
@@ -44,13 +52,21 @@ from .shapes import StageShape, persistent_elements, stage_shapes
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
 """fp32 master weights (PrecisionPlan.master_dtype is always fp32)."""
-RUNTIME_OVERHEAD = {"cuda": 1 << 30, "cpu": (283 + 30) << 20}
-"""Bytes a rank holds besides the tensors counted here. cuda: the CUDA context, cuBLAS
-workspace and NCCL buffers (typically 0.5-1.5 GiB). cpu, measured (bench/memory_model.py,
-torch 2.13 CPU, 2 gloo ranks): 283 MiB resident before the model is built (interpreter,
-torch, the process group), plus ~30 MiB the first training steps allocate whatever the
-model's size (autograd's engine and kernels' first-use buffers: the tiny preset's training
-memory less its tensors). Calibrate the `overhead` category from measurements elsewhere."""
+FIRST_STEPS_OVERHEAD = {"cuda": 0, "cpu": 30 << 20}
+"""Bytes the first training steps allocate whatever the model's size, beyond a rank's start-up
+(cpu, measured by bench/memory_model.py: autograd's engine and kernels' first-use buffers, the
+tiny preset's training memory less its tensors; on cuda they are inside the context's figure)."""
+RUNTIME_OVERHEAD = {"cuda": 1 << 30, "cpu": (283 << 20) + FIRST_STEPS_OVERHEAD["cpu"]}
+"""Bytes a rank holds besides the tensors counted here, where `zeroplan probe` has not measured
+the machine (ClusterSpec.runtime_overhead_bytes). cuda: the CUDA context, cuBLAS workspace and
+NCCL buffers (typically 0.5-1.5 GiB). cpu: 283 MiB resident before the model is built
+(interpreter, torch, the process group; torch 2.13 CPU, 2 gloo ranks) plus the first steps'."""
+
+
+def runtime_overhead(*, device: str, measured: int | None) -> int:
+    """A rank's bytes besides its tensors: the probe's start-up figure plus the first steps'
+    allocations, else the default for the device."""
+    return RUNTIME_OVERHEAD[device] if measured is None else measured + FIRST_STEPS_OVERHEAD[device]
 GLOO_COPIES = True
 """gloo's reduce_scatter_tensor and all_gather_into_tensor copy the whole buffer into a
 temporary of their own (measured: +1x the larger buffer of the call's peak RSS; all_reduce
@@ -81,9 +97,12 @@ class MemoryEstimate:
 
 
 def optimizer_state_bytes(*, optimizer: str, momentum: float) -> int:
-    """Bytes of optimizer state per parameter, masters excluded: Adam's two fp32 moments; SGD's momentum."""
-    if optimizer in ("Adam", "AdamW"):
+    """Bytes of optimizer state per parameter, masters excluded: Adam's and Lamb's two fp32
+    moments; Lion's momentum and Adagrad's sum of squares; SGD's momentum (if any)."""
+    if optimizer in ("Adam", "AdamW", "Lamb"):
         return 8
+    if optimizer in ("Lion", "Adagrad"):
+        return 4
     return 4 if momentum > 0 else 0
 
 
@@ -100,7 +119,7 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     state = optimizer_state_bytes(optimizer=optimizer, momentum=momentum)
     opt_elems = shard if stage >= 1 else params
     if param_dtype == "fp32":
-        return _fp32_runtime_states(params=params, shard=shard, stage=stage, state=state)
+        return _fp32_runtime_states(params=params, shard=shard, stage=stage, state=state, persistent=persistent)
     sharded_params = persistent + -(-(params - persistent) // dp) if stage == 3 else params
     return {
         "parameters": sharded_params * e,
@@ -110,14 +129,14 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     }
 
 
-def _fp32_runtime_states(*, params: int, shard: int, stage: int, state: int) -> dict[str, int]:
-    """fp32 states as zeroplan's runtime holds them: the whole model (at stage 3 too: it is built
-    whole and sharded in place), a flat fp32 master of the optimizer's elements (the parameter
-    shard itself at stage 3), the flat fp32 gradient buffers of the stage (module docstring)."""
+def _fp32_runtime_states(*, params: int, shard: int, stage: int, state: int, persistent: int) -> dict[str, int]:
+    """fp32 states as zeroplan's runtime holds them: the whole model at stages 0-2, at stage 3
+    only the persistent parameters (the shard is the master); a flat fp32 master of the
+    optimizer's elements; the flat fp32 gradient buffers of the stage (module docstring)."""
     opt_elems = shard if stage >= 1 else params
     grads = {0: params, 1: params + shard}.get(stage, shard)
-    return {"parameters": params * 4, "gradients": grads * 4, "optimizer_states": opt_elems * state,
-            "master_weights": opt_elems * MASTER_BYTES}
+    return {"parameters": (persistent if stage == 3 else params) * 4, "gradients": grads * 4,
+            "optimizer_states": opt_elems * state, "master_weights": opt_elems * MASTER_BYTES}
 
 
 def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn: int, kv_hidden: int | None = None,
@@ -177,8 +196,17 @@ def in_flight(plan: Plan, stage: int) -> int:
     return min(p.pp - stage, p.pipeline_micro_batches)
 
 
-def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape) -> tuple[int, int]:
-    """(device, host) activation bytes of one stage's rank."""
+def loss_backward_bytes(*, seq: int, micro: int, vocab: int, tp: int) -> int:
+    """fp32 temporaries the loss's backward holds beside every stored activation, at the start
+    of backward: F.cross_entropy's two dense [tokens, vocab] gradients (the NLL's, then
+    log-softmax's, while its saved output is alive); the vocabulary-parallel loss's one (its
+    backward clones the saved softmax, runtime/parallel/tensor.py)."""
+    return (2 if tp == 1 else 1) * 4 * seq * micro * vocab // tp
+
+
+def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape, *, loss: bool = True) -> tuple[int, int]:
+    """(device, host) activation bytes of one stage's rank at its activation peak: with `loss`,
+    while the loss's backward runs (its temporaries included), else just after it."""
     e, tp, ac = BYTES[plan.precision.param_dtype], plan.parallel.tp, plan.activation_checkpointing
     s, b, sp = model.seq_len, plan.batch.micro_batch_size, plan.parallel.sequence_parallel
     per_layer = layer_activation_bytes(
@@ -186,58 +214,86 @@ def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape) -> tuple[
         kv_hidden=(model.kv_heads or model.heads) * model.head_dim, tp=tp, element_bytes=e,
         dropout=model.dropout > 0, flash=model.attention == "flash", gated_mlp=model.architecture == "llama",
         sequence_parallel=sp)
-    head = head_activation_bytes(seq=s, micro=b, hidden=model.hidden, vocab=model.vocab, tp=tp,
-                                 element_bytes=e, sequence_parallel=sp) if shape.last else 0
+    head = 0
+    if shape.last:
+        head = (head_activation_bytes(seq=s, micro=b, hidden=model.hidden, vocab=model.vocab, tp=tp,
+                                      element_bytes=e, sequence_parallel=sp)
+                + (loss_backward_bytes(seq=s, micro=b, vocab=model.vocab, tp=tp) if loss else 0))
     n = in_flight(plan, shape.index)
     if not ac.enabled:
         return shape.layers * per_layer * n + head, 0
     # Full recomputation (Korthikanti et al. 2022, section 4.2): keep each block's input
     # (2sbh in 16-bit, split by t when partitioned, or already a 1/t sequence shard with sequence
-    # parallelism) and rebuild one block at a time in backward.
+    # parallelism) and rebuild one block at a time in backward, after the head's backward has
+    # freed the head's activations: the peak is the larger of the two moments.
     checkpoint = e * s * b * model.hidden // (tp if ac.partition_activations or sp else 1)
     stored = shape.layers * checkpoint * n
     if ac.cpu_checkpointing:
-        return per_layer + head, stored
-    return stored + per_layer + head, 0
+        return max(per_layer, head), stored
+    return stored + max(per_layer, head), 0
 
 
-def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> int:
-    """Peak bytes of communication buffers, as the runtime's BucketReducer and gathers allocate
-    them (runtime/zero/comm.py). Bucket sizes count elements, as in DeepSpeed.
+@dataclass(frozen=True)
+class CommBuffers:
+    """Bytes of communication buffers per phase of a step, as the runtime's BucketReducer and
+    gathers allocate them (runtime/zero/comm.py). Bucket sizes count elements, as in DeepSpeed."""
 
-    Two phases that do not overlap in time: the buffers of one are freed before the other's
-    are allocated, so the peak is the larger one.
-    - reduction, at the end of backward: each bucket's [W, chunk] buffer (its whole size), the
-      reduce-scatter's output (1/W of it) at stages 1-3, and gloo's own copy of the input on
-      cpu (GLOO_COPIES); doubled when overlap_comm keeps two buckets in flight;
-    - publishing the update: the all-gather of stages 1-2 (its output, plus gloo's copy);
-      ZeRO-3's gathered parameters (the module in use plus the prefetch bucket, capped by
-      stage3_max_live_parameters).
-    At stages 2-3 backward's gradients wait, unreduced in the parameters' dtype, until their
-    bucket launches: one bucket of them is held besides the activations (measured on cpu:
-    they do not reuse the activations' memory, the rows' training memory needs both).
-    Plus pipeline send/receive buffers."""
+    pipeline: int
+    """Pipeline send/receive buffers, live with the activations."""
+    gathered: int
+    """ZeRO-3's gathered parameters in backward: the module in use plus the prefetch bucket,
+    capped by stage3_max_live_parameters, and gloo's copy on cpu. Backward's first gather (the
+    LM head's) comes after the loss's backward, so they meet the activations without the loss's
+    temporaries."""
+    reduction: int
+    """At a gradient bucket's launch: its [W, chunk] buffer, the reduce-scatter's output (1/W of
+    it) at stages 1-3 and gloo's own copy of the input on cpu (GLOO_COPIES); doubled when
+    overlap_comm keeps two buckets in flight. The gradients a bucket gathers are copied into it
+    and let go (stages 2-3) or live in the flat fp32 buffer (stages 0-1, model states)."""
+    publish: int
+    """After the optimizer step, stages 1-2: the all-gather of updated parameters (its output
+    and gloo's copy)."""
+    overlap: float
+    """Share of the stored activations still alive when the first gradient bucket launches:
+    buckets fill in reverse layer order, so with a bucket of 1/k of the rank's parameters about
+    (k-1)/k of the backward is still ahead; one bucket for the whole rank launches after it."""
+
+
+def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> CommBuffers:
     z, p = plan.zero, plan.parallel
     e_p, e_r = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype]
     copies = 1 if plan.world.device == "cpu" and GLOO_COPIES else 0
-    total = 0
+    pipeline = gathered = reduction = publish = 0
+    overlap = 0.0
     if p.dp > 1:
         bucket = min(z.reduce_bucket_size, shape.params)
         scatter = z.stage >= 1
-        reduction = bucket * e_r * (1 + (1 / p.dp + copies if scatter else 0)) * (2 if z.overlap_comm else 1)
-        gather = 0
+        reduction = int(bucket * e_r * (1 + (1 / p.dp + copies if scatter else 0)) * (2 if z.overlap_comm else 1))
+        overlap = max(0.0, 1 - bucket / shape.params) if shape.params else 0.0
         if z.stage in (1, 2):
-            gather = min(z.allgather_bucket_size, shape.params) * e_p * (1 + copies)
+            publish = min(z.allgather_bucket_size, shape.params) * e_p * (1 + copies)
         if z.stage == 3:
             unit = max(shape.units)
             live = unit + min(z.prefetch_bucket_size, shape.params - unit)
-            gather = min(live, max(unit, z.max_live_parameters)) * e_p * (1 + copies)
-        total += int(max(reduction, gather))
-        if z.stage >= 2:
-            total += bucket * e_p
+            gathered = min(live, max(unit, z.max_live_parameters)) * e_p * (1 + copies)
     if p.pp > 1:
-        total += 2 * e_p * model.seq_len * plan.batch.micro_batch_size * model.hidden
-    return total
+        pipeline = 2 * e_p * model.seq_len * plan.batch.micro_batch_size * model.hidden
+    return CommBuffers(pipeline=pipeline, gathered=gathered, reduction=reduction, publish=publish, overlap=overlap)
+
+
+def training_phases(*, activations: int, after_loss: int, buffers: CommBuffers,
+                    setup_parameters: int) -> dict[str, dict[str, int]]:
+    """What each phase of a step adds to the model states, by category (module docstring):
+    the rank's peak is the largest. `activations` while the loss's backward runs, `after_loss`
+    once it is done."""
+    return {
+        "setup": {"parameters": setup_parameters},
+        "loss backward": {"activations": activations, "comm_buffers": buffers.pipeline},
+        "backward": {"activations": after_loss, "comm_buffers": buffers.pipeline + buffers.gathered},
+        "reduction": {"activations": int(after_loss * buffers.overlap),
+                      "comm_buffers": buffers.reduction + (buffers.pipeline if buffers.overlap else 0)},
+        "publish": {"comm_buffers": buffers.publish},
+    }
 
 
 def _offload(plan: Plan, states: dict[str, int], shape: StageShape) -> tuple[dict[str, int], dict[str, int], int]:
@@ -276,7 +332,7 @@ def _offload(plan: Plan, states: dict[str, int], shape: StageShape) -> tuple[dic
     return device, host, nvme
 
 
-def _stage_estimate(plan: Plan, model: ModelSpec, shape: StageShape) -> MemoryEstimate:
+def _stage_estimate(plan: Plan, model: ModelSpec, shape: StageShape, *, overhead: int) -> MemoryEstimate:
     z = plan.zero
     persistent = (persistent_elements(shape, threshold=z.param_persistence_threshold,
                                       cap=z.model_persistence_threshold) if z.stage == 3 else 0)
@@ -284,23 +340,34 @@ def _stage_estimate(plan: Plan, model: ModelSpec, shape: StageShape) -> MemoryEs
                           param_dtype=plan.precision.param_dtype, optimizer=plan.optimizer.type,
                           momentum=plan.optimizer.momentum, persistent=persistent)
     device, host, nvme = _offload(plan, states, shape)
-    device["activations"], host["activations"] = stage_activations(plan, model, shape)
-    device["comm_buffers"] = comm_buffers(plan, shape, model=model)
-    device["overhead"] = RUNTIME_OVERHEAD[plan.world.device]
+    activations, host["activations"] = stage_activations(plan, model, shape)
+    # Stage 3 is handed the whole model, built on every rank, and shards it in `initialize`.
+    whole = shape.params * BYTES[plan.precision.param_dtype] if z.stage == 3 else 0
+    phases = training_phases(activations=activations, after_loss=stage_activations(plan, model, shape, loss=False)[0],
+                             buffers=comm_buffers(plan, shape, model=model),
+                             setup_parameters=max(0, whole - device["parameters"]))
+    peak = max(phases.values(), key=lambda added: sum(added.values()))
+    device["parameters"] += peak.get("parameters", 0)
+    device["activations"] = peak.get("activations", 0)
+    device["comm_buffers"] = peak.get("comm_buffers", 0)
+    device["overhead"] = overhead
     return MemoryEstimate(device={k: device[k] for k in DEVICE_CATEGORIES}, host=host, nvme=nvme,
                           nproc_per_node=plan.world.nproc_per_node)
 
 
-def estimate_memory(plan: Plan, model: ModelSpec, *, calibration: Calibration | None = None) -> MemoryEstimate:
+def estimate_memory(plan: Plan, model: ModelSpec, *, calibration: Calibration | None = None,
+                    measured_overhead: int | None = None) -> MemoryEstimate:
     """Predicted bytes per rank by category for the fullest pipeline stage's rank.
 
     Device categories: parameters, gradients, optimizer_states, master_weights, activations,
     comm_buffers, overhead. Host (per rank): offloaded parameters, fp32 gradients, optimizer
     states, masters, checkpointed activations, swap buffers. NVMe: offloaded bytes per rank.
+    `measured_overhead` is the cluster's probed start-up figure (ClusterSpec.runtime_overhead_bytes).
     """
     shapes = stage_shapes(model, tp=plan.parallel.tp, pp=plan.parallel.pp,
                           method=plan.parallel.pipeline_partition_method)
-    estimates = [_stage_estimate(plan, model, s) for s in shapes]
+    overhead = runtime_overhead(device=plan.world.device, measured=measured_overhead)
+    estimates = [_stage_estimate(plan, model, s, overhead=overhead) for s in shapes]
     worst = max(estimates, key=lambda m: (m.device_total, sum(m.host.values())))
     if calibration is None:
         return worst

@@ -146,7 +146,8 @@ def swap_warnings(plan: Plan, model: ModelSpec) -> list[str]:
 def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
                      calibration: Calibration | None = None) -> Plan:
     """A copy of `plan` with memory, communication and step-time predictions and warnings."""
-    memory = estimate_memory(plan, model, calibration=calibration)
+    memory = estimate_memory(plan, model, calibration=calibration,
+                             measured_overhead=cluster.runtime_overhead_bytes)
     sent, calls = summarize(comm_volume(plan, model))
     breakdown = step_time(plan, model, cluster)
     p = plan.parallel

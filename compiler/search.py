@@ -116,7 +116,8 @@ def _evaluate(data: dict, values: dict, model: ModelSpec, cluster: ClusterSpec, 
         warnings.simplefilter("ignore", ConfigWarning)
         config = validate_config(trial, source="candidate")
     plan = build_plan(config, model, cluster, provenance=Provenance())
-    memory = estimate_memory(plan, model, calibration=calibration)
+    memory = estimate_memory(plan, model, calibration=calibration,
+                             measured_overhead=cluster.runtime_overhead_bytes)
     seconds = sum(step_time(plan, model, cluster).values())
     fits = (memory.device_total <= (1 - margin) * cluster.memory_per_rank()
             and not fit_warnings(memory, cluster=cluster))

@@ -25,6 +25,7 @@ from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
 from .gathered import attach_engine
+from .host_memory import fix_mmap_threshold
 from .offload import Offload
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
@@ -81,6 +82,8 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
     plan = resolve_plan(plan)
     _check_pipeline(plan)
+    if plan.world.device == "cpu":  # resident memory follows the tensors the plan counts
+        fix_mmap_threshold()
     precision = plan.precision
     param_dtype = DTYPES[precision.param_dtype]
     offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,

@@ -8,9 +8,11 @@ Measurements (best of a few repetitions, after a warm-up):
    cpu, NCCL on GPUs, same code): latency per ring step from a 1 KiB message, bandwidth per
    kind from larger ones (ring accounting, compiler/comm.py; steps = 2(n-1) or n-1). The kinds
    differ: gloo's all-gather and reduce-scatter run at a fraction of its all-reduce's rate;
-5. framework overhead: forward + backward of a tiny GPT with 1 and 9 blocks, per micro-step
+5. start-up memory: what a rank holds once torch and its process group are up, before any
+   model tensor (ClusterSpec.runtime_overhead_bytes, the memory model's `overhead`);
+6. framework overhead: forward + backward of a tiny GPT with 1 and 9 blocks, per micro-step
    and per block (what small micro-batches pay more often);
-6. disk: write (fsync) then read back a file under --path, its pages dropped from the cache
+7. disk: write (fsync) then read back a file under --path, its pages dropped from the cache
    first (posix_fadvise DONTNEED) so the read hits the disk.
 One node is measured, so the inter-node figures repeat the intra-node ones (said in `notes`).
 """
@@ -118,6 +120,19 @@ SMALL_MESSAGE = 1024
 """Bytes of the message latency is measured with: far below where bandwidth matters."""
 
 
+def rank_overhead(device: str) -> int:
+    """Device bytes this rank holds with torch and its process group up and no model yet (after
+    a first collective): resident memory on cpu; on cuda, the device memory in use (the
+    context, cuBLAS and NCCL buffers), which the caching allocator's figures do not show."""
+    dist.all_reduce(torch.ones(1, device=device))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def _collective_worker(rank: int, world: int, device: str, store: str, sizes: list[int], reps: int,
                        out: str) -> None:
     if device == "cuda":
@@ -127,11 +142,12 @@ def _collective_worker(rank: int, world: int, device: str, store: str, sizes: li
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=rank, world_size=world)
     try:
+        overhead = rank_overhead(device)
         times = {op: [_best_seconds(_collective(op, max(n // 4, world), world, device), reps=reps,
                                     sync=_sync(device)) for n in [SMALL_MESSAGE, *sizes]]
-                 for op in COLLECTIVES}
+                 for op in COLLECTIVES} if world > 1 else {}
         if rank == 0:
-            Path(out).write_text(json.dumps(times))
+            Path(out).write_text(json.dumps({"times": times, "overhead": overhead}))
     finally:
         dist.destroy_process_group()
 
@@ -157,14 +173,16 @@ def _fit(sizes: list[int], seconds: list[float], *, op: str, world: int) -> tupl
     return 1 / slope, latency
 
 
-def collective_rates(*, nproc: int, device: str, sizes: list[int], reps: int = 3) -> dict[str, tuple[float, float]]:
-    """{op: (bandwidth, latency per ring step)} measured across `nproc` local processes."""
+def collective_rates(*, nproc: int, device: str, sizes: list[int],
+                     reps: int = 3) -> tuple[dict[str, tuple[float, float]], int]:
+    """({op: (bandwidth, latency per ring step)}, `rank_overhead` of rank 0) measured across
+    `nproc` local processes (with one, no collectives: an empty dict)."""
     with tempfile.TemporaryDirectory(prefix="zeroplan-probe-") as tmp:
         out = os.path.join(tmp, "times.json")
         mp.spawn(_collective_worker, args=(nproc, device, os.path.join(tmp, "store"), sizes, reps, out),
                  nprocs=nproc)
-        times = json.loads(Path(out).read_text())
-    return {op: _fit(sizes, t, op=op, world=nproc) for op, t in times.items()}
+        result = json.loads(Path(out).read_text())
+    return {op: _fit(sizes, t, op=op, world=nproc) for op, t in result["times"].items()}, result["overhead"]
 
 
 def framework_overheads(*, device: str, reps: int = 20) -> tuple[float, float]:
@@ -228,8 +246,9 @@ def probe_cluster(*, nproc: int | None = None, path: str | Path = ".", quick: bo
     fp32 = matmul_flops(device=device, dtype=torch.float32, n=sizes["matmul"])
     bf16 = matmul_flops(device=device, dtype=torch.bfloat16, n=sizes["matmul"] // (2 if device == "cpu" else 1))
     per_op: dict[str, float] = {}
+    rates, overhead = collective_rates(nproc=nproc, device=device, sizes=sizes["collective"])
+    notes.append(f"start-up memory per rank (torch and the process group, no model): {overhead / MiB:.0f} MiB")
     if nproc > 1:
-        rates = collective_rates(nproc=nproc, device=device, sizes=sizes["collective"])
         bandwidth, latency = rates["all_reduce"]
         per_op = {op: bw for op, (bw, _) in rates.items() if op != "all_reduce"}
         notes.append("collectives (bandwidth B/s, latency s per ring step, from a "
@@ -251,6 +270,7 @@ def probe_cluster(*, nproc: int | None = None, path: str | Path = ".", quick: bo
         device_name=torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({cores} cores)",
         device_memory_bytes=memory, host_memory_bytes=host, nvme_path=str(path.resolve()),
         nvme_free_bytes=shutil.disk_usage(path).free, rates_source="measured", notes=tuple(notes),
+        runtime_overhead_bytes=overhead,
         rates=ClusterRates(matmul_flops_fp32=fp32, matmul_flops_16bit=bf16, memory_bandwidth=device_copy,
                            host_memory_bandwidth=host_copy / (nproc if device == "cpu" else 1),
                            intra_node_bandwidth=bandwidth, intra_node_latency=latency,

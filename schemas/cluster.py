@@ -108,6 +108,10 @@ class ClusterSpec(FrozenModel):
     """nominal: datasheet figures (optimistic); measured: written by `zeroplan probe`."""
     notes: tuple[str, ...] = ()
     """How figures were obtained, and which were not measured."""
+    runtime_overhead_bytes: int | None = Field(default=None, gt=0)
+    """Device bytes a rank holds before any model tensor (interpreter, torch, the process group;
+    the CUDA context and NCCL's buffers on cuda), measured by `zeroplan probe`; None: the
+    memory model's default for the device (compiler/memory.py RUNTIME_OVERHEAD)."""
 
     @property
     def world_size(self) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 from importlib import metadata
 
 from torch import nn
@@ -35,10 +36,21 @@ class Zeroplan(System):
         self.engine.close()
 
 
+class ZeroplanHeap(Zeroplan):
+    """zeroplan's runtime leaving glibc's dynamic mmap threshold as it is, so freed host tensors
+    stay in malloc's heap (runtime/host_memory.py says why the runtime fixes it): the reference
+    bench/host_memory.py measures the fixed threshold's cost against."""
+
+    def setup(self, *, model: nn.Module, workload: Workload) -> None:
+        importlib.import_module("zeroplan.runtime.initialize").fix_mmap_threshold = lambda: False
+        super().setup(model=model, workload=workload)
+
+
 def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
     return stage_variant(Zeroplan, prefix="zeroplan", stage=stage, offload=offload)
 
 
 STAGES = [_stage(s) for s in range(4)]
 OFFLOAD = [_stage(s, "cpu") for s in range(1, 4)]
+HEAP = [type(f"ZeroplanHeapZ{s}", (ZeroplanHeap, cls), {"name": f"{cls.name}-heap"}) for s, cls in enumerate(STAGES)]
 """Optimizer offload to CPU at stages 1-3 (the compiler refuses it at stage 0)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from zeroplan.cli import app
-from zeroplan.schemas import ModelSpec
+from zeroplan.compiler.memory import FIRST_STEPS_OVERHEAD
+from zeroplan.schemas import ClusterSpec, ModelSpec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gpt_small_zero2.yaml"
 runner = CliRunner()
@@ -68,6 +70,11 @@ def test_probe_writes_a_cluster_that_compiles(tmp_path):
     result = run("compile", EXAMPLE, "--model", "small", "--cluster", cluster, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "dp 2" in result.output
+    # the memory model's overhead is the probed start-up memory of a rank (plus the first steps')
+    started = ClusterSpec.load(cluster).runtime_overhead_bytes
+    assert 50 << 20 < started < 2 << 30
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["estimates"]["memory_per_rank"]["overhead"] == started + FIRST_STEPS_OVERHEAD["cpu"]
 
 
 def test_probe_refuses_a_missing_path(tmp_path):

@@ -8,7 +8,10 @@ import json
 import pytest
 
 from zeroplan.compiler import Calibration, estimate_memory
-from zeroplan.compiler.memory import head_activation_bytes, layer_activation_bytes, model_states
+from zeroplan.compiler.memory import (comm_buffers, head_activation_bytes, layer_activation_bytes,
+                                      loss_backward_bytes, model_states, stage_activations,
+                                      training_phases)
+from zeroplan.compiler.shapes import stage_shapes
 from zeroplan.schemas import ConfigError, ModelSpec
 
 P = 1_000_000  # divisible by every dp used below, so shards are exact
@@ -46,7 +49,7 @@ def test_fp32_keeps_a_separate_flat_master_as_the_runtime_does():
     (0, 20.0),  # whole model, master, flat gradient, two moments
     (1, 16.0),  # + full fp32 accumulation buffer; master, gradient shard and moments over 2 ranks
     (2, 12.0),  # the gradient shard only
-    (3, 12.0),  # the whole model as built (every rank builds it before sharding); the master is the shard
+    (3, 8.0),  # the master shard is the parameters; gradient shard, two moments
 ])
 def test_fp32_states_per_parameter_at_two_ranks(stage, expected):
     assert per_param(model_states(params=P, dp=2, stage=stage, param_dtype="fp32")) == expected
@@ -94,22 +97,54 @@ def test_head_keeps_the_fp32_log_softmax_not_the_logits():
         assert got == 2 * e * S * B * H + 4 * S * B * 1000
 
 
-def test_gloo_copies_the_reduce_scatter_bucket_on_cpu_only(compile_dict):
+def _buffers(plan, model):
+    return comm_buffers(plan, stage_shapes(model, tp=1, pp=1)[0], model=model)
+
+
+def test_gloo_copies_the_reduce_scatter_bucket_on_cpu_only(tiny, compile_dict):
     """Stage 1 on 2 ranks, one bucket holding the whole model: on cpu the bucket, its 1/2-size
     output and gloo's copy of it; the publishing all-gather (output + copy) is smaller."""
     data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}
     cpu = compile_dict(data, nproc_per_node=2)
     gpu = compile_dict(data, cluster="h100-80", nproc_per_node=2)
-    n = ModelSpec.load("tiny").total_params
-    assert cpu.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2 + 1))
-    assert gpu.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2))
+    n = tiny.total_params
+    assert _buffers(cpu, tiny).reduction == int(4 * n * (1 + 1 / 2 + 1))
+    assert _buffers(gpu, tiny).reduction == int(4 * n * (1 + 1 / 2))
+    assert _buffers(cpu, tiny).publish == 2 * 4 * n < _buffers(cpu, tiny).reduction
 
 
-def test_stage2_holds_one_bucket_of_unreduced_gradients(compile_dict):
-    data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+def test_the_peak_is_the_largest_phase_and_its_categories_sum_to_it(tiny, compile_dict):
+    """One micro-batch of the tiny model: the gradient bucket's reduction, after backward has
+    freed every activation, is the peak; eight: the start of backward. Either way the
+    categories are what is live then."""
+    small, large = ({"train_micro_batch_size_per_gpu": m, "zero_optimization": {"stage": 2}} for m in (1, 8))
+    at_reduction = compile_dict(small, nproc_per_node=2).estimates.memory_per_rank
+    at_backward = compile_dict(large, nproc_per_node=2).estimates.memory_per_rank
+    assert at_reduction["activations"] == 0
+    assert at_reduction["comm_buffers"] == _buffers(compile_dict(small, nproc_per_node=2), tiny).reduction
+    assert at_backward["comm_buffers"] == 0 and at_backward["activations"] > at_reduction["comm_buffers"]
+
+
+def test_buckets_launched_during_backward_meet_the_activations_left(tiny, compile_dict):
+    """A bucket of half the model launches half-way through backward, beside half the activations."""
+    n = tiny.total_params
+    data = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2, "reduce_bucket_size": n // 2}}
     plan = compile_dict(data, nproc_per_node=2)
-    n = ModelSpec.load("tiny").total_params
-    assert plan.estimates.memory_per_rank["comm_buffers"] == int(4 * n * (1 + 1 / 2 + 1)) + 4 * n
+    buffers = _buffers(plan, tiny)
+    assert buffers.overlap == pytest.approx(1 - (n // 2) / n)
+    phases = training_phases(activations=2000, after_loss=1000, buffers=buffers, setup_parameters=0)
+    assert phases["reduction"] == {"activations": int(1000 * buffers.overlap), "comm_buffers": buffers.reduction}
+
+
+def test_stage3_set_up_holds_the_whole_model(tiny, compile_dict):
+    """Every rank builds the whole model before stage 3 shards it: with little to train, that
+    moment is the peak and the parameters count the whole model."""
+    short = ModelSpec.model_validate({**tiny.model_dump(), "name": "tiny-short", "seq_len": 8})
+    data = {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0,
+                                  "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 100_000}}
+    memory = estimate_memory(compile_dict(data, nproc_per_node=2), short).device
+    assert memory["parameters"] == 4 * short.total_params and memory["activations"] == memory["comm_buffers"] == 0
 
 
 def test_flash_attention_drops_the_quadratic_term():
@@ -124,9 +159,12 @@ def test_plan_activations_with_and_without_checkpointing(tiny, compile_dict):
     s, b, h = tiny.seq_len, 2, tiny.hidden
     layer = layer_activation_bytes(seq=s, micro=b, hidden=h, heads=tiny.heads, ffn=tiny.ffn, element_bytes=4,
                                    flash=True)
-    head = head_activation_bytes(seq=s, micro=b, hidden=h, vocab=tiny.vocab, tp=1, element_bytes=4)
+    head = (head_activation_bytes(seq=s, micro=b, hidden=h, vocab=tiny.vocab, tp=1, element_bytes=4)
+            + loss_backward_bytes(seq=s, micro=b, vocab=tiny.vocab, tp=1))
+    assert loss_backward_bytes(seq=s, micro=b, vocab=tiny.vocab, tp=1) == 2 * 4 * s * b * tiny.vocab
     assert off.estimates.memory_per_rank["activations"] == tiny.layers * layer + head
-    assert on.estimates.memory_per_rank["activations"] == tiny.layers * 4 * s * b * h + layer + head
+    # the head's backward (and its loss's temporaries) is over before the first block is recomputed
+    assert on.estimates.memory_per_rank["activations"] == tiny.layers * 4 * s * b * h + max(layer, head)
 
 
 def test_1f1b_first_stage_holds_pp_micro_batches(tiny, compile_dict):
@@ -135,9 +173,10 @@ def test_1f1b_first_stage_holds_pp_micro_batches(tiny, compile_dict):
     layer = layer_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, heads=tiny.heads, ffn=tiny.ffn,
                                    element_bytes=4, flash=True)
     head = head_activation_bytes(seq=tiny.seq_len, micro=1, hidden=tiny.hidden, vocab=tiny.vocab, tp=1,
-                                 element_bytes=4)
+                                 element_bytes=4) + loss_backward_bytes(seq=tiny.seq_len, micro=1, vocab=tiny.vocab, tp=1)
     first, last = 2 * (tiny.layers // 2) * layer, (tiny.layers // 2) * layer + head
-    assert plan.estimates.memory_per_rank["activations"] == max(first, last)
+    shapes = stage_shapes(tiny, tp=1, pp=2)
+    assert [stage_activations(plan, tiny, shape)[0] for shape in shapes] == [first, last]
 
 
 def test_cpu_offload_moves_optimizer_state_to_the_host(tiny, compile_dict):

@@ -1,6 +1,6 @@
 """The plan's communication estimate is what the runtime does: for compiled plans of the tiny
 GPT (ZeRO 0-3, with and without tensor parallelism, with sequence parallelism and recomputed
-blocks, fp16, reduce_scatter off), one optimizer
+blocks, tp-partitioned checkpoints, fp16 (with tp too), reduce_scatter off), one optimizer
 step's logged collectives equal `estimates.comm_messages_per_step` call for call and
 `comm_bytes_per_step` byte for byte (the logged tensor sizes through the compiler's ring
 accounting). Bucket packing and ZeRO-3's persistence and gather order come from one
@@ -31,7 +31,7 @@ OPS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "a
 
 
 def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = False, method: str = "parameters",
-          sp: bool = False, checkpointing: bool = False, **zero):
+          sp: bool = False, checkpointing: bool = False, partition: bool | None = None, **zero):
     parallel = {"tp": tp, "pp": pp, "pipeline": {"partition_method": method}}
     data = {"train_batch_size": 4 * dp, "train_micro_batch_size_per_gpu": 2, "parallel": parallel,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 200_000, "allgather_bucket_size": 300_000,
@@ -40,7 +40,8 @@ def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = Fal
         data["fp16"] = {"enabled": True, "initial_scale_power": 8}
     data["parallel"]["sequence_parallel"] = sp
     if checkpointing:  # recomputed blocks; partitioned checkpoints gather nothing with sequence parallelism
-        data["activation_checkpointing"] = {"enabled": True, "partition_activations": sp}
+        partitioned = sp if partition is None else partition
+        data["activation_checkpointing"] = {"enabled": True, "partition_activations": partitioned}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
         config = validate_config(data)
@@ -54,7 +55,9 @@ CASES = {
         "z3-tp2-sp": functools.partial(_plan, 3, dp=1, tp=2, sp=True)},
     4: {**{f"z{s}-tp2": functools.partial(_plan, s, tp=2) for s in range(4)},
         **{f"z{s}-tp2-sp": functools.partial(_plan, s, tp=2, sp=True) for s in range(4)},
-        "z1-tp2-sp-checkpointing": functools.partial(_plan, 1, tp=2, sp=True, checkpointing=True)},
+        "z1-tp2-sp-checkpointing": functools.partial(_plan, 1, tp=2, sp=True, checkpointing=True),
+        "z2-tp2-partitioned-checkpoints": functools.partial(_plan, 2, tp=2, checkpointing=True, partition=True),
+        "z1-tp2-fp16": functools.partial(_plan, 1, tp=2, fp16=True)},
 }
 PP_CASES = {
     2: {"pp2-z0": functools.partial(_plan, 0, dp=1, pp=2),
