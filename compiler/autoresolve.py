@@ -1,14 +1,24 @@
 """Deciding the config's "auto" fields at compile time, and recording why.
 
-Two kinds of "auto":
-- settings with a conventional answer (learning-rate values, bucket sizes, precision): filled
-  by a fixed rule, the one Hugging Face's DeepSpeed integration applies where it has one
-  (transformers/integrations/deepspeed.py: reduce_bucket_size = hidden^2,
-  stage3_prefetch_bucket_size = 0.9 * hidden^2, stage3_param_persistence_threshold = 10 * hidden);
+Hugging Face's Trainer and Accelerate write "auto" and fill it from TrainingArguments
+(transformers/integrations/deepspeed.py, `trainer_config_process` and `trainer_config_finalize`).
+zeroplan compiles the config without a Trainer, so each "auto" gets one of three answers:
+
+- a conventional value, always (`apply_rules`): Hugging Face's rule where it derives one from the
+  model (reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 * hidden^2,
+  stage3_param_persistence_threshold = 10 * hidden), TrainingArguments' defaults for settings a
+  run rarely changes (betas (0.9, 0.999), eps 1e-8, weight_decay 0, warmup_min_lr 0,
+  gradient_clipping 1.0: `HF_DEFAULTS`), the batch keys DeepSpeed derives from the others, and
+  precision by the device;
+- one problem naming the TrainingArguments field, for what only the run can say: the learning
+  rate, the warm-up and run length (TrainingArguments' defaults, lr 5e-5 and no warm-up, differ
+  from DeepSpeed's, so neither is a safe guess), and the micro-batch when nothing fixes it;
 - performance choices (degrees, ZeRO stage, offload targets, micro-batch, overlap,
-  checkpointing): every combination is compiled and ranked by the cost model's predicted
-  samples/s among those the memory model says fit (search.py). Measuring instead of
-  predicting is `zeroplan autotune`'s job.
+  checkpointing): with `resolve_auto`, every combination is compiled and ranked by the cost
+  model's predicted samples/s among those the memory model says fit (search.py); without it, a
+  problem pointing at `--resolve-auto` and `zeroplan autotune`, which measures instead.
+
+Every decision lands in the plan's `provenance.resolved_auto` with its reason.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from pydantic import BaseModel
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Problem, TrainConfig, is_auto
 
+from zeroplan.schemas.optim import OPTIMIZER_DEFAULTS
+
 from .sections import DEFAULT_LR
 
 SEARCHED = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parallel.pp", "zero_optimization.stage",
@@ -27,7 +39,26 @@ SEARCHED = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parall
             "zero_optimization.overlap_comm", "activation_checkpointing.enabled")
 """Keys decided by the cost-model search rather than by a rule."""
 
-_OPTIMIZER_DEFAULTS = {"lr": DEFAULT_LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+_BATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+HF_DEFAULTS: dict[str, tuple[object, str]] = {
+    "optimizer.params.betas": ([0.9, 0.999], "TrainingArguments' adam_beta1, adam_beta2 defaults"),
+    "optimizer.params.eps": (1e-8, "TrainingArguments' adam_epsilon default"),
+    "optimizer.params.weight_decay": (0.0, "TrainingArguments' weight_decay default"),
+    "scheduler.params.warmup_min_lr": (0.0, "what Hugging Face's integration always fills"),
+    "scheduler.params.cycle_momentum": (True, "DeepSpeed's default"),
+    "gradient_clipping": (1.0, "TrainingArguments' max_grad_norm default"),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": (False, "Accelerate's zero3_save_16bit_model "
+                                                                           "default and DeepSpeed's"),
+}
+"""What "auto" means without a Trainer: the value the Trainer (or Accelerate) fills by default."""
+
+TRAINER_ONLY: dict[str, tuple[str, str]] = {
+    "optimizer.params.lr": ("learning_rate", "give a number (TrainingArguments' default is 5e-5, DeepSpeed's 1e-3)"),
+    "scheduler.params.warmup_num_steps": ("warmup_steps or warmup_ratio", "give the number of warm-up steps"),
+    "scheduler.params.total_num_steps": ("max_steps or num_train_epochs", "give the number of optimizer steps"),
+}
+""""auto" keys only the Trainer can fill: TrainingArguments field each comes from."""
 
 
 def auto_fields(model: BaseModel, prefix: str = "") -> list[str]:
@@ -44,9 +75,17 @@ def auto_fields(model: BaseModel, prefix: str = "") -> list[str]:
 
 
 def auto_problems(paths: list[str]) -> list[Problem]:
-    """One problem per "auto" field, for a compile that was not asked to resolve them."""
+    """One problem per performance "auto" field, for a compile that was not asked to search."""
     hint = "run `zeroplan autotune` to measure, or `zeroplan compile --resolve-auto` to let the cost model decide"
-    return [Problem(p, "is 'auto'; a plan needs a concrete value", given="auto", suggestion=hint) for p in paths]
+    problems = []
+    for path in paths:
+        message = "is 'auto'; a plan needs a concrete value"
+        if path == "train_micro_batch_size_per_gpu":
+            message += (" (Hugging Face's Trainer fills it from per_device_train_batch_size; train_batch_size and "
+                        "gradient_accumulation_steps 'auto' are then derived)")
+        problems.append(Problem(path, message, given="auto", suggestion=f"give a number, {hint}"
+                                if path == "train_micro_batch_size_per_gpu" else hint))
+    return problems
 
 
 def get_path(data: dict, path: str) -> Any:
@@ -71,7 +110,11 @@ def _precision_rules(data: dict, autos: list[str], cluster: ClusterSpec) -> dict
     bf16_auto, fp16_auto = "bf16.enabled" in autos, "fp16.enabled" in autos
     if not (bf16_auto or fp16_auto):
         return decided
-    if cluster.device == "cpu":
+    enabled = next((d for d, key in (("bf16", "bf16.enabled"), ("fp16", "fp16.enabled"))
+                    if get_path(data, key) is True), None)
+    if enabled is not None:
+        choice, why = enabled, f"{enabled}.enabled is true"
+    elif cluster.device == "cpu":
         choice, why = "fp32", "fp32 on cpu: bf16 matmuls are slower than fp32 on most CPUs"
     elif bf16_auto:
         choice, why = "bf16", "bf16 on cuda: fp32 range, no loss scaling"
@@ -101,42 +144,68 @@ def _hidden_rules(data: dict, autos: list[str], model: ModelSpec) -> dict[str, s
 
 def _training_rules(data: dict, autos: list[str]) -> tuple[dict[str, str], list[Problem]]:
     decided, problems = {}, []
-    for name, value in _OPTIMIZER_DEFAULTS.items():
-        key = f"optimizer.params.{name}"
-        if key in autos:
-            set_path(data, key, value)
-            decided[key] = f"{value}: the optimizer's default"
-    lr = get_path(data, "optimizer.params.lr") or DEFAULT_LR
-    fixed = {"scheduler.params.warmup_min_lr": (0.0, "DeepSpeed's default"),
-             "scheduler.params.warmup_max_lr": (lr, "the optimizer's learning rate"),
-             "scheduler.params.warmup_num_steps": (1000, "DeepSpeed's default"),
-             "scheduler.params.cycle_momentum": (True, "DeepSpeed's default"),
-             "gradient_clipping": (1.0, "Hugging Face Trainer's max_grad_norm default, which 'auto' stands for")}
-    for key, (value, why) in fixed.items():
+    for key, (value, why) in HF_DEFAULTS.items():
         if key in autos:
             set_path(data, key, value)
             decided[key] = f"{value}: {why}"
-    if "scheduler.params.total_num_steps" in autos:
-        problems.append(Problem("scheduler.params.total_num_steps", "cannot be derived: the run's length is not "
-                                "part of the config", given="auto", suggestion="give the number of optimizer steps"))
+    for key, (field, fix) in TRAINER_ONLY.items():
+        if key in autos:
+            problems.append(Problem(key, f"is 'auto', which Hugging Face's Trainer fills from its arguments ({field}); "
+                                    "zeroplan compiles without a Trainer", given="auto", suggestion=fix))
+    if "scheduler.params.warmup_max_lr" in autos:
+        lr = get_path(data, "optimizer.params.lr")
+        if "optimizer.params.lr" in autos:
+            problems.append(Problem("scheduler.params.warmup_max_lr", "is 'auto', the learning rate, and "
+                                    "optimizer.params.lr is 'auto' too", given="auto",
+                                    suggestion="give optimizer.params.lr; warmup_max_lr 'auto' then follows it"))
+        else:
+            kind = get_path(data, "optimizer.type")
+            lr = lr if lr != {} else OPTIMIZER_DEFAULTS.get(kind, {}).get("lr", DEFAULT_LR)
+            set_path(data, "scheduler.params.warmup_max_lr", lr)
+            decided["scheduler.params.warmup_max_lr"] = f"{lr}: the optimizer's learning rate, as Hugging Face fills it"
     if "parallel.pipeline.micro_batches" in autos:
         set_path(data, "parallel.pipeline.micro_batches", None)
         decided["parallel.pipeline.micro_batches"] = "gradient_accumulation_steps: one pipeline pass per step"
     return decided, problems
 
 
-def apply_rules(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec) -> tuple[dict, list[str], dict[str, str]]:
-    """Fill the rule-decided autos: (config data, autos left for the search, decisions)."""
+def _batch_rules(data: dict, autos: list[str]) -> dict[str, str]:
+    """"auto" batch keys DeepSpeed's own derivation settles (schemas/batch.py): removed, so the
+    batch resolution derives them from the concrete ones. The micro-batch stays for the search
+    unless train_batch_size and gradient_accumulation_steps both fix it."""
+    auto = [k for k in _BATCH if k in autos]
+    concrete = {k for k in _BATCH if k not in autos and get_path(data, k) != {}}
+    micro = "train_micro_batch_size_per_gpu"
+    if micro in auto and concrete != {"train_batch_size", "gradient_accumulation_steps"}:
+        return {}
+    decided = {}
+    for key in auto:
+        set_path(data, key, None)
+        decided[key] = "derived: train_batch_size = micro-batch x gradient_accumulation_steps x dp (DeepSpeed's rule)"
+    return decided
+
+
+def apply_rules(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *,
+                search: bool = True) -> tuple[dict, list[str], dict[str, str]]:
+    """Fill the rule-decided autos: (config data, autos left for the search, decisions).
+    ConfigError lists every "auto" that has no answer: those no rule decides, and, without
+    `search`, those the search would."""
     autos = auto_fields(config)
     data = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
     decided = _precision_rules(data, autos, cluster)
     decided |= _hidden_rules(data, autos, model)
+    decided |= _batch_rules(data, autos)
     training, problems = _training_rules(data, autos)
     decided |= training
     refused = {p.path for p in problems}
     left = [a for a in autos if a not in decided and a not in refused]
     problems += [Problem(a, "compile has no rule for this 'auto' field", given="auto", suggestion="give a value")
                  for a in left if a not in SEARCHED]
+    searched = [a for a in left if a in SEARCHED]
+    if not search:
+        micro = "train_micro_batch_size_per_gpu"
+        derived = ("train_batch_size", "gradient_accumulation_steps") if micro in searched else ()
+        problems = auto_problems([a for a in searched if a not in derived]) + problems
     if problems:
         raise ConfigError(problems)
-    return data, [a for a in left if a in SEARCHED], decided
+    return data, searched, decided

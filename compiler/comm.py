@@ -95,6 +95,9 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
         # split parameters apart), summed over dp.
         norm = 4 * (2 if plan.parallel.tp > 1 else 1)
         out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", norm, n), 1))
+        if plan.optimizer.type == "Lamb":  # each tensor's squared ||p|| and ||update||, fp64 (optim_lamb.py)
+            out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 16 * len(shape.tensors), n),
+                                  1))
     if plan.precision.loss_scaling.enabled:  # the overflow flag, agreed by every dp rank
         out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 4, n), 1))
     if z.stage in (1, 2):

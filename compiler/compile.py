@@ -1,8 +1,8 @@
 """`compile(config, model, cluster) -> Plan`: pure, deterministic, no torch.
 
-Steps: reshape the cluster (`--nnodes`, `--nproc-per-node`); refuse "auto" fields, or decide
-them (rules, then the cost-model search) and record each decision in
-`provenance.resolved_auto`; build the Plan's sections (degrees, batch triple, defaults);
+Steps: reshape the cluster (`--nnodes`, `--nproc-per-node`); decide "auto" fields by rule
+(autoresolve.py), then the performance ones by the cost-model search when asked to (else
+refuse them), and record each decision in `provenance.resolved_auto`; build the Plan's sections (degrees, batch triple, defaults);
 attach the memory, communication and step-time estimates.
 """
 
@@ -16,7 +16,7 @@ from importlib import metadata
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, TrainConfig, validate_config
 from zeroplan.schemas.plan import Provenance
 
-from .autoresolve import apply_rules, auto_fields, auto_problems, set_path
+from .autoresolve import apply_rules, auto_fields, set_path
 from .calibration import Calibration
 from .plan_builder import attach_estimates, build_plan
 from .search import search
@@ -36,10 +36,11 @@ def _version() -> str:
         return "unknown"
 
 
-def resolve_autos(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *,
+def resolve_autos(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, search_autos: bool = True,
                   calibration: Calibration | None = None) -> tuple[TrainConfig, dict[str, str]]:
-    """The config with every "auto" decided, and {dotted key: "value: why"}."""
-    data, searched, decided = apply_rules(config, model, cluster)
+    """The config with every "auto" decided, and {dotted key: "value: why"}. Without
+    `search_autos`, a performance "auto" (one the search decides) is a ConfigError."""
+    data, searched, decided = apply_rules(config, model, cluster, search=search_autos)
     if searched:
         margin = config.autotuning.memory_safety_margin
         for key, (value, why) in search(data, searched, model, cluster, margin=margin, calibration=calibration).items():
@@ -55,15 +56,13 @@ def compile(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, nnod
             calibration: Calibration | None = None) -> Plan:
     """The Plan for `config` on `cluster` (reshaped by `nnodes`/`nproc_per_node`).
 
-    Without `resolve_auto`, any "auto" field is a ConfigError listing all of them. Problems
-    with degrees, batch or model fit are ConfigErrors naming the key to change.
+    "auto" fields with a conventional value are decided by rule; without `resolve_auto`, a
+    performance "auto" (degrees, stage, offload, micro-batch, ...) is a ConfigError listing all
+    of them. Problems with degrees, batch or model fit are ConfigErrors naming the key to change.
     """
     cluster = cluster.with_shape(nnodes=nnodes, nproc_per_node=nproc_per_node)
-    autos = auto_fields(config)
-    if autos and not resolve_auto:
-        raise ConfigError(auto_problems(autos))
-    concrete, decided = (resolve_autos(config, model, cluster, calibration=calibration) if autos
-                         else (config, {}))
+    concrete, decided = (resolve_autos(config, model, cluster, search_autos=resolve_auto, calibration=calibration)
+                         if auto_fields(config) else (config, {}))
     provenance = Provenance(config_hash=config_hash(config), zeroplan_version=_version(), model=model.name,
                             cluster=cluster.name, resolved_auto=decided)
     plan = build_plan(concrete, model, cluster, provenance=provenance)

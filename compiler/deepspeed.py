@@ -13,18 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 from zeroplan.schemas import Plan
+from zeroplan.schemas.optim import OPTIMIZER_PARAMS
 from zeroplan.schemas.plan import OffloadTarget
 
 
 def _optimizer(plan: Plan) -> dict[str, Any]:
+    """The plan's optimizer with the parameters its type takes (schemas.optim.OPTIMIZER_PARAMS)."""
     o = plan.optimizer
-    params: dict[str, Any] = {"lr": o.lr, "weight_decay": o.weight_decay}
-    if o.type == "SGD":
-        params |= {"momentum": o.momentum, "dampening": o.dampening, "nesterov": o.nesterov}
-    else:
-        params |= {"betas": list(o.betas), "eps": o.eps}
-        if o.type == "Adam":
-            params["adam_w_mode"] = o.decoupled_weight_decay
+    params = {k: getattr(o, k) for k in OPTIMIZER_PARAMS[o.type] if k in type(o).model_fields}
+    if "betas" in params:
+        params["betas"] = list(o.betas)
+    if o.type == "Adam":
+        params["adam_w_mode"] = o.decoupled_weight_decay
     return {"type": o.type, "params": params}
 
 

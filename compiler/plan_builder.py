@@ -19,10 +19,12 @@ from .sections import (
     checkpointing_plan,
     deepspeed_plan,
     kernels_plan,
+    largest_partition,
     logging_plan,
     monitors_plan,
     offload_plan,
     optimizer_plan,
+    optimizer_problems,
     precision_plan,
     scheduler_plan,
     world_plan,
@@ -79,6 +81,7 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
     tp_key = "parallel.tp" if config.parallel.tp is not None or config.tp is None else "tensor_parallel.autotp_size"
     stage = config.zero_optimization.stage
     problems = degree_problems(dp=dp, tp=tp, pp=pp, stage=stage, model=model, tp_key=tp_key)
+    problems += optimizer_problems(config, tp=tp)
     try:
         batch = resolve_batch(config.train_batch_size, config.train_micro_batch_size_per_gpu,
                               config.gradient_accumulation_steps, dp=dp)
@@ -89,7 +92,9 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
     if problems + pipe_problems:
         raise ConfigError(problems + pipe_problems)
     return Plan(
-        world=world_plan(cluster), parallel=parallel, batch=batch, zero=zero_plan(config),
+        world=world_plan(cluster), parallel=parallel, batch=batch,
+        zero=zero_plan(config, largest=largest_partition(model, dp=dp, tp=tp, pp=pp,
+                                                         method=parallel.pipeline_partition_method)),
         offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),
         scheduler=scheduler_plan(config), kernels=kernels_plan(config, cluster),
         activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config),

@@ -1,15 +1,17 @@
 """A concrete `TrainConfig` (no "auto" left) -> the Plan's sections, one small function each.
 
 Defaults the config leaves open are filled here and nowhere else: the optimizer (AdamW,
-lr 1e-3, when the config has none), DeepSpeed's scheduler defaults
-(`schemas.optim.SCHEDULER_DEFAULTS`), and the optimizer kernel for the cluster's device.
+lr 1e-3, when the config has none; each type's DeepSpeed defaults, `schemas.optim.OPTIMIZER_DEFAULTS`),
+DeepSpeed's scheduler defaults (`schemas.optim.SCHEDULER_DEFAULTS`), the optimizer kernel for
+the cluster's device, and the swap tile of `sub_group_size: 0`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-from zeroplan.schemas import ClusterSpec, ConfigError, Problem, TrainConfig
+from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Problem, TrainConfig
+from zeroplan.schemas.optim import OPTIMIZER_DEFAULTS, OPTIMIZER_PARAMS
 from zeroplan.schemas.plan import (
     ActivationCheckpointingPlan,
     DeepSpeedPassThrough,
@@ -30,6 +32,8 @@ from zeroplan.schemas.plan import (
 )
 
 from .flops import peak_flops
+from .shapes import stage_shapes
+from .shards import chunk
 
 DEFAULT_LR = 1e-3
 """torch.optim.AdamW's and DeepSpeed's Adam default learning rate."""
@@ -40,7 +44,15 @@ def world_plan(cluster: ClusterSpec) -> WorldPlan:
                      device=cluster.device, backend="nccl" if cluster.device == "cuda" else "gloo")
 
 
-def zero_plan(config: TrainConfig) -> ZeroPlan:
+def largest_partition(model: ModelSpec, *, dp: int, tp: int, pp: int, method: str) -> int:
+    """Elements of the largest parameter's per-rank partition: what `sub_group_size: 0` makes
+    the swap tile, as DeepSpeed's ZeRO-3 then steps one parameter per sub-group."""
+    biggest = max(max(shape.tensors) for shape in stage_shapes(model, tp=tp, pp=pp, method=method))
+    return chunk(biggest, dp)
+
+
+def zero_plan(config: TrainConfig, *, largest: int) -> ZeroPlan:
+    """`largest`: see `largest_partition`, used when sub_group_size is 0."""
     z = config.zero_optimization
     return ZeroPlan(
         stage=z.stage, reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
@@ -49,7 +61,7 @@ def zero_plan(config: TrainConfig) -> ZeroPlan:
         param_persistence_threshold=z.stage3_param_persistence_threshold,
         model_persistence_threshold=z.stage3_model_persistence_threshold,
         max_live_parameters=z.stage3_max_live_parameters, max_reuse_distance=z.stage3_max_reuse_distance,
-        sub_group_size=z.sub_group_size)
+        sub_group_size=z.sub_group_size or largest)
 
 
 def offload_plan(config: TrainConfig) -> OffloadPlan:
@@ -80,15 +92,32 @@ def optimizer_plan(config: TrainConfig) -> OptimizerPlan:
     if config.optimizer is None:
         return OptimizerPlan(type="AdamW", lr=DEFAULT_LR, **common)
     kind, p = config.optimizer.type, config.optimizer.params
-    given = {k: v for k, v in (("lr", p.lr), ("eps", p.eps), ("weight_decay", p.weight_decay)) if v is not None}
-    if kind == "SGD":
-        sgd = {k: v for k, v in (("momentum", p.momentum), ("dampening", p.dampening), ("nesterov", p.nesterov))
-               if v is not None}
-        return OptimizerPlan(type="SGD", decoupled_weight_decay=False, **given, **sgd, **common)
-    betas = {"betas": tuple(p.betas)} if p.betas is not None else {}
-    # DeepSpeed's Adam decouples weight decay unless adam_w_mode is false (deepspeed/ops/adam).
-    decoupled = True if kind == "AdamW" else p.adam_w_mode is not False
-    return OptimizerPlan(type=kind, decoupled_weight_decay=decoupled, **given, **betas, **common)
+    given = {k: getattr(p, k) for k in OPTIMIZER_PARAMS[kind]
+             if k in OptimizerPlan.model_fields and getattr(p, k) is not None}
+    values = {**OPTIMIZER_DEFAULTS[kind], **given}
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    # DeepSpeed's Adam decouples weight decay unless adam_w_mode is false (deepspeed/ops/adam);
+    # Lion's decay is decoupled; SGD and Adagrad add it to the gradient, Lamb to the update.
+    decoupled = kind in ("AdamW", "Lion") or (kind == "Adam" and p.adam_w_mode is not False)
+    return OptimizerPlan(type=kind, decoupled_weight_decay=decoupled, **values, **common)
+
+
+def optimizer_problems(config: TrainConfig, *, tp: int) -> list[Problem]:
+    """Lamb's trust ratio needs each tensor's whole norm: zeroplan sums a tensor's squared norm
+    over the dp shards, but not over tp ranks, and not across NVMe tiles (stepped one at a time)."""
+    if config.optimizer is None or config.optimizer.type != "Lamb":
+        return []
+    problems = []
+    if tp > 1:
+        problems.append(Problem("optimizer.type", f"Lamb with tensor parallelism (tp {tp}) is not supported: its "
+                                "per-tensor trust ratio would see only each tp rank's slice", given="Lamb",
+                                suggestion="use tp 1 with Lamb, or another optimizer"))
+    if config.zero_optimization.offload_optimizer.device == "nvme":
+        problems.append(Problem("zero_optimization.offload_optimizer.device", "Lamb cannot step NVMe tiles: its "
+                                "per-tensor trust ratio needs the whole shard at once", given="nvme",
+                                suggestion="offload Lamb's state to 'cpu', or use another optimizer"))
+    return problems
 
 
 def scheduler_plan(config: TrainConfig) -> SchedulerPlan | None:
@@ -101,14 +130,19 @@ def kernels_plan(config: TrainConfig, cluster: ClusterSpec) -> KernelsPlan:
     """The optimizer kernel: where the step runs decides it.
 
     An offloaded step runs on the host: cpu_adam (ZeRO-Offload's SIMD Adam). Otherwise
-    cuda_fused on cuda and torch_fused on cpu. SGD has no fused kernel of ours: torch_foreach.
+    cuda_fused on cuda and torch_fused on cpu, or torch_foreach on cpu without bias correction,
+    which torch's fused Adam always applies. SGD, Lamb, Lion and Adagrad have no fused kernel of
+    ours: torch_foreach.
     """
     kind = config.optimizer.type if config.optimizer is not None else "AdamW"
-    if kind == "SGD":
+    if kind not in ("Adam", "AdamW"):
         return KernelsPlan(optimizer="torch_foreach")
     if config.zero_optimization.offload_optimizer.device in ("cpu", "nvme"):
         return KernelsPlan(optimizer="cpu_adam")
-    return KernelsPlan(optimizer="cuda_fused" if cluster.device == "cuda" else "torch_fused")
+    if cluster.device == "cuda":
+        return KernelsPlan(optimizer="cuda_fused")
+    corrected = config.optimizer is None or config.optimizer.params.bias_correction is not False
+    return KernelsPlan(optimizer="torch_fused" if corrected else "torch_foreach")
 
 
 def checkpointing_plan(config: TrainConfig) -> ActivationCheckpointingPlan:

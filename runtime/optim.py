@@ -6,7 +6,10 @@ call; implementations:
 - `TorchAdam`: torch's functional Adam/AdamW (`torch.optim.adam.adam`, foreach or fused);
 - `KernelAdam`: `zeroplan.runtime.kernels.adam_step`, the native kernel (plan.kernels.optimizer
   'cpu_adam' or 'cuda_fused'), with the same state tensors so checkpoints interchange;
-- `TorchSGD`: torch's functional SGD with momentum, dampening and Nesterov.
+- `TorchSGD`: torch's functional SGD with momentum, dampening and Nesterov;
+- `Lion` (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2) and
+  `Adagrad` (torch.optim.Adagrad's update), element-wise like Adam;
+- `Lamb` (optim_lamb.py): not element-wise; its trust ratio needs every tensor's whole norm.
 
 A step can also run tile by tile over state that does not live in the optimizer (NVMe
 offload swaps each tile's state in and out): `begin_step()`, then `update(...)` once per tile
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.adam import adam as _adam
@@ -26,6 +30,9 @@ from torch.optim.sgd import sgd as _sgd
 
 from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import KernelsPlan, OptimizerPlan
+
+if TYPE_CHECKING:
+    from .optim_lamb import ShardSegments
 
 
 class FlatOptimizer(ABC):
@@ -111,6 +118,9 @@ class TorchAdam(_AdamState):
 
 
 class KernelAdam(_AdamState):
+    """`adam_step` of zeroplan.runtime.kernels: the native kernels, and torch_foreach for what
+    torch's own Adam cannot do (bias_correction false)."""
+
     def __init__(self, *, adam_step, **kwargs):
         super().__init__(**kwargs)
         self.adam_step = adam_step
@@ -119,7 +129,8 @@ class KernelAdam(_AdamState):
         p = self.plan
         self.adam_step(param=param, grad=grad, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
                        step=int(self.steps.item()), lr=lr, beta1=self._beta1(beta1), beta2=p.betas[1], eps=p.eps,
-                       weight_decay=p.weight_decay, decoupled=p.decoupled_weight_decay)
+                       weight_decay=p.weight_decay, decoupled=p.decoupled_weight_decay,
+                       bias_correction=p.bias_correction)
 
 
 class TorchSGD(FlatOptimizer):
@@ -144,20 +155,70 @@ class TorchSGD(FlatOptimizer):
         return {"started": self.started}
 
 
-def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: int,
-                    device: torch.device) -> FlatOptimizer:
+class Lion(FlatOptimizer):
+    """c = beta1 m + (1 - beta1) g; p <- p (1 - lr wd) - lr sign(c); m <- beta2 m + (1 - beta2) g.
+
+    sign(0) is 0, as in the paper: an element whose gradient and momentum are both exactly 0
+    (a shard's padding, an embedding row no sample used) stays. DeepSpeed's kernels move it by
+    lr instead (FusedLion takes c > 0 ? -lr : lr, DeepSpeedCPULion -copysign(lr, c)).
+    """
+
+    state_names = ("exp_avg",)
+
+    def update(self, *, param, grad, state, lr, beta1=None) -> None:
+        p = self.plan
+        b1 = p.betas[0] if beta1 is None else beta1
+        momentum = state["exp_avg"]
+        direction = torch.lerp(grad, momentum, b1).sign_()
+        if p.weight_decay:
+            param.mul_(1 - lr * p.weight_decay)
+        param.add_(direction, alpha=-lr)
+        momentum.lerp_(grad, 1 - p.betas[1])
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class Adagrad(_AdamState):
+    """torch.optim.Adagrad's update (lr_decay 0, initial accumulator 0), in its operation order:
+    g += wd p; sum += g^2; p -= lr g / (sqrt(sum) + eps)."""
+
+    state_names = ("sum",)
+
+    def update(self, *, param, grad, state, lr, beta1=None) -> None:
+        p = self.plan
+        if p.weight_decay:
+            grad = grad.add(param, alpha=p.weight_decay)
+        squares = state["sum"]
+        squares.addcmul_(grad, grad, value=1)
+        param.addcdiv_(grad, squares.sqrt().add_(p.eps), value=-lr)
+
+
+def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: int, device: torch.device,
+                    segments: ShardSegments | None = None) -> FlatOptimizer:
     """The flat-shard optimizer for the plan's optimizer type and kernel choice.
 
     `numel` sizes the element-wise state it keeps; 0 when the caller keeps it (NVMe swap files).
+    `segments`: where each tensor lies in the shard and how to sum over its shards; Lamb needs it.
     """
+    common = dict(plan=optimizer, numel=numel, device=device)
     if optimizer.type == "SGD":
-        return TorchSGD(plan=optimizer, numel=numel, device=device)
-    if kernels.optimizer in ("cpu_adam", "cuda_fused"):
-        return KernelAdam(adam_step=_native_adam(kernels.optimizer), plan=optimizer, numel=numel, device=device)
-    return TorchAdam(fused=kernels.optimizer == "torch_fused", plan=optimizer, numel=numel, device=device)
+        return TorchSGD(**common)
+    if optimizer.type == "Lion":
+        return Lion(**common)
+    if optimizer.type == "Adagrad":
+        return Adagrad(**common)
+    if optimizer.type == "Lamb":
+        from .optim_lamb import Lamb  # it builds on this module's FlatOptimizer
+
+        return Lamb(segments=segments, **common)
+    if kernels.optimizer in ("cpu_adam", "cuda_fused") or not optimizer.bias_correction:
+        name = kernels.optimizer if kernels.optimizer in ("cpu_adam", "cuda_fused") else "torch_foreach"
+        return KernelAdam(adam_step=_kernel_adam(name), **common)
+    return TorchAdam(fused=kernels.optimizer == "torch_fused", **common)
 
 
-def _native_adam(name: str):
+def _kernel_adam(name: str):
     try:
         return functools.partial(importlib.import_module("zeroplan.runtime.kernels").adam_step, kernel=name)
     except (ImportError, AttributeError) as e:

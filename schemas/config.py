@@ -88,6 +88,11 @@ class TrainConfig(StrictModel):
             problems.append(Problem("bf16.enabled", "fp16 and bf16 cannot both be enabled",
                                     given=True, suggestion="set fp16.enabled or bf16.enabled to false"))
         problems += self._tp_problems()
+        stage = self.zero_optimization.stage
+        if self.fp16.fp16_master_weights_and_grads and stage == 0:
+            problems.append(Problem("fp16.fp16_master_weights_and_grads", "needs a ZeRO stage >= 1, as DeepSpeed "
+                                    "asserts, but stage is 0", given=True,
+                                    suggestion="set it to false, or zero_optimization.stage to 1, 2 or 3"))
         raise_problems(problems)
         return self
 

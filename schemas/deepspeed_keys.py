@@ -7,7 +7,13 @@ before validation, and each produces one notice. Anything not named here and not
 schema is an error.
 
 Deprecated spellings (`cpu_offload`, `bfloat16`, ...) are rewritten to the current keys
-with a notice; when both spellings are given, that is an error.
+with a notice; when both spellings are given, that is an error. DeepSpeed's own second
+spelling of a ZeRO key (`max_live_parameters` for `stage3_max_live_parameters`, see
+`zero.DEEPSPEED_FIELD_NAMES`) is read silently; both spellings with different values is an error.
+
+DeepSpeed reads its top level with `dict.get`, so keys it does not define are ignored there;
+the ones real configs carry (`IGNORED_BY_DEEPSPEED`, comment keys) are dropped here with a
+notice saying they have no effect in either, and every other unknown key stays an error.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import Problem
+from .zero import DEEPSPEED_FIELD_NAMES
 
 RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset({
@@ -24,6 +31,7 @@ RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
         "dataloader_drop_last", "disable_allgather", "weight_quantization", "timers",
         "torch_autocast", "use_data_before_expert_parallel_", "zenflow",
         "checkpoint_parallel_write_pipeline", "load_universal_checkpoint", "fp8",
+        "use_data_before_expert_parallelism", "disable_python_gc", "log_level",
     }),
     ("zero_optimization",): frozenset({
         "legacy_stage1", "zero_hpz_partition_size", "zero_quantized_weights",
@@ -32,8 +40,11 @@ RECOGNISED_UNUSED: dict[tuple[str, ...], frozenset[str]] = {
         "override_module_apply", "use_multi_rank_bucket_allreduce",
         "log_trace_cache_warnings", "module_granularity_threshold", "use_all_reduce_for_fetch_params",
         "stage3_use_all_reduce_for_fetch_params", "stage3_module_granularity_threshold",
-        "reduce_scatter_dtype", "prefetch_sharded_params",
+        "reduce_scatter_dtype", "prefetch_sharded_params", "allgather_sequential",
+        "stage3_allgather_sequential", "parameter_alignment", "enable_sanity_checks", "compute_grad_norm",
+        "save_muon_momentum_buffer_in_memory", "leaf_module", "zenflow",
     }),
+    ("optimizer",): frozenset({"legacy_fusion"}),
     ("bf16",): frozenset({"check_grad_overflow", "bf16_master_weights_and_grads", "bf16_optimizer_states"}),
     ("checkpoint",): frozenset({"writer"}),
     ("autotuning",): frozenset({
@@ -100,6 +111,64 @@ def refuse_ulysses(data: dict, notices: list[str], problems: list[Problem]) -> N
                             "in a sequence-parallel group) is not implemented by zeroplan", given=value,
                             suggestion="remove it; for Megatron-style sequence parallelism within the tensor-"
                             "parallel group set parallel.tp > 1 and parallel.sequence_parallel true"))
+
+
+IGNORED_BY_DEEPSPEED: dict[str, str] = {
+    "comms_config": "DeepSpeed's communication logger reads the 'comms_logger' block",
+    "monitor_config": "DeepSpeed's monitors read the top-level 'tensorboard', 'wandb', 'csv_monitor' and "
+                      "'comet' blocks",
+}
+"""Top-level keys of real configs (LLaMA-Factory's) that are not DeepSpeed keys: DeepSpeed never
+reads them, so they change nothing there either."""
+
+COMMENT_PREFIXES = ("_comment", "//")
+"""Top-level keys starting with these are JSON comments (`"_comment": "..."`)."""
+
+
+def drop_ignored(data: dict, notices: list[str]) -> None:
+    """Remove top-level keys DeepSpeed ignores (IGNORED_BY_DEEPSPEED, comments), one notice each."""
+    for key in sorted(k for k in data if isinstance(k, str)):
+        if key in IGNORED_BY_DEEPSPEED:
+            del data[key]
+            notices.append(f"'{key}' is not a DeepSpeed key and has no effect there or here: "
+                           f"{IGNORED_BY_DEEPSPEED[key]}")
+        elif key.startswith(COMMENT_PREFIXES):
+            del data[key]
+            notices.append(f"'{key}' is read as a comment (DeepSpeed ignores top-level keys it does not define)")
+
+
+def _canonical(value: Any) -> Any:
+    """A value as the schema will read it, to compare two spellings of one key: 5e8 == "5e8"."""
+    if isinstance(value, bool):
+        return ("flag", value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "false", "auto"):
+            return ("flag", text == "true") if text != "auto" else ("auto", None)
+        try:
+            return ("number", float(text.replace("_", "")))
+        except ValueError:
+            return ("text", value)
+    if isinstance(value, (int, float)):
+        return ("number", float(value))
+    return ("other", repr(value))
+
+
+def read_field_names(data: dict, notices: list[str], problems: list[Problem]) -> None:
+    """DeepSpeed's field names of ZeRO keys (zero.DEEPSPEED_FIELD_NAMES) -> zeroplan's spelling."""
+    zero = _block(data, ("zero_optimization",))
+    if zero is None:
+        return
+    for name, field in DEEPSPEED_FIELD_NAMES.items():
+        if name not in zero:
+            continue
+        value = zero.pop(name)
+        if field not in zero:
+            zero[field] = value
+        elif _canonical(zero[field]) != _canonical(value):
+            problems.append(Problem(f"zero_optimization.{name}", f"DeepSpeed's other spelling of '{field}', which "
+                                    f"is also given with a different value ({zero[field]!r})", given=value,
+                                    suggestion=f"give one of '{name}' and '{field}'"))
 
 
 _HINTS = {
@@ -201,7 +270,9 @@ def normalise(data: dict) -> tuple[list[str], list[Problem]]:
     problems: list[Problem] = []
     for remap in DEPRECATIONS:
         remap(data, notices, problems)
+    read_field_names(data, notices, problems)
     refuse_removed(data, problems)
+    drop_ignored(data, notices)
     refuse_ulysses(data, notices, problems)
     drop_recognised(data, notices)
     return notices, problems

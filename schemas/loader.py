@@ -106,6 +106,9 @@ def config_notices(config: TrainConfig) -> list[str]:
     if z.contiguous_gradients is False:
         notices.append("zero_optimization.contiguous_gradients false has no effect: zeroplan always reduces "
                        "gradients through contiguous buckets")
+    if config.fp16.fp16_master_weights_and_grads is True:
+        notices.append("fp16.fp16_master_weights_and_grads has no effect: zeroplan keeps fp32 master weights and "
+                       "gradients (more memory than DeepSpeed's fp16 masters, none of their rounding)")
     if z.stage3_gather_16bit_weights_on_model_save is True:
         notices.append("zero_optimization.stage3_gather_16bit_weights_on_model_save has no effect: "
                        "engine.full_state_dict() gathers the whole model at every stage")

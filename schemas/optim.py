@@ -1,9 +1,10 @@
 """`optimizer` and `scheduler` blocks, with DeepSpeed's type and parameter names.
 
 Parameters left out (None) take the optimizer's or scheduler's own default when the plan
-is compiled; the defaults are DeepSpeed's, listed in `SCHEDULER_DEFAULTS`. A parameter that
-does not belong to the chosen type (`momentum` for Adam, `total_num_steps` for WarmupLR) is
-an error rather than silently ignored.
+is compiled; the defaults are DeepSpeed's, listed in `OPTIMIZER_DEFAULTS` and
+`SCHEDULER_DEFAULTS`. A parameter that does not belong to the chosen type (`momentum` for
+Adam, `total_num_steps` for WarmupLR) is an error rather than silently ignored, and so is an
+optimizer type zeroplan does not build: one problem naming it, not one per parameter.
 """
 
 from typing import Annotated
@@ -11,14 +12,40 @@ from typing import Annotated
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import Problem, raise_problems
+from .errors import ConfigError, Problem, raise_problems
 from .types import AUTO, Auto, AutoFlag, Flag, StrictModel, is_auto_input, choice, count, real
 
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
+OPTIMIZER_PARAMS: dict[str, tuple[str, ...]] = {
+    "Adam": ("lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam"),
+    "AdamW": ("lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam"),
+    "SGD": ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
+    "Lamb": ("lr", "betas", "eps", "weight_decay", "bias_correction", "max_coeff", "min_coeff", "eps_inside_sqrt"),
+    "Lion": ("lr", "betas", "weight_decay"),
+    "Adagrad": ("lr", "eps", "weight_decay"),
+}
+"""The parameters each optimizer type takes: DeepSpeed's (deepspeed/runtime/engine.py
+`_configure_basic_optimizer`: FusedAdam, torch.optim.SGD, FusedLamb, FusedLion,
+torch.optim.Adagrad), less what zeroplan does not implement."""
+
+OPTIMIZERS = tuple(OPTIMIZER_PARAMS)
+
+OPTIMIZER_DEFAULTS: dict[str, dict[str, object]] = {
+    "Adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "AdamW": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "SGD": {"lr": 1e-3, "weight_decay": 0.0},
+    "Lamb": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "Lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+    "Adagrad": {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
+}
+"""What a parameter left out means: the default of the class DeepSpeed builds (FusedAdam,
+FusedLamb and FusedLion: lr 1e-3, betas (0.9, 0.999); torch.optim.Adagrad: lr 1e-2, eps 1e-10).
+SGD has no default learning rate in torch; zeroplan's is 1e-3."""
+
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle")
 
-_ADAM_ONLY = {"betas", "eps", "adam_w_mode", "torch_adam"}
-_SGD_ONLY = {"momentum", "dampening", "nesterov"}
+REMOVED_OPTIMIZERS = ("OneBitAdam", "OneBitLamb", "ZeroOneAdam")
+"""DeepSpeed's 1-bit optimizers, gone from DeepSpeed 0.19 (its engine then looks the name up in
+torch.optim and fails)."""
 
 
 def _parse_betas(value: object) -> tuple[float, float] | Auto:
@@ -49,13 +76,17 @@ Betas = Annotated[
 
 class OptimizerParams(StrictModel):
     lr: real(gt=0, auto=True) | None = None
-    """Learning rate; None takes the optimizer's default (1e-3 for Adam/AdamW)."""
+    """Learning rate; None takes the optimizer's default (OPTIMIZER_DEFAULTS). "auto" is what
+    Hugging Face's Trainer fills from TrainingArguments.learning_rate; compile has no Trainer
+    and asks for a number."""
     betas: Betas | None = None
-    """Adam's (beta1, beta2); default (0.9, 0.999)."""
+    """Adam's, Lamb's and Lion's (beta1, beta2); default (0.9, 0.999); "auto": that default,
+    which is also TrainingArguments' (adam_beta1, adam_beta2)."""
     eps: real(gt=0, auto=True) | None = None
-    """Adam's epsilon; default 1e-8."""
+    """Adam's and Lamb's epsilon (default 1e-8), Adagrad's (default 1e-10); "auto": Adam's
+    1e-8, TrainingArguments' adam_epsilon."""
     weight_decay: real(ge=0, auto=True) | None = None
-    """Weight decay; default 0 (DeepSpeed's Adam) or 0.01 (torch's AdamW)."""
+    """Weight decay; default 0 (DeepSpeed's classes, and TrainingArguments', which "auto" means)."""
     momentum: real(ge=0) | None = None
     """SGD momentum; default 0."""
     dampening: real(ge=0) | None = None
@@ -68,32 +99,65 @@ class OptimizerParams(StrictModel):
     torch_adam: Flag | None = None
     """DeepSpeed uses torch's Adam implementation when true; zeroplan picks its kernel
     from the plan's `kernels` section, so this only records the wish."""
+    bias_correction: Flag | None = None
+    """Adam/AdamW/Lamb: divide the moments by 1 - beta^step (true, the default); false steps
+    with the raw moments (DeepSpeed's FusedAdam and FusedLamb take the same switch)."""
+    max_coeff: real(gt=0) | None = None
+    """Lamb: upper clamp of the trust ratio ||w|| / ||update||; default 10."""
+    min_coeff: real(ge=0) | None = None
+    """Lamb: lower clamp of the trust ratio; default 0.01."""
+    eps_inside_sqrt: Flag | None = None
+    """Lamb: sqrt(v + eps) instead of sqrt(v) + eps; default false."""
+    max_grad_norm: real(ge=0) | None = None
+    """Refused, as DeepSpeed refuses it (ValueError at initialize): `gradient_clipping` clips."""
+
+
+def _type_problem(value: object) -> Problem | None:
+    """One problem for an optimizer type zeroplan does not build (checked before the parameters,
+    which would otherwise each be reported as foreign to it)."""
+    if not isinstance(value, str) or value.strip().lower() in {t.lower() for t in OPTIMIZERS}:
+        return None
+    removed = value.strip().lower() in {t.lower() for t in REMOVED_OPTIMIZERS}
+    why = ("DeepSpeed 0.19 removed its 1-bit optimizers (OneBitAdam, OneBitLamb, ZeroOneAdam) and refuses it too"
+           if removed else "zeroplan does not implement it")
+    return Problem("type", f"optimizer type {value.strip()!r} is not supported: {why}", given=value,
+                   suggestion=f"use one of {', '.join(OPTIMIZERS)}")
 
 
 class OptimizerConfig(StrictModel):
     type: choice(*OPTIMIZERS)
-    """Adam, AdamW or SGD (any case)."""
+    """Adam, AdamW, SGD, Lamb, Lion or Adagrad (any case)."""
     params: OptimizerParams = OptimizerParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_type(cls, data: object) -> object:
+        problem = _type_problem(data.get("type")) if isinstance(data, dict) else None
+        if problem is not None:
+            raise ConfigError(problem)
+        return data
 
     @model_validator(mode="after")
     def _rules(self) -> "OptimizerConfig":
-        wrong = _SGD_ONLY if self.type != "SGD" else _ADAM_ONLY
+        allowed = OPTIMIZER_PARAMS[self.type]
         problems = [
-            Problem(f"params.{key}", f"is not a parameter of {self.type}",
-                    given=getattr(self.params, key),
-                    suggestion=f"remove it; {self.type} takes {_allowed_params(self.type)}")
-            for key in sorted(wrong & self.params.given())
+            Problem(f"params.{key}", f"is not a parameter of {self.type}", given=getattr(self.params, key),
+                    suggestion=f"remove it; {self.type} takes {', '.join(allowed)}")
+            for key in sorted(self.params.given() - set(allowed) - {"max_grad_norm"})
         ]
+        if "max_grad_norm" in self.params.given():
+            problems.append(Problem("params.max_grad_norm", "DeepSpeed refuses it as an optimizer parameter",
+                                    given=self.params.max_grad_norm, suggestion="set the top-level "
+                                    "gradient_clipping instead"))
         if self.type == "AdamW" and self.params.adam_w_mode is False:
             problems.append(Problem("params.adam_w_mode", "AdamW always decouples weight decay",
                                     given=False, suggestion="use type 'Adam' for L2 regularisation"))
+        p = self.params
+        if p.max_coeff is not None and p.min_coeff is not None and p.min_coeff > p.max_coeff:
+            problems.append(Problem("params.min_coeff", f"min_coeff ({p.min_coeff}) > max_coeff ({p.max_coeff})",
+                                    given=p.min_coeff, suggestion="make min_coeff <= max_coeff"))
         raise_problems(problems)
         return self
-
-
-def _allowed_params(optimizer: str) -> str:
-    wrong = _SGD_ONLY if optimizer != "SGD" else _ADAM_ONLY
-    return ", ".join(k for k in OptimizerParams.model_fields if k not in wrong)
 
 
 SCHEDULER_DEFAULTS: dict[str, dict[str, object]] = {

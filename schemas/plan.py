@@ -125,16 +125,27 @@ class PrecisionPlan(FrozenModel):
 
 
 class OptimizerPlan(FrozenModel):
-    type: Literal["Adam", "AdamW", "SGD"] = "AdamW"
+    type: Literal["Adam", "AdamW", "SGD", "Lamb", "Lion", "Adagrad"] = "AdamW"
     lr: float = Field(default=1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's, Lamb's and Lion's (beta1, beta2)."""
     eps: float = Field(default=1e-8, gt=0)
+    """Adam's, Lamb's and Adagrad's epsilon."""
     weight_decay: float = Field(default=0.0, ge=0)
     decoupled_weight_decay: bool = True
-    """AdamW semantics (True) or L2 added to the gradient (False; torch.optim.Adam)."""
+    """AdamW semantics (True) or L2 added to the gradient (False; torch.optim.Adam). Lion's
+    decay is always decoupled, SGD's, Adagrad's and Lamb's never (Lamb adds it to the update)."""
+    bias_correction: bool = True
+    """Adam and Lamb: divide the moments by 1 - beta^step; False steps with the raw moments."""
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    max_coeff: float = Field(default=10.0, gt=0)
+    """Lamb: upper clamp of the per-tensor trust ratio ||w|| / ||update||."""
+    min_coeff: float = Field(default=0.01, ge=0)
+    """Lamb: lower clamp of the trust ratio."""
+    eps_inside_sqrt: bool = False
+    """Lamb: sqrt(v + eps) rather than sqrt(v) + eps."""
     gradient_clipping: float = Field(default=0.0, ge=0)
     """Global gradient-norm clip; 0 disables."""
     gradient_predivide_factor: float = Field(default=1.0, gt=0)

@@ -26,7 +26,8 @@ class Fp16Config(StrictModel):
     min_loss_scale: real(gt=0) = 1.0
     """The dynamic scale never drops below this."""
     fp16_master_weights_and_grads: Flag = False
-    """DeepSpeed's experimental fp16 master weights; zeroplan keeps fp32 masters and refuses True."""
+    """DeepSpeed's fp16 master weights and gradients (ZeRO stages 1-3); zeroplan keeps fp32
+    masters, so true has no effect here (a notice) beyond DeepSpeed's stage rule."""
 
     @property
     def dynamic(self) -> bool:
@@ -39,10 +40,6 @@ class Fp16Config(StrictModel):
             problems.append(Problem(
                 "loss_scale_window", "must be > 0 with dynamic loss scaling (loss_scale 0)",
                 given=0, suggestion="set loss_scale_window (DeepSpeed's default is 1000) or a static loss_scale"))
-        if self.fp16_master_weights_and_grads:
-            problems.append(Problem(
-                "fp16_master_weights_and_grads", "zeroplan keeps fp32 master weights",
-                given=True, suggestion="remove the key or set it to false"))
         raise_problems(problems)
         return self
 

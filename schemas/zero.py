@@ -3,6 +3,11 @@
 Bucket sizes and thresholds count elements, not bytes, as in DeepSpeed. Defaults are
 DeepSpeed's (deepspeed/runtime/zero/config.py), so a config that omits a key behaves as it
 would there.
+
+DeepSpeed's pydantic model names six of these fields without the `stage3_` prefix and takes
+the prefixed spelling as an alias, so real configs use both (`max_live_parameters` in axolotl's,
+`stage3_max_live_parameters` in Hugging Face's). zeroplan's fields carry the prefixed name;
+`DEEPSPEED_FIELD_NAMES` lists the other spelling, which the loader reads as the same key.
 """
 
 from pydantic import model_validator
@@ -11,6 +16,16 @@ from .errors import Problem, raise_problems
 from .types import AutoFlag, AutoSize, Flag, Positive, Size, StrictModel, choice, count, real
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+DEEPSPEED_FIELD_NAMES = {
+    "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+    "param_persistence_threshold": "stage3_param_persistence_threshold",
+    "model_persistence_threshold": "stage3_model_persistence_threshold",
+    "max_live_parameters": "stage3_max_live_parameters",
+    "max_reuse_distance": "stage3_max_reuse_distance",
+    "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+}
+"""DeepSpeed's field name -> zeroplan's field (DeepSpeed's alias): two spellings of one key."""
 
 
 class OffloadOptimizerConfig(StrictModel):
@@ -59,16 +74,21 @@ class ZeroConfig(StrictModel):
     """Launch gradient collectives asynchronously, overlapping backward compute."""
     reduce_scatter: Flag = True
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
-    reduce_bucket_size: AutoSize = 500_000_000
-    """Elements per gradient reduction bucket."""
+    reduce_bucket_size: count(ge=1, auto=True) = 500_000_000
+    """Elements per gradient reduction bucket; at least 1, as DeepSpeed requires (gt=0);
+    "auto": hidden^2 of the model, Hugging Face's rule."""
     allgather_partitions: Flag = True
     """All-gather updated partitions (True) or broadcast them (False)."""
     allgather_bucket_size: AutoSize = 500_000_000
     """Elements per all-gather bucket of updated parameters (stages 1-2)."""
     round_robin_gradients: Flag = False
     """Stage 1-2: copy gradients to CPU round-robin over ranks (DeepSpeed offload optimisation)."""
-    sub_group_size: Positive = 1_000_000_000
-    """Elements per optimizer-step tile (the NVMe swap unit)."""
+    sub_group_size: Size = 1_000_000_000
+    """Elements per optimizer-step tile (the NVMe swap unit). 0 is DeepSpeed's smallest
+    setting: its ZeRO-3 closes a sub-group after every parameter (`_create_fp16_sub_groups`
+    adds parameters until the group holds >= sub_group_size elements), so each parameter's
+    partition is stepped and swapped alone; zeroplan's tiles are element ranges, so compile
+    reads 0 as tiles of the largest parameter's per-rank partition, the same peak buffer."""
     load_from_fp32_weights: Flag = True
     """Restore fp32 master weights from the checkpoint rather than from 16-bit parameters."""
     ignore_unused_parameters: Flag = True
@@ -78,17 +98,23 @@ class ZeroConfig(StrictModel):
     offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
     offload_param: OffloadParamConfig = OffloadParamConfig()
     stage3_prefetch_bucket_size: AutoSize = 50_000_000
-    """Stage 3: elements of parameters fetched ahead of use."""
+    """Stage 3: elements of parameters fetched ahead of use (also `prefetch_bucket_size`);
+    "auto": 0.9 * hidden^2, Hugging Face's rule."""
     stage3_param_persistence_threshold: AutoSize = 100_000
-    """Stage 3: parameters with fewer elements stay whole on every rank."""
+    """Stage 3: parameters with fewer elements stay whole on every rank (also
+    `param_persistence_threshold`); "auto": 10 * hidden, Hugging Face's rule."""
     stage3_model_persistence_threshold: Size = 2**63 - 1
-    """Stage 3: cap on the elements kept whole by the persistence threshold."""
+    """Stage 3: cap on the elements kept whole by the persistence threshold (also
+    `model_persistence_threshold`)."""
     stage3_max_live_parameters: Size = 1_000_000_000
-    """Stage 3: elements of gathered parameters resident at once."""
+    """Stage 3: elements of gathered parameters resident at once (also `max_live_parameters`)."""
     stage3_max_reuse_distance: Size = 1_000_000_000
-    """Stage 3: keep a gathered parameter if it is reused within this many elements."""
-    stage3_gather_16bit_weights_on_model_save: Flag = False
-    """Stage 3: consolidate 16-bit weights when saving the model."""
+    """Stage 3: keep a gathered parameter if it is reused within this many elements (also
+    `max_reuse_distance`)."""
+    stage3_gather_16bit_weights_on_model_save: AutoFlag = False
+    """Stage 3: consolidate 16-bit weights when saving the model (also
+    `gather_16bit_weights_on_model_save`); "auto" (Accelerate fills it from
+    zero3_save_16bit_model): false, its default and DeepSpeed's."""
 
     @model_validator(mode="after")
     def _rules(self) -> "ZeroConfig":

@@ -22,6 +22,7 @@ from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import KernelsPlan, OffloadPlan, OptimizerPlan, ZeroPlan
 
 from ..optim import build_optimizer
+from ..optim_lamb import ShardSegments
 from ..zero import ZeroStage
 from ..zero.layout import ShardLayout
 from ..zero.pstore import ParamStore
@@ -109,13 +110,15 @@ class Offload:
     # -- after building: the optimizer the Engine steps through ---------------------------------
     def master_optimizer(self, zero: ZeroStage) -> MasterOptimizer:
         numel = zero.layout.numel
+        segments = ShardSegments.of(zero)
         if self.target == "nvme":
-            optimizer = build_optimizer(optimizer=self.optimizer_plan, kernels=self.kernels, numel=0, device=HOST)
+            optimizer = build_optimizer(optimizer=self.optimizer_plan, kernels=self.kernels, numel=0, device=HOST,
+                                        segments=segments)
             return NvmeMaster(zero=zero, optimizer=optimizer, state=self._swap, tile=self._tile,
                               buffers=self.opt.buffer_count, pin=self._pin(self.opt.pin_memory))
         master = zero.master if zero.master is not None else self._host_master
         optimizer = build_optimizer(optimizer=self.optimizer_plan, kernels=self.kernels, numel=numel,
-                                    device=master.device)
+                                    device=master.device, segments=segments)
         return ShardMaster(zero=zero, optimizer=optimizer, master=master)
 
 

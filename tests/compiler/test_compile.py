@@ -92,14 +92,14 @@ def test_optimizer_kernel_follows_device_and_offload(compile_dict, cluster, offl
     assert compile_dict(data, cluster=cluster, nproc_per_node=2).kernels.optimizer == kernel
 
 
-def test_auto_fields_are_refused_all_at_once(compile_dict):
-    data = {"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
+def test_performance_autos_are_refused_all_at_once_and_rule_autos_are_not(compile_dict):
+    data = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "bf16": {"enabled": "auto"},
             "zero_optimization": {"stage": "auto"}}
     with pytest.raises(ConfigError) as e:
         compile_dict(data, nproc_per_node=2)
-    assert [p.path for p in e.value.problems] == ["train_micro_batch_size_per_gpu", "bf16.enabled",
-                                                  "zero_optimization.stage"]
-    assert "zeroplan autotune" in str(e.value)
+    # bf16 has a rule; train_batch_size is derived once the micro-batch is known.
+    assert [p.path for p in e.value.problems] == ["train_micro_batch_size_per_gpu", "zero_optimization.stage"]
+    assert "zeroplan autotune" in str(e.value) and "per_device_train_batch_size" in str(e.value)
 
 
 @pytest.mark.parametrize("cluster, dtype", [("h100-80", "bf16"), ("cpu", "fp32")])
@@ -123,7 +123,7 @@ def test_resolved_search_picks_a_fitting_plan_and_says_why(compile_dict):
 
 def test_total_num_steps_auto_cannot_be_derived(compile_dict):
     data = {**BASE, "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}}
-    with pytest.raises(ConfigError, match="scheduler.params.total_num_steps: cannot be derived"):
+    with pytest.raises(ConfigError, match="scheduler.params.total_num_steps: is 'auto', which Hugging Face's Trainer"):
         compile_dict(data, nproc_per_node=1, resolve_auto=True)
 
 

@@ -24,6 +24,13 @@ CASES = {
     "zero1-fp16-sgd": {"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True, "loss_scale": 128},
                        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
                        "zero_optimization": {"stage": 1}},
+    "zero2-lamb": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+                   "optimizer": {"type": "Lamb", "params": {"lr": 2e-3, "bias_correction": False, "max_coeff": 4}}},
+    "zero3-lion-sub-group-0": {"train_micro_batch_size_per_gpu": 1,
+                               "zero_optimization": {"stage": 3, "sub_group_size": 0, "max_live_parameters": 5000},
+                               "optimizer": {"type": "Lion", "params": {"betas": [0.95, 0.98]}}},
+    "zero1-adagrad": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                      "optimizer": {"type": "Adagrad", "params": {"eps": 1e-9}}},
 }
 
 

@@ -16,6 +16,7 @@ from zeroplan.runtime.models import GPT, MarkovChainData
 from zeroplan.runtime.schedulers import build_schedule
 from zeroplan.schemas import ModelSpec
 
+from rt_optimizers import reference_optimizer
 from rt_plans import make_plan
 from rt_tolerance import compare
 
@@ -165,7 +166,10 @@ def run_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
 def _adamw(model: nn.Module, plan) -> tuple[list, torch.optim.Optimizer]:
     masters = [p.detach().float().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
     o = plan.optimizer
-    if o.type == "SGD":
+    opt = reference_optimizer(masters, o)  # Lamb, Lion, Adagrad, Adam without bias correction
+    if opt is not None:
+        pass
+    elif o.type == "SGD":
         opt = torch.optim.SGD(masters, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     elif o.type == "Adam":
         opt = torch.optim.Adam(masters, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)

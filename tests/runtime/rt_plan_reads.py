@@ -37,6 +37,7 @@ def _variants(root: str) -> list[tuple[str, callable, dict]]:
     nvme = OffloadTarget(device="nvme", nvme_path=root, pin_memory=True, buffer_count=2, buffer_size=4096)
     sgd = OptimizerPlan(type="SGD", lr=1e-3, momentum=0.9, dampening=0.1, nesterov=False, gradient_clipping=0.5)
     adam = OptimizerPlan(type="Adam", lr=1e-3, decoupled_weight_decay=False, prescale_gradients=True)
+    lamb = OptimizerPlan(type="Lamb", lr=1e-3, eps_inside_sqrt=True)
     ac = ActivationCheckpointingPlan(enabled=True, partition_activations=True, cpu_checkpointing=True)
     gpt = dict(model="gpt", world=2, accum=1)
     return [
@@ -50,6 +51,7 @@ def _variants(root: str) -> list[tuple[str, callable, dict]]:
         (rt_pipeline.pp_train, dict(case=dict(model="gpt", stage=1, dp=1, pp=2, accum=2, schedule="gpipe",
                                               method="uniform"))),
         (tp_jobs.train_tp, dict(case=dict(model="gpt", stage=0, dp=1, tp=2, accum=1, sp=True))),
+        (rt_cases.train_case, dict(case=dict(gpt, stage=2, optimizer=lamb), steps=1)),
         (_static_fp16_without_schedule, dict(case=dict(gpt, stage=0, dtype="fp16", comms_logger=True))),
     ]
 

@@ -1,6 +1,6 @@
 """The plan's communication estimate is what the runtime does: for compiled plans of the tiny
 GPT (ZeRO 0-3, with and without tensor parallelism, with sequence parallelism and recomputed
-blocks, tp-partitioned checkpoints, fp16 (with tp too), reduce_scatter off), one optimizer
+blocks, tp-partitioned checkpoints, fp16 (with tp too), reduce_scatter off, Lamb's per-tensor norms), one optimizer
 step's logged collectives equal `estimates.comm_messages_per_step` call for call and
 `comm_bytes_per_step` byte for byte (the logged tensor sizes through the compiler's ring
 accounting). Bucket packing and ZeRO-3's persistence and gather order come from one
@@ -31,7 +31,8 @@ OPS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "a
 
 
 def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = False, method: str = "parameters",
-          sp: bool = False, checkpointing: bool = False, partition: bool | None = None, **zero):
+          sp: bool = False, checkpointing: bool = False, partition: bool | None = None, optimizer: dict | None = None,
+          **zero):
     parallel = {"tp": tp, "pp": pp, "pipeline": {"partition_method": method}}
     data = {"train_batch_size": 4 * dp, "train_micro_batch_size_per_gpu": 2, "parallel": parallel,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 200_000, "allgather_bucket_size": 300_000,
@@ -39,6 +40,8 @@ def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = Fal
     if fp16:  # a small initial scale: the step must not overflow (it would skip the all-gather)
         data["fp16"] = {"enabled": True, "initial_scale_power": 8}
     data["parallel"]["sequence_parallel"] = sp
+    if optimizer is not None:
+        data["optimizer"] = optimizer
     if checkpointing:  # recomputed blocks; partitioned checkpoints gather nothing with sequence parallelism
         partitioned = sp if partition is None else partition
         data["activation_checkpointing"] = {"enabled": True, "partition_activations": partitioned}
@@ -52,7 +55,8 @@ CASES = {
     2: {**{f"z{s}": functools.partial(_plan, s) for s in range(4)},
         "z2-fp16": functools.partial(_plan, 2, fp16=True), "z1-all-reduce": functools.partial(_plan, 1, reduce_scatter=False),
         "z3-no-prefetch": functools.partial(_plan, 3, stage3_prefetch_bucket_size=0),
-        "z3-tp2-sp": functools.partial(_plan, 3, dp=1, tp=2, sp=True)},
+        "z3-tp2-sp": functools.partial(_plan, 3, dp=1, tp=2, sp=True),
+        "z2-lamb": functools.partial(_plan, 2, optimizer={"type": "Lamb"})},
     4: {**{f"z{s}-tp2": functools.partial(_plan, s, tp=2) for s in range(4)},
         **{f"z{s}-tp2-sp": functools.partial(_plan, s, tp=2, sp=True) for s in range(4)},
         "z1-tp2-sp-checkpointing": functools.partial(_plan, 1, tp=2, sp=True, checkpointing=True),

@@ -185,8 +185,10 @@ def test_topology_lays_out_tp_fastest_then_dp_then_pp():
 
 # -- the optimizer interface a native kernel plugs into ------------------------------------------
 def _python_adam_step(*, param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, decoupled,
-                      grad_scale=1.0, bf16_out=None):
-    """The kernel contract (zeroplan.runtime.kernels.adam_step), written out in torch."""
+                      bias_correction=True, grad_scale=1.0, bf16_out=None):
+    """The kernel contract (zeroplan.runtime.kernels.adam_step), written out in torch (with
+    bias correction, as the plans of this test ask)."""
+    assert bias_correction
     grad = grad / grad_scale
     if decoupled:
         param.mul_(1 - lr * weight_decay)

@@ -1,4 +1,5 @@
-"""The config corpus: every file in corpus/ has an expected outcome in corpus/EXPECTED.yaml."""
+"""The config corpus: every file in corpus/ has an expected outcome in corpus/EXPECTED.yaml, and
+every real one (real_*) its source in corpus/SOURCES.yaml."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from zeroplan.schemas import ConfigError, ConfigWarning, load_config
 
 CORPUS = Path(__file__).parent / "corpus"
 EXPECTED = yaml.safe_load((CORPUS / "EXPECTED.yaml").read_text())
-FILES = sorted(p.name for p in CORPUS.iterdir() if p.name != "EXPECTED.yaml")
+SOURCES = yaml.safe_load((CORPUS / "SOURCES.yaml").read_text())
+FILES = sorted(p.name for p in CORPUS.iterdir() if p.name not in ("EXPECTED.yaml", "SOURCES.yaml"))
 
 
 def test_every_file_has_an_expectation_and_vice_versa():
     assert sorted(EXPECTED) == FILES
+
+
+def test_every_real_config_names_its_source():
+    assert sorted(SOURCES) == [f for f in FILES if f.startswith("real_")]
+    assert all(set(s) == {"repo", "path", "commit"} and len(str(s["commit"])) == 40 for s in SOURCES.values())
 
 
 def test_corpus_is_large_enough():

@@ -63,7 +63,7 @@ def test_every_problem_is_reported_in_one_run():
             "train_batch_size": 8,
             "gradient_clipp1ng": 1.0,
             "zero_optimization": {"stage": 9},
-            "optimizer": {"type": "Lamb"},
+            "optimizer": {"type": "OneBitAdam", "params": {"freeze_step": 400, "cuda_aware": False}},
             "fp16": {"enabled": "maybe"},
         })
     paths = sorted(p.path for p in e.value.problems)
