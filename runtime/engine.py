@@ -17,17 +17,15 @@ coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard 
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from zeroplan.schemas.plan import Plan
 
-from . import checkpoint, export
+from . import engine_checkpoint, export
 from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, StepReporter, peak_memory
@@ -36,7 +34,6 @@ from .offload import MasterOptimizer
 from .parallel import tp_split_of
 from .parallel.sequence_comm import sum_replicated_gradients
 from .precision import LossScaler
-from .rng import get_rng_state, set_rng_state
 from .schedulers import Schedule
 from .zero import ZeroStage
 
@@ -274,55 +271,22 @@ class Engine:
                                       rank=self.groups.rank, device=self.device, **kwargs)
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None) -> Path:
-        """Save this rank's shard and state (every rank calls it); returns the checkpoint directory."""
+        """Save this rank's shard and state, hashed and signed with its identity (every rank calls
+        it; runtime/checkpoint.py); returns the checkpoint directory. A failure on any rank is
+        every rank's CheckpointError."""
         if self.micro_steps % self.accumulation:
             raise RuntimeError("save_checkpoint inside a gradient-accumulation window would lose the "
                                "accumulated gradients; save after engine.step() at a boundary")
-        tag = tag or f"global_step{self.global_steps}"
-        _check_loadable(client_state or {})
-        tensors = {**self.optimizer.checkpoint_tensors(),
-                   **{f"module.{k}": v for k, v in self._local_tensors().items()}}
-        state = {"schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": get_rng_state(self.device), "client_state": client_state or {},
-                 "counters": [self.global_steps, self.micro_steps, self.skipped_steps], "layout": self._rank_layout()}
-        # Every rank writes into one directory: the barriers span the world, not one dp group.
-        return checkpoint.save(directory=save_dir, tag=tag, rank=self.groups.rank, tensors=tensors, state=state,
-                               meta=self._meta(), barrier=lambda: dist.barrier(group=dist.group.WORLD))
+        return engine_checkpoint.save(self, directory=save_dir,
+                                      tag=f"global_step{self.global_steps}" if tag is None else tag,
+                                      client_state=client_state or {})
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> dict:
-        """Restore everything `save_checkpoint` wrote; returns the client state."""
-        path = checkpoint.resolve(load_dir, tag)
-        meta, tensors, state = checkpoint.load(path=path, rank=self.groups.rank)
-        _check_fits(path, saved={**meta, **state.get("layout", {})}, mine={**self._meta(), **self._rank_layout()})
-        self.optimizer.load_checkpoint_tensors({k: v for k, v in tensors.items() if not k.startswith("module.")})
-        for name, t in self._local_tensors().items():
-            t.copy_(tensors[f"module.{name}"])
-        self.zero.publish()
-        self.zero.zero_grad()
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], self.device)
-        self.global_steps, self.micro_steps, self.skipped_steps = state["counters"]
-        return state["client_state"]
-
-    def _local_tensors(self) -> dict[str, torch.Tensor]:
-        """Buffers and frozen parameters: whole on every rank, outside the ZeRO shards."""
-        out = {}
-        for name, t in self.module.state_dict(keep_vars=True).items():
-            if self.zero.layout.index_of(t) is None:
-                out[name] = t.data if isinstance(t, nn.Parameter) else t
-        return out
-
-    def _meta(self) -> dict:
-        """Rank 0's record of the run (meta.json); `world_size` is the dp size the shards are cut for."""
-        return {"world_size": self.groups.dp_size, "tp_size": self.groups.tp_size, "pp_size": self.groups.pp_size,
-                "stage": self.zero.stage,
-                "global_steps": self.global_steps, "param_dtype": str(self.param_dtype).replace("torch.", ""),
-                "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
-
-    def _rank_layout(self) -> dict:
-        """What this rank's shard holds (its state file): tp slices can differ between tp ranks."""
-        return {"tp_rank": self.groups.tp_rank, "slots": [[s.name, list(s.shape)] for s in self.zero.layout.slots]}
+        """Restore everything `save_checkpoint` wrote, from a checkpoint of any world size, ZeRO
+        stage, dp x tp x pp layout or offload (runtime/reshard.py); returns the client state.
+        Every rank verifies what it reads and all agree before any state changes: a failure on
+        one rank is a CheckpointError on every rank (runtime/engine_checkpoint.py)."""
+        return engine_checkpoint.load(self, directory=load_dir, tag=tag)
 
     # -- measurements ------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -413,35 +377,3 @@ def _loss_of(out) -> torch.Tensor:
         return out[0]
     raise TypeError(f"train_batch needs the model to return the loss (a tensor, a dict with 'loss', "
                     f"or a tuple starting with it), got {type(out).__name__}")
-
-
-def _check_loadable(client_state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(client_state, buf)
-    buf.seek(0)
-    try:
-        torch.load(buf, weights_only=True)
-    except Exception as e:
-        raise TypeError("client_state must hold only tensors, numbers, strings, lists and dicts (checkpoints "
-                        f"are read back without unpickling objects): {e}") from e
-
-
-def _check_fits(path: Path, *, saved: dict, mine: dict) -> None:
-    """Refuse a checkpoint cut for other degrees, another ZeRO stage or another model; the
-    message lists every difference (the parameter slots only when the rest agree)."""
-    before_tp = {"tp_size": 1, "tp_rank": 0, "pp_size": 1}  # checkpoints from before tensor and pipeline parallelism
-    names = {"world_size": "dp size", "tp_size": "tp size", "tp_rank": "tp rank", "pp_size": "pp size",
-             "stage": "ZeRO stage"}
-    wrong = [k for k in names if saved.get(k, before_tp.get(k)) != mine[k]]
-    if not wrong and saved.get("slots") != mine["slots"]:
-        wrong = ["slots"]
-    if wrong:
-        was = " and ".join(f"{names.get(k, k)} {_short(saved.get(k, before_tp.get(k)))}" for k in wrong)
-        now = " and ".join(f"{names.get(k, k)} {_short(mine[k])}" for k in wrong)
-        raise checkpoint.CheckpointError(f"{path}: saved with {was}, this run has {now}; "
-                                         "resume with the same dp, tp and pp degrees, ZeRO stage and model")
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) < 120 else text[:117] + "..."

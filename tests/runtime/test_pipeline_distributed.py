@@ -115,4 +115,4 @@ def test_checkpoint_round_trip_at_dp2_pp2(spawned):
     straight, resumed = got["losses"]
     assert straight == resumed
     assert got["client"] == {"epoch": 7}
-    assert "pp size 2" in got["refusal"] and "pp size 1" in got["refusal"], got["refusal"]
+    assert got["reshard_diff"] == 0.0, "loaded without pp, the model differs from the one saved at pp 2"
