@@ -1,26 +1,24 @@
 """Per-rank memory of a Plan, by category: `estimate_memory(plan, model)` is the one entry point.
 
-Model states follow the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
+Model states start from the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
 Toward Training Trillion Parameter Models", section 3.1 and figure 1): mixed-precision Adam
-keeps 2 bytes of 16-bit parameters, 2 of 16-bit gradients and K = 12 of optimizer state per
-parameter (a 4-byte fp32 master copy, 4-byte momentum, 4-byte variance). Here the master copy
-is its own category (`master_weights`), so `optimizer_states` is 8 bytes for Adam. With N dp
-ranks: stage 0 keeps 16 bytes/param; stage 1 shards optimizer state and masters (4 + 12/N);
-stage 2 also gradients (2 + 14/N); stage 3 also parameters (16/N).
-
-fp32 training follows what zeroplan's runtime allocates (runtime/zero), measured on CPU by
-bench/memory_model.py rather than the paper's "the parameters are the masters":
-- the optimizer steps a flat fp32 master shard (zero/base.py `init_master`), a copy of the
-  parameters at stages 0-2 (4 bytes per optimizer element); at stage 3 the parameter shard is
-  that master itself;
-- stage 0 accumulates gradients in a flat fp32 buffer; stage 1 in a full fp32 accumulation
-  buffer plus the fp32 gradient shard the reduce-scatter writes; stages 2-3 keep the shard;
-- stage 3 keeps its parameters as the fp32 master shard itself, plus the persistent ones whole.
-  It is handed the whole model, built on every rank (there is no sharded initialisation yet),
-  and releases it in `Stage3.attach`: that set-up moment is a phase of its own (below).
-Measured state bytes per parameter at 2 ranks (tiny/small/medium): 20.2-20.8 at stage 0,
-16.3-16.5 at stage 1, 12.2-12.5 at stages 2-3; the model says 20, 16, 12 and 12.
-In 16-bit training the paper's accounting is kept: it has not been measured on a GPU here.
+keeps 16-bit parameters, gradients and K = 12 bytes of optimizer state per parameter (a 4-byte
+fp32 master copy, 4-byte momentum, 4-byte variance), the master its own category here
+(`master_weights`), sharded over N dp ranks from stage 1 (optimizer state and masters), 2 (also
+gradients) and 3 (also parameters). The bytes are what zeroplan's runtime allocates
+(runtime/zero), which differs from the paper in two ways:
+- gradients accumulate and reduce in fp32 in every training dtype: a flat fp32 buffer of the
+  whole model at stage 0; a whole fp32 accumulation buffer plus the fp32 gradient shard the
+  reduce-scatter writes at stage 1; the shard at stages 2-3;
+- the optimizer steps a flat fp32 master of its elements (zero/base.py `init_master`), a copy of
+  the parameters at stages 0-2; at stage 3 the partition is that master itself in fp32 training
+  (a copy in the training dtype otherwise), plus the persistent parameters kept whole.
+Stage 3 is handed the whole model, built on every rank (there is no sharded initialisation yet),
+and releases it in `Stage3.attach`: that set-up moment is a phase of its own (below).
+Measured state bytes per parameter at 2 ranks, fp32 (bench/memory_model.py, small and medium):
+20.3 at stage 0, 16.3 at stage 1, 12.3 at stage 2 and 8.2-8.6 at stage 3; the model says 20,
+16, 12 and 8 (tests/runtime/test_state_bytes.py checks every stage in fp32 and bf16 against
+what `initialize` allocates).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", section 4 and equation 2); see `layer_activation_bytes`.
@@ -108,35 +106,28 @@ def optimizer_state_bytes(*, optimizer: str, momentum: float) -> int:
 
 def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimizer: str = "AdamW",
                  momentum: float = 0.0, persistent: int = 0) -> dict[str, int]:
-    """Device bytes of parameters, gradients, optimizer states and masters on one dp rank.
+    """Device bytes of parameters, gradients, optimizer states and masters on one dp rank, as
+    zeroplan's runtime allocates them (runtime/zero/__init__.py `build_zero`; module docstring).
 
     `params` are the rank's (tp/pp slice of the) parameters; `persistent` of them stay whole at
     stage 3 (below the persistence threshold). Shards round up, as DeepSpeed pads partitions.
-    16-bit: the ZeRO paper's accounting. fp32: the runtime's buffers (module docstring).
+    Unlike the ZeRO paper's 2-byte 16-bit gradients, the runtime accumulates and reduces into
+    fp32 buffers whatever the training dtype: the whole gradient at stage 0, a whole fp32
+    accumulation buffer beside the gradient shard at stage 1, the shard at stages 2-3. At stage 3
+    the parameters are the partition (the fp32 master itself in fp32 training, a copy in the
+    training dtype otherwise) plus the persistent ones kept whole.
     """
     e = BYTES[param_dtype]
     shard = -(-params // dp)
     state = optimizer_state_bytes(optimizer=optimizer, momentum=momentum)
     opt_elems = shard if stage >= 1 else params
-    if param_dtype == "fp32":
-        return _fp32_runtime_states(params=params, shard=shard, stage=stage, state=state, persistent=persistent)
-    sharded_params = persistent + -(-(params - persistent) // dp) if stage == 3 else params
-    return {
-        "parameters": sharded_params * e,
-        "gradients": (shard if stage >= 2 else params) * e,
-        "optimizer_states": opt_elems * state,
-        "master_weights": opt_elems * MASTER_BYTES,
-    }
-
-
-def _fp32_runtime_states(*, params: int, shard: int, stage: int, state: int, persistent: int) -> dict[str, int]:
-    """fp32 states as zeroplan's runtime holds them: the whole model at stages 0-2, at stage 3
-    only the persistent parameters (the shard is the master); a flat fp32 master of the
-    optimizer's elements; the flat fp32 gradient buffers of the stage (module docstring)."""
-    opt_elems = shard if stage >= 1 else params
     grads = {0: params, 1: params + shard}.get(stage, shard)
-    return {"parameters": (persistent if stage == 3 else params) * 4, "gradients": grads * 4,
-            "optimizer_states": opt_elems * state, "master_weights": opt_elems * MASTER_BYTES}
+    if stage == 3:
+        parameters = (persistent + (0 if param_dtype == "fp32" else shard)) * e
+    else:
+        parameters = params * e
+    return {"parameters": parameters, "gradients": grads * 4, "optimizer_states": opt_elems * state,
+            "master_weights": opt_elems * MASTER_BYTES}
 
 
 def layer_activation_bytes(*, seq: int, micro: int, hidden: int, heads: int, ffn: int, kv_hidden: int | None = None,

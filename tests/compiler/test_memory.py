@@ -22,22 +22,23 @@ def per_param(states: dict[str, int]) -> float:
 
 
 @pytest.mark.parametrize("stage, dp, expected", [
-    (0, 4, 16.0),            # 2 + 2 + 12
-    (1, 4, 4 + 12 / 4),      # optimizer states and masters sharded
-    (2, 4, 2 + 14 / 4),      # gradients too
-    (3, 4, 16 / 4),          # everything
-    (1, 8, 4 + 12 / 8),
-    (2, 8, 2 + 14 / 8),
-    (3, 8, 16 / 8),
+    (0, 4, 2 + 4 + 12),           # 16-bit parameters; fp32 gradient buffer, master and moments
+    (1, 4, 2 + 4 + 4 / 4 + 12 / 4),  # + the whole fp32 accumulation buffer; the rest sharded
+    (2, 4, 2 + 16 / 4),           # the fp32 gradient shard
+    (3, 4, 18 / 4),               # everything, the 16-bit partition beside the master
+    (1, 8, 2 + 4 + 16 / 8),
+    (2, 8, 2 + 16 / 8),
+    (3, 8, 18 / 8),
 ])
-def test_mixed_precision_adam_model_states_follow_the_zero_paper(stage, dp, expected):
+def test_mixed_precision_adam_shards_as_the_zero_paper_with_fp32_gradients(stage, dp, expected):
+    """The ZeRO paper's partitioning; the gradients are the runtime's fp32 buffers, not 16-bit."""
     states = model_states(params=P, dp=dp, stage=stage, param_dtype="bf16")
     assert per_param(states) == expected
 
 
 def test_model_state_categories_at_stage_0():
     states = model_states(params=P, dp=4, stage=0, param_dtype="fp16")
-    assert states == {"parameters": 2 * P, "gradients": 2 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
+    assert states == {"parameters": 2 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
 
 
 def test_fp32_keeps_a_separate_flat_master_as_the_runtime_does():
@@ -62,12 +63,13 @@ def test_fp32_stage1_keeps_the_full_accumulation_buffer_and_the_shard():
 
 def test_sgd_without_momentum_keeps_no_state():
     states = model_states(params=P, dp=1, stage=0, param_dtype="bf16", optimizer="SGD", momentum=0.0)
-    assert states["optimizer_states"] == 0 and per_param(states) == 8
+    assert states["optimizer_states"] == 0 and per_param(states) == 2 + 4 + 4
 
 
 def test_stage3_keeps_persistent_parameters_whole():
     states = model_states(params=P, dp=4, stage=3, param_dtype="bf16", persistent=1000)
-    assert states["parameters"] == 2 * (1000 + (P - 1000) // 4)
+    assert states["parameters"] == 2 * (1000 + P // 4)
+    assert model_states(params=P, dp=4, stage=3, param_dtype="fp32", persistent=1000)["parameters"] == 4 * 1000
 
 
 S, B, H, A = 128, 2, 64, 4  # 5as/h = 40 and 2as/h = 16: integral
