@@ -8,12 +8,17 @@ summary object (`"summary": true`, with every rank's peak memory):
     {"summary": true, "peak_rss_bytes_per_rank": [123456, 120000], ...}
 
 Peak memory is the accelerator's reserved bytes when reported (`max_memory_reserved_bytes`),
-else the process's peak RSS.
+else the process's peak RSS. When the run fails, `zeroplan train` appends what its ranks
+reported (runtime/diagnose.py): which rank failed and why, and that rank's traceback:
+
+    {"failure": true, "rank": 1, "kind": "crash", "cause": "rank 1: killed by SIGSEGV ...", "detail": "..."}
 
 The parent polls that file; each new step goes to `on_step`, which returns True to prune
-(Optuna's `trial.report` + `trial.should_prune`). The child runs in its own session, so
-pruning, a timeout or a failure kills the whole process group: torchrun's workers included,
-no orphan is left behind. Every outcome carries a reason and the last lines of the log, so
+(Optuna's `trial.report` + `trial.should_prune`). The child runs in its own session, and is
+bound to this process ($ZEROPLAN_PARENT_PID, runtime/lifeline.py): pruning, a timeout or a
+failure stops its process group (SIGTERM: `zeroplan train` stops its ranks; SIGKILL after
+KILL_GRACE_S), and when the tuner itself dies, kill -9 included, the trial ends with it. Every
+outcome carries a reason and the failing rank's traceback (else the last lines of the log), so
 a failed trial explains itself ("DeepSpeed's tuner says only 'model not runnable'").
 """
 
@@ -31,6 +36,10 @@ from typing import Callable, Literal, Sequence
 
 _OOM_MARKERS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
 _POLL_S = 0.2
+PARENT_ENV = "ZEROPLAN_PARENT_PID"  # runtime.lifeline.PARENT_ENV (not imported: it imports torch)
+KILL_GRACE_S = 5.0
+"""Seconds a stopped trial has to end before its group is killed: more than `zeroplan train`
+takes to stop its ranks (runtime.lifeline.LAUNCHER_STOP_S)."""
 
 
 @dataclass
@@ -51,6 +60,8 @@ class TrialOutcome:
     wall_s: float = 0.0
     peak_memory_bytes: int | None = None
     """Largest peak over all ranks when the child wrote a summary, else over rank 0's steps."""
+    failure: dict | None = None
+    """What the child said about its failure (`zeroplan train`'s failure line), if it did."""
 
 
 def _peak(record: dict) -> int | None:
@@ -82,7 +93,7 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen, *, grace_s: float = 5.0) -> None:
+def _kill_group(proc: subprocess.Popen, *, grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM the child's process group, then SIGKILL whatever is left after `grace_s`."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
@@ -101,8 +112,8 @@ def _kill_group(proc: subprocess.Popen, *, grace_s: float = 5.0) -> None:
 
 
 def _failure_reason(returncode: int, log_tail: str) -> str:
-    lowered = log_tail.lower()
-    if any(marker in lowered for marker in _OOM_MARKERS) or returncode in (-signal.SIGKILL, 137):
+    """A child that did not say why it failed (not `zeroplan train`): its status and log."""
+    if any(marker in log_tail.lower() for marker in _OOM_MARKERS):
         return f"out of memory (exit {returncode})"
     if returncode < 0:
         return f"killed by signal {signal.Signals(-returncode).name}"
@@ -124,7 +135,7 @@ def run_trial(
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "trial.log"
     metrics.unlink(missing_ok=True)
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
     start = time.monotonic()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(list(command), cwd=cwd or workdir, env=child_env, stdout=log,
@@ -133,10 +144,11 @@ def run_trial(
             outcome = _watch(proc, metrics=metrics, timeout_s=timeout_s, on_step=on_step, start=start)
         finally:
             _kill_group(proc)
-    outcome.log_tail = _tail(log_path)
     outcome.wall_s = time.monotonic() - start
+    told = outcome.failure or {}
+    outcome.log_tail = told.get("detail") or _tail(log_path)
     if outcome.state == "failed" and not outcome.reason:
-        outcome.reason = _failure_reason(proc.returncode, outcome.log_tail)
+        outcome.reason = told.get("cause") or _failure_reason(proc.returncode, outcome.log_tail)
     return outcome
 
 
@@ -144,26 +156,29 @@ def _watch(proc: subprocess.Popen, *, metrics: Path, timeout_s: float,
            on_step: Callable[[StepReport], bool], start: float) -> TrialOutcome:
     steps: list[StepReport] = []
     summary_peak: int | None = None
+    failure: dict | None = None
     offset = 0
     while True:
         finished = proc.poll() is not None
         try:
             records, offset = _read_new_records(metrics, offset)
-            new = [_step(r) for r in records if not r.get("summary")]
+            new = [(_step(r), r.get("skipped", False)) for r in records if not r.get("summary") and not r.get("failure")]
         except (ValueError, TypeError, KeyError) as e:
             return TrialOutcome("failed", f"unreadable step report: {e!r}", steps)
         for record in records:
             if record.get("summary") and record.get("peak_rss_bytes_per_rank"):
                 summary_peak = max(record["peak_rss_bytes_per_rank"])
-        for report in new:
+            if record.get("failure"):
+                failure = record
+        for report, skipped in new:
             steps.append(report)
-            if report.loss is not None and not math.isfinite(report.loss):
+            if report.loss is not None and not math.isfinite(report.loss) and not skipped:
                 return TrialOutcome("failed", f"loss is {report.loss} at step {report.step}", steps)
             if on_step(report):
                 return TrialOutcome("pruned", f"pruned after step {report.step}", steps)
         if finished:
             if proc.returncode != 0:
-                return TrialOutcome("failed", "", steps)
+                return TrialOutcome("failed", "", steps, failure=failure)
             if not steps:
                 return TrialOutcome("failed", "finished without reporting a step", steps)
             peaks = [s.peak_memory_bytes for s in steps if s.peak_memory_bytes]

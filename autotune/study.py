@@ -4,18 +4,29 @@ The study lives in a SQLite file by default, or any Optuna RDB URL, and is alway
 with `load_if_exists=True`: a killed `zeroplan autotune` resumes where it stopped, and
 several workers can share one study through a PostgreSQL URL. Nothing here deletes a study;
 a fresh start (`overwrite`) opens a new study under a new name beside the old one.
+
+A storage that cannot be opened or read (a bad URL, a file that is not an Optuna database, a
+truncated one) is a ConfigError naming it. Each running trial records its worker (host, pid);
+a resumed study fails at once the running trials whose worker on this host is dead (the tuner
+was killed), rather than waiting for Optuna's heartbeat grace period (HEARTBEAT_S), which
+still covers workers on other hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import optuna
+from sqlalchemy.exc import SQLAlchemyError
+
+from zeroplan.schemas import ConfigError, Problem
 
 from .space import Dimension
 
@@ -108,7 +119,57 @@ def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: o
     # Optuna logs every failed trial with a traceback at WARNING; the tuner records the reason
     # and shows it in its progress line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with experimental_ok():
+    with readable_storage(storage, also=(ImportError, ValueError, RuntimeError)), experimental_ok():
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
-    return optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+    with readable_storage(storage):
+        study = optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
+                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+        study.get_trials(deepcopy=False)  # a truncated database fails here, not mid-study
+    return study
+
+
+@contextlib.contextmanager
+def readable_storage(url: str, *, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turn a storage that cannot be opened or read (SQLAlchemy's errors; `also`: a missing
+    driver, an unparsable URL, a schema of another Optuna) into a ConfigError naming it."""
+    try:
+        yield
+    except (SQLAlchemyError, *also) as e:
+        why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        raise ConfigError(Problem("--storage", f"cannot open the study storage {url}: {type(e).__name__}: {why}",
+                                  given=url, suggestion="give an Optuna storage URL (sqlite:///path/study.db, "
+                                  "postgresql://...); move a damaged study.db aside, or pass another --out")) from e
+
+
+WORKER_ATTR = "worker"
+"""User attribute of a running trial: {"host", "pid"} of the tuner running it."""
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail the running trials whose tuner on this host is dead; their numbers."""
+    storage, failed = study._storage, []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR) or {}
+        if worker.get("host") != socket.gethostname() or _alive(int(worker.get("pid", 0))):
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "reason", f"its tuner (pid {worker['pid']}) ended while it ran "
+                                    "(killed); failed when the study resumed")
+        if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+            failed.append(trial.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: leave it to the heartbeat
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -10,7 +10,8 @@ Each trial:
   5. otherwise runs `zeroplan train PLAN` in a subprocess for warm-up plus measured steps,
      reporting each measured step to Optuna's pruner, and records the measurement.
 Failures (crash, timeout, NaN, out of memory) are recorded with their reason and the study
-goes on. The study is stored (SQLite by default), so a killed tune resumes.
+goes on. The study is stored (SQLite by default), so a killed tune resumes; a trial its killed
+tuner left running is failed when the study resumes (study.fail_orphaned_trials).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .models import Workload
 from .results import write_results
 from .runner import StepReport, TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
-from .study import experimental_ok, grid_space, make_pruner, make_sampler, open_study, storage_url, study_name_for
+from .study import (experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler, mark_worker,
+                    open_study, storage_url, study_name_for)
 
 OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
               "pareto": ["maximize", "minimize"]}
@@ -152,6 +154,7 @@ class Tuner:
         return ""
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        mark_worker(trial)
         cand = self.candidate(suggest(trial, self.dims, config=self.config))
         if cand.plan is not None:
             trial.set_user_attr("plan_key", plan_key(cand.plan))
@@ -275,6 +278,7 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
     study = open_study(storage=storage, name=name, directions=OBJECTIVES[settings.objective],
                        sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
                        pruner=make_pruner(settings.pruner))
+    fail_orphaned_trials(study)
     tuner.warm_start(study)
     remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
     if remaining > 0:

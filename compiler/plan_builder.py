@@ -92,7 +92,7 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
     if problems + pipe_problems:
         raise ConfigError(problems + pipe_problems)
     return Plan(
-        world=world_plan(cluster), parallel=parallel, batch=batch,
+        world=world_plan(config, cluster), parallel=parallel, batch=batch,
         zero=zero_plan(config, largest=largest_partition(model, dp=dp, tp=tp, pp=pp,
                                                          method=parallel.pipeline_partition_method)),
         offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),

@@ -39,9 +39,10 @@ DEFAULT_LR = 1e-3
 """torch.optim.AdamW's and DeepSpeed's Adam default learning rate."""
 
 
-def world_plan(cluster: ClusterSpec) -> WorldPlan:
+def world_plan(config: TrainConfig, cluster: ClusterSpec) -> WorldPlan:
     return WorldPlan(nnodes=cluster.nnodes, nproc_per_node=cluster.nproc_per_node, world_size=cluster.world_size,
-                     device=cluster.device, backend="nccl" if cluster.device == "cuda" else "gloo")
+                     device=cluster.device, backend="nccl" if cluster.device == "cuda" else "gloo",
+                     collective_timeout_s=config.failures.collective_timeout_s)
 
 
 def largest_partition(model: ModelSpec, *, dp: int, tp: int, pp: int, method: str) -> int:
@@ -83,7 +84,7 @@ def precision_plan(config: TrainConfig) -> PrecisionPlan:
                                 hysteresis=fp16.hysteresis, consecutive_hysteresis=fp16.consecutive_hysteresis,
                                 min_scale=fp16.min_loss_scale)
     return PrecisionPlan(param_dtype=dtype, reduce_dtype=config.communication_data_type or dtype,
-                         loss_scaling=scaling)
+                         loss_scaling=scaling, nonfinite=config.failures.nonfinite)
 
 
 def optimizer_plan(config: TrainConfig) -> OptimizerPlan:

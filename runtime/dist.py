@@ -11,12 +11,20 @@ Set-up rules:
   from the environment, gloo on CPU and NCCL on CUDA, as the plan says.
 - neither, and the plan has one process: a one-rank group over an in-memory store, so a
   plain `python train.py` works without a launcher.
+
+Bounded failure: a collective that a rank never joins raises on the ranks waiting in it after
+`world.collective_timeout_s` (torch's own default is 30 minutes), so a stuck or dead rank ends
+the job instead of hanging it. The default group zeroplan creates and every group built here
+get that timeout. Joining the world itself waits at least JOIN_TIMEOUT_S: ranks start at
+different times (imports, model building), and a short collective timeout must not fail
+the start.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +33,9 @@ from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.plan import ParallelPlan, WorldPlan
 
 from .parallel import Topology, build_mesh_groups
+
+JOIN_TIMEOUT_S = 300.0
+"""Seconds the ranks have to meet in init_process_group (and in creating each group)."""
 
 
 @dataclass
@@ -78,13 +89,16 @@ class ProcessGroups:
 
 def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGroups:
     """Initialise (or adopt) torch.distributed for `world`; check it matches the plan."""
+    device = _device(world)  # before any NCCL set-up: a cuda plan on a machine without GPUs is a user error
+    timeout = timedelta(seconds=world.collective_timeout_s)
+    join = timedelta(seconds=max(world.collective_timeout_s, JOIN_TIMEOUT_S))
     owns = False
     if not dist.is_initialized():
         owns = True
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=world.backend)
+            dist.init_process_group(backend=world.backend, timeout=join)
         elif world.world_size == 1:
-            dist.init_process_group(backend=world.backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=join)
         else:
             raise ConfigError(Problem("world.world_size", f"the plan needs {world.world_size} processes but "
                                       "no launcher environment (RANK, WORLD_SIZE) was found",
@@ -102,20 +116,56 @@ def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGrou
                                   f"{size} processes were launched",
                                   suggestion="launch as many processes as the plan says, or recompile it"))
     rank = dist.get_rank()
-    device = _device(world)
     topology = Topology(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp)
+    _set_group_default(join)  # the ranks may reach the groups' creation at different times
     groups = build_mesh_groups(topology, device=device)
+    _bound_collectives([dist.group.WORLD] if owns else [], groups=groups, timeout=timeout)
     return ProcessGroups(rank=rank, world_size=size, dp_group=groups["dp"], dp_rank=topology.coords(rank)["dp"],
                          dp_size=parallel.dp, device=device, topology=topology, tp_group=groups["tp"],
                          pp_group=groups["pp"], owns_init=owns)
 
 
+def _bound_collectives(owned: list, *, groups: dict, timeout: timedelta) -> None:
+    """Give `timeout` to the groups zeroplan made (the default group only when zeroplan created
+    it: a script's own group keeps its setting), and make it the timeout of groups made later
+    (a pipeline's tied-weight groups)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    made = {id(g): g for g in groups.values() if g is not None and g is not dist.group.WORLD}
+    for group in [*owned, *made.values()]:
+        c10d._set_pg_timeout(timeout, group)
+    _set_group_default(timeout)
+
+
+def _set_group_default(timeout: timedelta) -> None:
+    """The timeout torch gives a group made without one (new_group, DeviceMesh): otherwise its
+    30-minute default, not the default group's."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def check_device(world: WorldPlan) -> None:
+    """ConfigError when the plan asks for more GPUs than this machine has (checked by the
+    launcher before it starts the ranks, and by each rank)."""
+    if world.device != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(Problem("world.device", "the plan asks for cuda but torch sees no GPU", given="cuda",
+                                  suggestion="compile the plan for device cpu (--cluster cpu), or run on a GPU machine"))
+    if count < world.nproc_per_node:
+        raise ConfigError(Problem("world.nproc_per_node", f"the plan runs {world.nproc_per_node} ranks per node, one "
+                                  f"GPU each, but torch sees {count} GPU(s)", given=world.nproc_per_node,
+                                  suggestion=f"compile the plan with --nproc-per-node {count}"))
+
+
 def _device(world: WorldPlan) -> torch.device:
     if world.device == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(Problem("world.device", "the plan asks for cuda but torch sees no GPU",
-                                  suggestion="compile the plan for device cpu, or run on a GPU machine"))
+    check_device(world)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)

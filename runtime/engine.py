@@ -17,6 +17,7 @@ coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .monitor import Monitors, StepTimers, log_lines
 from .offload import MasterOptimizer
 from .parallel import tp_split_of
 from .parallel.sequence_comm import sum_replicated_gradients
-from .precision import LossScaler
+from .precision import LossScaler, NonFiniteError
 from .schedulers import Schedule
 from .zero import ZeroStage
 
@@ -57,6 +58,9 @@ class Engine:
         self.micro_steps = 0
         self.global_steps = 0
         self.skipped_steps = 0
+        self.nonfinite = plan.precision.nonfinite
+        """fp32/bf16: a step whose gradient norm or loss is inf/nan stops the run ("stop": raises
+        NonFiniteError on every rank) or is skipped ("skip", as fp16's loss scaler skips)."""
         self.last_grad_norm: float | None = None
         self.last_comms: dict = {}
         self._runs: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None
@@ -134,8 +138,10 @@ class Engine:
         events, then the tuner's line (which ends the run at its last step)."""
         if loss is not None:
             loss = loss.detach().float().reshape(1).clone()
+            own = loss.clone()
             self.coll.all_reduce(loss)
             self._last_loss = loss / self.groups.dp_size
+            self._check_finite_loss(own)
         timers = self.timers.take_ms() if self.timers is not None else None
         if self.groups.rank == 0 and self.global_steps % self.plan.logging.steps_per_print == 0:
             for line in log_lines(self, timers=timers):
@@ -164,6 +170,9 @@ class Engine:
             return
         inv_scale = 1.0 / self.scaler.loss_scale
         norm = self._grad_norm() * inv_scale
+        if not math.isfinite(norm):  # fp32/bf16: fp16's scaler has skipped such a step above
+            self._nonfinite_gradients(norm)
+            return
         self.last_grad_norm = norm
         coef = inv_scale
         clip = self.plan.optimizer.gradient_clipping
@@ -176,6 +185,19 @@ class Engine:
         self.schedule.step()
         self.scaler.update_scale(False)
         self.zero.zero_grad()
+
+    def _nonfinite_gradients(self, norm: float) -> None:
+        """Stop the run (the norm is agreed over the world, so every rank raises), or skip the step."""
+        if self.nonfinite == "stop":
+            own = torch.stack(self._micro_losses).mean().item() if self._micro_losses else None
+            raise NonFiniteError(step=self.global_steps + 1, what="the gradient norm", value=norm, local_loss=own)
+        self.skipped_steps += 1
+        self.zero.zero_grad()
+
+    def _check_finite_loss(self, own: torch.Tensor) -> None:
+        """fp32/bf16, "stop": a non-finite loss (the same on every rank after its all-reduce) ends the run."""
+        if self.nonfinite == "stop" and not self.scaler.check_overflow and not math.isfinite(self.last_loss):
+            raise NonFiniteError(step=self.global_steps, what="the loss", value=self.last_loss, local_loss=float(own))
 
     def _grad_norm(self) -> float:
         """Global L2 norm: each rank's squared shard norm, summed over dp ranks, and over tp

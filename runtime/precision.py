@@ -27,6 +27,18 @@ class LossScaleAtMinimum(RuntimeError):
     """fp16 gradients overflow at `min_loss_scale`: the step can never be taken."""
 
 
+class NonFiniteError(RuntimeError):
+    """fp32/bf16: the step's loss or gradient norm is inf or nan, and `precision.nonfinite` is
+    "stop". Raised on every rank at once (the norm and the loss are agreed over the world):
+    applying such a step would make every later loss nan too."""
+
+    def __init__(self, *, step: int, what: str, value: float, local_loss: float | None):
+        self.step, self.what, self.value, self.local_loss = step, what, value, local_loss
+        own = "" if local_loss is None else f"; this rank's own loss was {local_loss:.6g}"
+        super().__init__(f"{what} is {value} at step {step}{own} (set failures.nonfinite to 'skip' to skip "
+                         "such steps instead, as fp16's loss scaler does)")
+
+
 class LossScaler:
     """No scaling (fp32, bf16) or a static scale; overflow still skips the step."""
 

@@ -7,13 +7,17 @@ process) by `zeroplan train`.
 
 Rank 0 shows a progress bar (loss, samples/s, peak memory), prints a line every
 `logging.steps_per_print` steps, and writes one JSON line per step to --metrics, then a
-summary line with every rank's peak memory and the mean step time.
+summary line with every rank's peak memory and the mean step time. Each rank runs under
+`rank.run_rank` (bound to its launcher, reporting how it ended). A run whose loss is not
+finite never ends with status 0: `precision.nonfinite` "stop" ends it at that step; with
+"skip" the skipped steps are counted and left out of the summary's losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,12 +25,15 @@ from pathlib import Path
 
 import torch
 
-from zeroplan.schemas import ConfigError, ModelSpec, Plan
+from zeroplan.schemas import ModelSpec, Plan
 from zeroplan.schemas.model import is_model_function
+from zeroplan.schemas.paths import writable_file
 
 from .initialize import initialize
 from .metrics import MAX_STEPS_ENV, METRICS_ENV, gather_peaks
 from .models import GPT, MarkovChainData
+from .precision import NonFiniteError
+from .rank import run_rank
 from .user_model import build_user_model, tokens_per_sample, user_batches
 
 MIB = 2 ** 20
@@ -67,13 +74,16 @@ def run(args: argparse.Namespace) -> dict:
     engine, data, name, tokens = _workload(args, plan)
     groups = engine.groups
     rank0 = groups.rank == 0
-    out = args.metrics.open("w") if (rank0 and args.metrics) else None
-    losses, started = [], time.perf_counter()
+    out = writable_file(args.metrics, key="--metrics").open("w") if (rank0 and args.metrics) else None
+    losses, taken, started = [], [], time.perf_counter()
     with _progress(enabled=rank0, total=args.steps) as bar:
         for step in range(args.steps):
+            skipped = engine.skipped_steps
             engine.train_batch(data)
             losses.append(engine.last_loss)  # over the dp ranks; with pp > 1 the last stage's
-            line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics()}
+            taken.append(engine.skipped_steps == skipped)  # False: skipped as non-finite
+            line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics(),
+                    "skipped": not taken[-1]}
             if out:
                 out.write(json.dumps(line) + "\n")
                 out.flush()
@@ -81,7 +91,8 @@ def run(args: argparse.Namespace) -> dict:
                 bar(line)
                 if (step + 1) % plan.logging.steps_per_print == 0 or step + 1 == args.steps:
                     print(_text(line, args.steps), flush=True)
-    summary = _summary(engine, losses, wall=time.perf_counter() - started, name=name, tokens_per_sample=tokens)
+    summary = _summary(engine, _taken_losses(losses, taken), wall=time.perf_counter() - started, name=name,
+                       tokens_per_sample=tokens)
     if out:
         out.write(json.dumps(summary) + "\n")
         out.close()
@@ -91,7 +102,20 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _taken_losses(losses: list[float], taken: list[bool]) -> list[float]:
+    """The losses of the steps taken (not skipped as non-finite): the same on every rank. A run
+    with a non-finite loss never reports success."""
+    for step, (loss, ok) in enumerate(zip(losses, taken), start=1):
+        if ok and not math.isfinite(loss):
+            raise NonFiniteError(step=step, what="the loss", value=loss, local_loss=None)
+    kept = [x for x, ok in zip(losses, taken) if ok]
+    if not kept:
+        raise NonFiniteError(step=len(losses), what="the loss of every step", value=float("nan"), local_loss=None)
+    return kept
+
+
 def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_sample: int) -> dict:
+    """`losses`: those of the steps taken."""
     peaks = gather_peaks(peak_bytes=engine.metrics()["peak_rss_bytes"], group=None)  # every rank: all stages
     times = engine.meter.times[1:] or engine.meter.times  # the first step includes warm-up
     mean = sum(times) / len(times)
@@ -99,7 +123,8 @@ def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_
     return {"summary": True, "model": name, "stage": engine.plan.zero.stage,
             "world_size": engine.groups.world_size, "dp": p.dp, "tp": p.tp, "pp": p.pp,
             "pipeline_schedule": p.pipeline_schedule if p.pp > 1 else None, "dtype": engine.plan.precision.param_dtype,
-            "steps": len(losses), "loss_start": losses[0], "loss_end": losses[-1],
+            "steps": engine.global_steps, "skipped_steps": engine.skipped_steps, "loss_start": losses[0],
+            "loss_end": losses[-1],
             "mean_step_time_s": mean, "samples_per_s": engine.plan.batch.global_batch_size / mean,
             "tokens_per_s": engine.plan.batch.global_batch_size * tokens_per_sample / mean,
             "peak_rss_bytes_per_rank": peaks, "wall_s": wall,
@@ -141,12 +166,7 @@ class _progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_rank(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from .autotuning import AutotuningConfig
 from .batch import batch_problems
+from .failures import FailuresConfig
 from .errors import ConfigError, Problem, raise_problems
 from .monitors import (
     ActivationCheckpointingConfig,
@@ -75,6 +76,8 @@ class TrainConfig(StrictModel):
     aio: AioConfig = AioConfig()
     compile: CompileConfig = CompileConfig()
     autotuning: AutotuningConfig = AutotuningConfig()
+    failures: FailuresConfig = FailuresConfig()
+    """zeroplan's: the collective timeout and what a non-finite step does."""
     json_schema: str | None = Field(default=None, alias="$schema")
     """Editor hint (`"$schema": "..."`); ignored."""
 

@@ -34,6 +34,9 @@ class WorldPlan(FrozenModel):
     device: Literal["cpu", "cuda"] = "cpu"
     """Accelerator kind; cpu runs on gloo, cuda on NCCL, through the same code path."""
     backend: Literal["gloo", "nccl"] = "gloo"
+    collective_timeout_s: float = Field(default=600.0, ge=1)
+    """Seconds a collective waits for every rank before it raises (a stuck or dead rank then
+    ends the job instead of hanging it; `failures.collective_timeout_s`)."""
 
     @model_validator(mode="after")
     def _product(self) -> "WorldPlan":
@@ -122,6 +125,9 @@ class PrecisionPlan(FrozenModel):
     master_dtype: Literal["fp32"] = "fp32"
     """Dtype of the optimizer's master weights and states."""
     loss_scaling: LossScalePlan = LossScalePlan()
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """fp32/bf16: what an inf/nan loss or gradient norm does: "stop" ends the run naming the
+    step, "skip" skips the step as fp16's loss scaler does (`failures.nonfinite`)."""
 
 
 class OptimizerPlan(FrozenModel):
@@ -322,9 +328,12 @@ class Plan(FrozenModel):
         """Read a plan file, or ConfigError naming the file and what is wrong."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(Problem("", f"cannot read plan: {e.strerror}"), source=str(path)) from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(Problem("", f"not a plan: byte {e.start} is not UTF-8 text",
+                                      suggestion="pass the plan.json `zeroplan compile` wrote"), source=str(path)) from e
         try:
             return cls.model_validate_json(text)
         except ValidationError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from zeroplan.commands import compile, config, export, probe, train, tune
+from zeroplan.commands import clean, compile, config, export, probe, train, tune
 
 COMMANDS = {
     "validate": config.validate,
@@ -18,6 +18,7 @@ COMMANDS = {
     "autotune": tune.autotune,
     "report": tune.report,
     "train": train.train,
+    "clean": clean.clean,
     "export": export.export_checkpoint,
 }
 

@@ -1,9 +1,11 @@
 """Swap files for NVMe offload: a per-run directory, flat tensors on disk, one I/O thread.
 
-- `SwapDir`: a fresh directory under `nvme_path` (mode 0700, created by this process), removed
-  by `close()`, at interpreter exit (also after an exception ends the program), and on SIGTERM
-  (a tuner stopping a trial): the handler is installed only where SIGTERM still has its
-  default action, and turns it into SystemExit so the exit hooks run.
+- `SwapDir`: a fresh directory under `nvme_path` (mode 0700, created by this process and marked
+  with it as owner: rundir.py), removed by `close()`, at interpreter exit (also after an
+  exception ends the program), on SIGTERM (a tuner stopping a trial: where SIGTERM still has
+  its default action it becomes SystemExit so the exit hooks run), and by the lifeline's
+  watchdog when it ends a stuck rank (lifeline.py). A rank killed with SIGKILL cannot remove
+  it: each new SwapDir first sweeps `nvme_path` for directories whose owner is dead.
 - `SwapFile`: one flat tensor in a preallocated file (`posix_fallocate`, so a full disk is
   reported when the file is created, not halfway through a step), read and written by element
   range with pread/pwrite. Opened with O_DIRECT where the filesystem allows it, as DeepSpeed's
@@ -21,7 +23,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import warnings
 import weakref
@@ -29,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .. import lifeline, rundir
 
 ALIGN = 4096
 """Bytes: O_DIRECT alignment of buffers, offsets and lengths (the common logical block size)."""
@@ -53,8 +56,10 @@ class SwapDir:
     """A per-run directory for one offload target's swap files."""
 
     def __init__(self, *, root: str | Path, label: str):
-        self.path = Path(tempfile.mkdtemp(prefix=f"zeroplan-{label}-{os.getpid()}-", dir=root))
+        rundir.sweep(root)
+        self.path = rundir.make_private_dir(root, kind=label)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), ignore_errors=True)
+        lifeline.at_emergency_exit(self._finalizer)
         _exit_on_sigterm()
 
     def close(self) -> None:

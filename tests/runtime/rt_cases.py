@@ -107,7 +107,7 @@ def case_plan(case: dict):
                      checkpointing=case.get("checkpointing"), prefetch=case.get("prefetch", 2000),
                      reduce_scatter=case.get("reduce_scatter", True),
                      **{k: case[k] for k in ("model_persistence", "max_live", "max_reuse", "monitors", "wall_clock",
-                                             "comms_logger") if k in case})
+                                             "comms_logger", "timeout_s", "nonfinite") if k in case})
 
 
 def loss_of(out):

@@ -51,7 +51,8 @@ def _variants(root: str) -> list[tuple[str, callable, dict]]:
         (rt_pipeline.pp_train, dict(case=dict(model="gpt", stage=1, dp=1, pp=2, accum=2, schedule="gpipe",
                                               method="uniform"))),
         (tp_jobs.train_tp, dict(case=dict(model="gpt", stage=0, dp=1, tp=2, accum=1, sp=True))),
-        (rt_cases.train_case, dict(case=dict(gpt, stage=2, optimizer=lamb), steps=1)),
+        (rt_cases.train_case, dict(case=dict(gpt, stage=2, optimizer=lamb, timeout_s=120, nonfinite="skip"),
+                                   steps=1)),
         (_static_fp16_without_schedule, dict(case=dict(gpt, stage=0, dtype="fp16", comms_logger=True))),
     ]
 

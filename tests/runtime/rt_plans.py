@@ -19,14 +19,15 @@ def make_plan(*, stage: int, world: int, accum: int = 1, micro: int = 2, dtype: 
               offload: OffloadPlan | None = None, kernel: str = "torch_foreach", sub_group: int = 10**9,
               checkpointing: ActivationCheckpointingPlan | None = None, reduce_scatter: bool = True,
               model_persistence: int = 2**63 - 1, max_live: int = 10**9, max_reuse: int = 10**9,
-              monitors: MonitorsPlan | None = None, wall_clock: bool = False, comms_logger: bool = False) -> Plan:
+              monitors: MonitorsPlan | None = None, wall_clock: bool = False, comms_logger: bool = False,
+              timeout_s: float = 600.0, nonfinite: str = "stop") -> Plan:
     """A concrete plan for `world` CPU ranks, ZeRO `stage`, `accum` micro-batches of `micro`."""
     if optimizer is None:
         optimizer = OptimizerPlan(type="AdamW", lr=3e-3, weight_decay=0.1, gradient_clipping=0.5)
-    precision = PrecisionPlan(param_dtype=dtype, reduce_dtype="fp32",
+    precision = PrecisionPlan(param_dtype=dtype, reduce_dtype="fp32", nonfinite=nonfinite,
                               loss_scaling=loss_scaling or LossScalePlan(enabled=dtype == "fp16"))
     return Plan(
-        world=WorldPlan(nnodes=1, nproc_per_node=world, world_size=world),
+        world=WorldPlan(nnodes=1, nproc_per_node=world, world_size=world, collective_timeout_s=timeout_s),
         parallel=ParallelPlan(dp=world),
         batch=BatchPlan(global_batch_size=micro * accum * world, micro_batch_size=micro,
                         gradient_accumulation_steps=accum),

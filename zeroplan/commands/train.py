@@ -1,4 +1,8 @@
-"""`zeroplan train`: run training under a plan (the built-in model, your model, or your script)."""
+"""`zeroplan train`: run training under a plan (the built-in model, your model, or your script).
+
+A failed run ends with the cause the ranks reported (runtime/diagnose.py) on one line, status
+1; a user error found by a rank (a ConfigError) is printed as any user error, status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas import ConfigError, Plan, Problem
+from zeroplan.schemas.paths import writable_file
 
 from .common import user_errors
 
@@ -26,23 +31,30 @@ def train(
         "--metrics", help="Write per-step metrics as JSON lines (rank 0).")] = None,
 ) -> None:
     """Launch the plan's processes (torchrun; none for one process) and train."""
-    from zeroplan.runtime.launch import launch
-    from zeroplan.runtime.metrics import MAX_STEPS_ENV, METRICS_ENV
-
     if not plan.is_file():
         raise ConfigError(Problem("", f"plan file {plan} not found", suggestion="run `zeroplan compile` first"))
+    Plan.load(plan)  # a plan that does not load is reported here, before any process starts
+    if metrics is not None:
+        metrics = writable_file(metrics, key="--metrics").resolve()
+    from zeroplan.runtime.launch import launch  # torch: after the checks, which answer at once
+    from zeroplan.runtime.metrics import MAX_STEPS_ENV, METRICS_ENV
+
     env = {}
     if script:
         target, module = list(script), False
         if steps is not None:
             env[MAX_STEPS_ENV] = str(steps)
         if metrics is not None:
-            env[METRICS_ENV] = str(metrics.resolve())
+            env[METRICS_ENV] = str(metrics)
     else:
         target = ["zeroplan.runtime.train", "--plan", str(plan), "--model", model, "--steps", str(steps or 20)]
         if metrics is not None:
             target += ["--metrics", str(metrics)]
         module = True
-    code = launch(plan_path=plan, target=target, module=module, env=env)
-    if code:
-        raise typer.Exit(code)
+    failure = launch(plan_path=plan, target=target, module=module, env=env, metrics=metrics)
+    if failure is None:
+        return
+    if failure.problems:
+        raise ConfigError(list(failure.problems), source=failure.source)
+    typer.echo(f"error: {failure.cause}", err=True)
+    raise typer.Exit(failure.exit_code)

@@ -1,15 +1,22 @@
-"""`zeroplan autotune` and `zeroplan report`."""
+"""`zeroplan autotune` and `zeroplan report`.
+
+SIGTERM or Ctrl-C stops the running trial (its ranks included), marks it failed and ends the
+tuner with status 130 (SIGINT) or 143 (SIGTERM); the same command resumes the study.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from zeroplan.schemas import ConfigError, apply_overrides, read_config_file, validate_config
+from zeroplan.schemas.paths import writable_dir
 
 from .common import user_errors
 
@@ -61,10 +68,11 @@ def autotune(
         raise ConfigError(f"arguments after `--` ({' '.join(script_args)}) are for a --script; none was given")
     if script is not None and not script.is_file():
         raise ConfigError(f"--script {script}: no such file")
+    out_dir = writable_dir(out, key="--out") if out else writable_dir(block.results_dir, key="autotuning.results_dir")
     settings = TuneSettings(
         model_name=model, nnodes=nnodes, nproc_per_node=nproc_per_node, launch_dir=Path.cwd(),
         script=(str(script), *(script_args or ())) if script is not None else (),
-        out_dir=out or Path(block.results_dir),
+        out_dir=out_dir,
         objective=_choice(objective, OBJECTIVES, "--objective") or block.metric,
         max_trials=max_trials or block.max_trials, timeout_s=timeout or block.time_budget_s,
         trial_timeout_s=trial_timeout or block.trial_timeout_s, warmup_steps=block.warmup_steps,
@@ -75,7 +83,7 @@ def autotune(
     spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
     machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
     typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
-    with live_progress(total=settings.max_trials) as callback:
+    with _interruptible(), live_progress(total=settings.max_trials) as callback:
         result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     typer.echo(f"study {result.study.study_name}: {counts}")
@@ -84,6 +92,27 @@ def autotune(
         raise typer.Exit(1)
     typer.echo(f"best plan: {result.out_dir / 'best_plan.json'} "
                f"({result.best_plan.provenance.measured_samples_per_s:.2f} samples/s)")
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Run the study; SIGTERM is raised as Ctrl-C is (Optuna marks the running trial failed and
+    the runner stops it); either says how to resume and exits 128 + the signal."""
+    received = [signal.SIGINT]
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted by {signal.Signals(received[-1]).name}: the running trial was stopped and marked "
+                   "failed; run the same command to resume the study", err=True)
+        raise typer.Exit(128 + received[-1]) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @user_errors
@@ -97,15 +126,16 @@ def report(
     import optuna
 
     from zeroplan.autotune.results import write_results
-    from zeroplan.autotune.study import storage_url
+    from zeroplan.autotune.study import readable_storage, storage_url
 
     if storage is None and not (directory / "study.db").is_file():
         raise ConfigError(f"no study.db in {directory}; pass --storage for a study stored elsewhere")
     url = storage_url(storage, results_dir=directory)
-    summaries = optuna.get_all_study_summaries(storage=url)
-    if not summaries:
-        raise ConfigError(f"no study in {url}")
-    name = study or max(summaries, key=lambda s: s.datetime_start or datetime.datetime.min).study_name
-    loaded = optuna.load_study(study_name=name, storage=url)
+    with readable_storage(url, also=(ImportError, ValueError, RuntimeError)):
+        summaries = optuna.get_all_study_summaries(storage=url)
+        if not summaries:
+            raise ConfigError(f"no study in {url}")
+        name = study or max(summaries, key=lambda s: s.datetime_start or datetime.datetime.min).study_name
+        loaded = optuna.load_study(study_name=name, storage=url)
     write_results(loaded, out_dir=directory, objective=_choice(objective, OBJECTIVES, "--objective"))
     typer.echo(f"wrote {directory / 'report.md'} for study {name}")
