@@ -64,9 +64,11 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
 
     With plan.parallel.tp > 1 the model is split by `tp_plan` (module-name pattern -> 'colwise',
-    'rowwise' or 'vocab'; see parallel/tensor_plan.py), by default the model's own: GPT_PLAN
-    for the built-in GPT, a `tp_plan` attribute for others. Each tp rank keeps its slice of the
-    full model built on every rank, and ZeRO then shards the slices over the dp group.
+    'rowwise' or 'vocab', or Hugging Face's style names; see parallel/tensor_plan.py), by default
+    the model's own: GPT_PLAN for the built-in GPT, a Hugging Face model's `tp_plan` (GPT-2:
+    GPT2_BASE_PLAN; parallel/hf_plan.py), a `tp_plan` attribute for others. Each tp rank keeps
+    its slice of the full model built on every rank, and ZeRO then shards the slices over the dp
+    group.
 
     Under `zeroplan autotune --script`, $ZEROPLAN_MODEL_INFO makes this return a stand-in that
     measures the model at its first forward and ends the run (user_model.ModelInfoRun), and

@@ -5,11 +5,13 @@ from .sequence import SequenceParallelPositions
 from .tensor import (ColumnParallelLinear, RowParallelLinear, TpSplit, VocabParallelCrossEntropy,
                      VocabParallelEmbedding, tp_split_of)
 from .tensor_comm import tp_collectives
-from .tensor_plan import (GPT_PLAN, GPT_SEQUENCE_PARALLEL_PLAN, Colwise, Positions, Rowwise, Vocab, apply_tensor_parallel,
-                          default_plan, sync_tp_replicas)
+from .hf_plan import GPT2_BASE_PLAN, GPT2_HEAD_PLAN
+from .tensor_plan import (GPT_PLAN, GPT_SEQUENCE_PARALLEL_PLAN, Colwise, Positions, Replicate, Rowwise, Vocab,
+                          apply_tensor_parallel, default_plan, sync_tp_replicas)
 from .topology import Topology, build_mesh_groups
 
-__all__ = ["GPT_PLAN", "GPT_SEQUENCE_PARALLEL_PLAN", "Colwise", "ColumnParallelLinear", "PipelineModule", "Positions",
-           "RowParallelLinear", "Rowwise", "SequenceParallelPositions", "Topology", "TpSplit", "Vocab",
-           "VocabParallelCrossEntropy", "VocabParallelEmbedding", "apply_tensor_parallel", "build_mesh_groups",
-           "default_plan", "sync_tp_replicas", "tp_collectives", "tp_split_of"]
+__all__ = ["GPT2_BASE_PLAN", "GPT2_HEAD_PLAN", "GPT_PLAN", "GPT_SEQUENCE_PARALLEL_PLAN", "Colwise",
+           "ColumnParallelLinear", "PipelineModule", "Positions", "Replicate", "RowParallelLinear", "Rowwise",
+           "SequenceParallelPositions", "Topology", "TpSplit", "Vocab", "VocabParallelCrossEntropy",
+           "VocabParallelEmbedding", "apply_tensor_parallel", "build_mesh_groups", "default_plan", "sync_tp_replicas",
+           "tp_collectives", "tp_split_of"]

@@ -20,6 +20,11 @@ Each layer takes `sequence_parallel` (sequence.py): its input or output between 
 parallel regions is then this rank's part of the sequence, and its all-reduce an all-gather
 or a reduce-scatter along the sequence.
 
+The linear layers take `transposed` for transformers' Conv1D (GPT-2), whose weight is stored
+[in, out]: the parameter keeps that layout (and its name and shape in the model's state_dict,
+so Hugging Face checkpoints still load), split along dim 1 for column and dim 0 for row
+parallelism, and the matmul uses its transpose.
+
 torch.distributed.tensor.parallel (torch 2.13): `parallelize_module` with ColwiseParallel /
 RowwiseParallel runs on gloo with CPU tensors and matches a single-process forward, but the
 parameters become DTensors: `p.data.copy_(plain_tensor)` fails ("mixed torch.Tensor and
@@ -92,6 +97,11 @@ def shard_parameter(full: torch.Tensor, split: TpSplit | None, coll: Collectives
     return _parameter(full, split, coll.rank, full.requires_grad)
 
 
+def _matrix(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The [out, in] matrix F.linear takes: a Conv1D's [in, out] weight transposed (a view)."""
+    return weight.t() if transposed else weight
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's rows (output features) split: this rank computes its slice of y.
 
@@ -101,21 +111,24 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, *, weight: nn.Parameter, bias: nn.Parameter | None, coll: Collectives,
-                 out_sizes: tuple[int, ...], gather_output: bool = False, sequence_parallel: bool = False):
+                 out_sizes: tuple[int, ...], gather_output: bool = False, sequence_parallel: bool = False,
+                 transposed: bool = False):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.coll, self.out_sizes, self.gather_output = coll, out_sizes, gather_output
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.transposed = sequence_parallel, transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _matrix(self.weight, self.transposed)
         if self.sequence_parallel:
-            y = gather_column_linear(x, self.weight, self.bias, self.coll)
+            y = gather_column_linear(x, weight, self.bias, self.coll)
         else:
-            y = F.linear(copy_to_tp(x, self.coll), self.weight, self.bias)
+            y = F.linear(copy_to_tp(x, self.coll), weight, self.bias)
         return gather_from_tp(y, self.coll, self.out_sizes) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out_local={self.weight.shape[0]}, tp={self.coll.size}"
+        out, in_ = _matrix(self.weight, self.transposed).shape
+        return f"in={in_}, out_local={out}, tp={self.coll.size}" + (", transposed" if self.transposed else "")
 
 
 class RowParallelLinear(nn.Module):
@@ -128,21 +141,23 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, *, weight: nn.Parameter, bias: nn.Parameter | None, coll: Collectives,
-                 in_sizes: tuple[int, ...], input_is_parallel: bool = True, sequence_parallel: bool = False):
+                 in_sizes: tuple[int, ...], input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 transposed: bool = False):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.coll, self.in_sizes, self.input_is_parallel = coll, in_sizes, input_is_parallel
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.transposed = sequence_parallel, transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.coll, self.in_sizes)
         reduce = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
-        y = reduce(F.linear(x, self.weight), self.coll)
+        y = reduce(F.linear(x, _matrix(self.weight, self.transposed)), self.coll)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_local={self.weight.shape[1]}, out={self.weight.shape[0]}, tp={self.coll.size}"
+        out, in_ = _matrix(self.weight, self.transposed).shape
+        return f"in_local={in_}, out={out}, tp={self.coll.size}" + (", transposed" if self.transposed else "")
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -151,17 +166,21 @@ class VocabParallelEmbedding(nn.Module):
     Ids outside the slice look up zeros; the all-reduce (identity backward) sums each id's one
     owning row into every rank's output. The gradient touches local rows only. With
     `sequence_parallel` the sum is reduce-scattered: each rank gets its part of the sequence.
+    `padding_idx` (a global id, as nn.Embedding's) gets no gradient on the rank owning its row.
     """
 
-    def __init__(self, *, weight: nn.Parameter, coll: Collectives, vocab_start: int, sequence_parallel: bool = False):
+    def __init__(self, *, weight: nn.Parameter, coll: Collectives, vocab_start: int, sequence_parallel: bool = False,
+                 padding_idx: int | None = None):
         super().__init__()
         self.weight, self.coll, self.vocab_start = weight, coll, vocab_start
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.padding_idx = sequence_parallel, padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        pad = None if self.padding_idx is None else self.padding_idx - self.vocab_start
+        pad = pad if pad is not None and 0 <= pad < self.weight.shape[0] else None
+        out = F.embedding(local.masked_fill(outside, 0), self.weight, padding_idx=pad)
         reduce = reduce_scatter_sequence if self.sequence_parallel else reduce_from_tp
         return reduce(out.masked_fill(outside.unsqueeze(-1), 0.0), self.coll)
 

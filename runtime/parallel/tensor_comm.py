@@ -142,3 +142,18 @@ def gather_from_tp(x: torch.Tensor, coll: Collectives, sizes: tuple[int, ...]) -
 def scatter_to_tp(x: torch.Tensor, coll: Collectives, sizes: tuple[int, ...]) -> torch.Tensor:
     """This rank's slice of the last dimension forward; all-gather of the gradient backward."""
     return _ScatterToTp.apply(x, coll, sizes)
+
+
+def sum_gradients_over_tp(params, coll: Collectives) -> None:
+    """Sum each parameter's gradient over the tp group as autograd computes it, before it is
+    accumulated into `.grad` (and before the ZeRO hooks that run after accumulation): for a
+    module kept whole on every tp rank that sees only this rank's slice of a split activation
+    (transformers' 'replicated_with_grad_allreduce'). One all-reduce per parameter per backward."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        coll.all_reduce(grad)
+        return grad
+
+    for p in params:
+        if p.requires_grad:
+            p.register_hook(hook)

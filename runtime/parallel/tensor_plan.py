@@ -10,6 +10,12 @@ replace by their parallel version; the style says how:
     "vocab"                                              nn.Embedding -> VocabParallelEmbedding,
         nn.Linear (an LM head) -> ColumnParallelLinear over the vocabulary (logits stay split),
         nn.CrossEntropyLoss -> VocabParallelCrossEntropy (takes the split logits)
+    "replicate" / Replicate(sum_grad=False)              any module, left whole
+
+transformers' Conv1D (GPT-2's layers, weight [in, out]) is split like nn.Linear. Hugging
+Face's own style names ('colwise_gather_output', 'embedding_rowwise', ...) are accepted too:
+tensor_styles.py translates them, and hf_plan.py reads a Hugging Face model's own plan. After
+the split, attention modules hold this rank's head counts (tensor_heads.py).
 
 Initialisation stays reproducible and equal to single-process training: every rank builds
 the full model (same seed), `sync_tp_replicas` makes the tp group's copies equal to its first
@@ -37,8 +43,7 @@ only: `default_plan` refuses it for any other model.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -46,40 +51,14 @@ from torch import nn
 from zeroplan.schemas import ConfigError, Problem
 
 from ..comm import Collectives
+from .hf_plan import hf_default_plan, is_hf_model, linear_dims
 from .sequence import SequenceParallelPositions
 from .tensor import (ColumnParallelLinear, RowParallelLinear, TpSplit, VocabParallelCrossEntropy,
                      VocabParallelEmbedding, shard_parameter)
-from .tensor_comm import piece, split_sizes
-
-
-@dataclass(frozen=True)
-class Colwise:
-    """Split a Linear's output features; `fused` equal blocks ([q|k|v]: 3) are split alike."""
-
-    fused: int = 1
-    gather_output: bool = False
-
-
-@dataclass(frozen=True)
-class Rowwise:
-    """Split a Linear's input features; the input is already split unless `input_is_parallel` is False."""
-
-    input_is_parallel: bool = True
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Split by vocabulary: an embedding's rows, an LM head's outputs, a cross-entropy's classes."""
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Learned position embeddings (replicated) looked up for this rank's part of the sequence:
-    sequence parallelism only."""
-
-
-Style = Union[Colwise, Rowwise, Vocab, Positions]
-STYLES: dict[str, Style] = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab(), "positions": Positions()}
+from .tensor_comm import piece, split_sizes, sum_gradients_over_tp
+from .tensor_heads import localize_heads
+from .tensor_styles import (Colwise, Positions, Replicate, Rowwise, Style, Vocab, plan_problem as _problem,
+                            resolve_style)
 
 GPT_PLAN: dict[str, str | Style] = {
     "wte": "vocab",
@@ -96,22 +75,10 @@ GPT_SEQUENCE_PARALLEL_PLAN: dict[str, str | Style] = {**GPT_PLAN, "wpe": "positi
 """The built-in GPT's plan with sequence parallelism (applied with sequence_parallel=True)."""
 
 
-def _problem(pattern: str, message: str, given=None, suggestion: str | None = None) -> ConfigError:
-    return ConfigError(Problem(f"tp_plan[{pattern!r}]", message, given=given, suggestion=suggestion))
-
-
-def _style(pattern: str, style) -> Style:
-    if isinstance(style, (Colwise, Rowwise, Vocab, Positions)):
-        return style
-    if isinstance(style, str) and style in STYLES:
-        return STYLES[style]
-    raise _problem(pattern, "unknown tensor-parallel style", given=style,
-                   suggestion="use 'colwise', 'rowwise', 'vocab', Colwise(...) or Rowwise(...)")
-
-
 def default_plan(model: nn.Module, *, tp: int, sequence_parallel: bool = False) -> dict | None:
-    """The plan a model brings: GPT_PLAN (GPT_SEQUENCE_PARALLEL_PLAN) for the built-in GPT, else a
-    `tp_plan` attribute, else None. Sequence parallelism for another model is a ConfigError."""
+    """The plan a model brings: GPT_PLAN (GPT_SEQUENCE_PARALLEL_PLAN) for the built-in GPT, a
+    Hugging Face model's own (hf_plan.py), else a `tp_plan` attribute, else None. Sequence
+    parallelism for another model is a ConfigError."""
     from ..models.gpt import GPT
 
     if isinstance(model, GPT):
@@ -127,6 +94,8 @@ def default_plan(model: nn.Module, *, tp: int, sequence_parallel: bool = False) 
                                   "keeps whole on every tp rank may see the whole sequence, and summing its "
                                   "gradient over tp would count it tp times", given=True,
                                   suggestion="compile the plan with parallel.sequence_parallel false"))
+    if is_hf_model(model):
+        return hf_default_plan(model)
     plan = getattr(model, "tp_plan", None)
     return dict(plan) if plan is not None else None
 
@@ -146,23 +115,33 @@ def apply_tensor_parallel(model: nn.Module, *, plan: Mapping[str, str | Style], 
     False when the model is one pipeline stage holding part of the modules.
     `sequence_parallel`: every layer in its sequence-parallel form (sequence.py).
     """
-    styles = {pattern: _style(pattern, s) for pattern, s in plan.items()}
+    styles = {pattern: resolve_style(pattern, s) for pattern, s in plan.items()}
     targets = _match(model, styles)
     if strict:
         unused = sorted(set(styles) - {p for p, _ in targets.values()})
         if unused:
             raise _problem(unused[0], "the pattern matches no module of the model",
                            suggestion="patterns are fnmatch over qualified names from model.named_modules(), "
-                           "e.g. 'blocks.*.fc'")
+                           "e.g. 'blocks.*.fc'" + _prefix_hint(model))
     vocab = _vocab_size(model, targets)
     tied: dict[int, tuple[TpSplit, nn.Parameter]] = {}
+    split = []
     for name, (pattern, style) in targets.items():
         module = model.get_submodule(name)
         new = _convert(module, style, pattern=pattern, name=name, coll=coll, vocab=vocab, tied=tied,
                        sequence_parallel=sequence_parallel)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        if isinstance(new, ColumnParallelLinear) and not new.gather_output:
+            split.append(name)
+    localize_heads(model, split=split, tp=coll.size)
     return model
+
+
+def _prefix_hint(model: nn.Module) -> str:
+    prefix = getattr(model, "base_model_prefix", None) if is_hf_model(model) else None
+    return (f"; a Hugging Face base_model_tp_plan's names lie under base_model_prefix ('{prefix}.layers.*...')"
+            if prefix else "")
 
 
 def _match(model: nn.Module, styles: dict[str, Style]) -> dict[str, tuple[str, Style]]:
@@ -195,6 +174,10 @@ def _vocab_size(model: nn.Module, targets: dict[str, tuple[str, Style]]) -> int 
 def _convert(module: nn.Module, style: Style, *, pattern: str, name: str, coll: Collectives,
              vocab: int | None, tied: dict, sequence_parallel: bool) -> nn.Module:
     kind = type(module).__name__
+    if isinstance(style, Replicate):
+        if style.sum_grad:
+            sum_gradients_over_tp(module.parameters(), coll)
+        return module
     if isinstance(style, Positions):
         return _positions(module, pattern=pattern, name=name, coll=coll, sequence_parallel=sequence_parallel)
     if isinstance(style, Vocab) and isinstance(module, nn.CrossEntropyLoss):
@@ -202,9 +185,11 @@ def _convert(module: nn.Module, style: Style, *, pattern: str, name: str, coll: 
     if isinstance(style, Vocab) and isinstance(module, nn.Embedding):
         return _vocab_embedding(module, pattern=pattern, name=name, coll=coll, tied=tied,
                                 sequence_parallel=sequence_parallel)
-    if not isinstance(module, nn.Linear):
-        raise _problem(pattern, f"module {name!r} is a {kind}; style {style} applies to nn.Linear"
-                       + (", nn.Embedding and nn.CrossEntropyLoss" if isinstance(style, Vocab) else ""),
+    linear = isinstance(module, nn.Linear) or (not isinstance(style, Vocab) and linear_dims(module) is not None)
+    if not linear:
+        raise _problem(pattern, f"module {name!r} is a {kind}; style {style} applies to "
+                       + ("nn.Linear, nn.Embedding and nn.CrossEntropyLoss" if isinstance(style, Vocab)
+                          else "nn.Linear and transformers' Conv1D"),
                        suggestion="remove the pattern or narrow it to the Linear layers")
     if isinstance(style, Rowwise):
         return _rowwise(module, style, pattern=pattern, name=name, coll=coll, tied=tied,
@@ -213,47 +198,54 @@ def _convert(module: nn.Module, style: Style, *, pattern: str, name: str, coll: 
                     coll=coll, tied=tied, sequence_parallel=sequence_parallel)
 
 
-def _colwise(module: nn.Linear, style: Colwise, *, pattern: str, name: str, coll: Collectives,
+def _colwise(module: nn.Module, style: Colwise, *, pattern: str, name: str, coll: Collectives,
              tied: dict, sequence_parallel: bool) -> ColumnParallelLinear:
+    """Output features split: dim 0 of a Linear's weight [out, in], dim 1 of a Conv1D's [in, out]."""
+    _, out_features, transposed = linear_dims(module)
     fused = style.fused
-    if module.out_features % fused:
-        raise _problem(pattern, f"{name!r} has {module.out_features} output features, not {fused} equal blocks",
+    if out_features % fused:
+        raise _problem(pattern, f"{name!r} has {out_features} output features, not {fused} equal blocks",
                        given=fused)
     if style.gather_output and fused > 1:
         raise _problem(pattern, "gather_output with fused blocks would interleave the blocks' slices",
                        suggestion="use Colwise(fused=..., gather_output=False)")
-    sizes = split_sizes(module.out_features // fused, coll.size)
+    sizes = split_sizes(out_features // fused, coll.size)
     if min(sizes) == 0:
-        raise _problem(pattern, f"{name!r}: {module.out_features // fused} output features cannot be split "
+        raise _problem(pattern, f"{name!r}: {out_features // fused} output features cannot be split "
                        f"over tp({coll.size})", suggestion="use a smaller parallel.tp")
-    split = TpSplit(dim=0, sizes=sizes, fused=fused)
+    split = TpSplit(dim=1 if transposed else 0, sizes=sizes, fused=fused)
     weight = _shared(module.weight, split, coll, tied, pattern=pattern, name=name)
-    bias = None if module.bias is None else _shared(module.bias, split, coll, tied, pattern=pattern, name=name)
+    bias = None if module.bias is None else _shared(module.bias, TpSplit(dim=0, sizes=sizes, fused=fused), coll,
+                                                    tied, pattern=pattern, name=name)
     return ColumnParallelLinear(weight=weight, bias=bias, coll=coll, out_sizes=sizes, gather_output=style.gather_output,
-                                sequence_parallel=sequence_parallel)
+                                sequence_parallel=sequence_parallel, transposed=transposed)
 
 
-def _rowwise(module: nn.Linear, style: Rowwise, *, pattern: str, name: str, coll: Collectives,
+def _rowwise(module: nn.Module, style: Rowwise, *, pattern: str, name: str, coll: Collectives,
              tied: dict, sequence_parallel: bool) -> RowParallelLinear:
-    sizes = split_sizes(module.in_features, coll.size)
+    """Input features split: dim 1 of a Linear's weight [out, in], dim 0 of a Conv1D's [in, out]."""
+    in_features, _, transposed = linear_dims(module)
+    sizes = split_sizes(in_features, coll.size)
     if min(sizes) == 0:
-        raise _problem(pattern, f"{name!r}: {module.in_features} input features cannot be split over "
+        raise _problem(pattern, f"{name!r}: {in_features} input features cannot be split over "
                        f"tp({coll.size})", suggestion="use a smaller parallel.tp")
-    weight = _shared(module.weight, TpSplit(dim=1, sizes=sizes), coll, tied, pattern=pattern, name=name)
+    weight = _shared(module.weight, TpSplit(dim=0 if transposed else 1, sizes=sizes), coll, tied, pattern=pattern,
+                     name=name)
     bias = None if module.bias is None else _shared(module.bias, None, coll, tied, pattern=pattern, name=name)
     return RowParallelLinear(weight=weight, bias=bias, coll=coll, in_sizes=sizes,
-                             input_is_parallel=style.input_is_parallel, sequence_parallel=sequence_parallel)
+                             input_is_parallel=style.input_is_parallel, sequence_parallel=sequence_parallel,
+                             transposed=transposed)
 
 
 def _vocab_embedding(module: nn.Embedding, *, pattern: str, name: str, coll: Collectives,
                      tied: dict, sequence_parallel: bool) -> VocabParallelEmbedding:
-    if module.padding_idx is not None or module.max_norm is not None or module.sparse:
-        raise _problem(pattern, f"{name!r}: a vocab-parallel embedding supports no padding_idx, max_norm "
-                       "or sparse gradients", suggestion="remove the pattern, or those options")
+    if module.max_norm is not None or module.sparse:
+        raise _problem(pattern, f"{name!r}: a vocab-parallel embedding supports no max_norm or sparse gradients",
+                       suggestion="remove the pattern, or those options")
     sizes = split_sizes(module.num_embeddings, coll.size)
     weight = _shared(module.weight, TpSplit(dim=0, sizes=sizes), coll, tied, pattern=pattern, name=name)
     return VocabParallelEmbedding(weight=weight, coll=coll, vocab_start=piece(sizes, coll.rank)[0],
-                                  sequence_parallel=sequence_parallel)
+                                  sequence_parallel=sequence_parallel, padding_idx=module.padding_idx)
 
 
 def _positions(module: nn.Module, *, pattern: str, name: str, coll: Collectives,

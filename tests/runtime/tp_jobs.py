@@ -263,17 +263,20 @@ def run_tp_jobs(jobs: list[tuple[str, str, dict]]) -> dict:
 
 
 # -- single-process reference -------------------------------------------------------------------
-def reference(case: dict, steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """fp32, one process, torch.optim.AdamW with clip_grad_norm_ on each whole global batch."""
+def reference(case: dict, steps: int = STEPS, *, model: nn.Module | None = None,
+              batch=None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """fp32, one process, torch.optim.AdamW with clip_grad_norm_ on each whole global batch.
+    `model` and `batch(step)` replace the case's (a Hugging Face model: its output's `.loss`)."""
     plan = tp_plan(case)
-    model = build_model(case["model"])
+    model = build_model(case["model"]) if model is None else model
     params = [p for p in model.parameters() if p.requires_grad]
     o = plan.optimizer
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=o)
     whole, norms = dict(case, dp=1, accum=1), []
     for step in range(steps):
-        loss = model(**batch_of(whole, step, 0, 0))
+        out = model(**(batch_of(whole, step, 0, 0) if batch is None else batch(step)))
+        loss = getattr(out, "loss", out)
         opt.zero_grad()
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.gradient_clipping)))
