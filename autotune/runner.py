@@ -162,7 +162,8 @@ def _watch(proc: subprocess.Popen, *, metrics: Path, timeout_s: float,
         finished = proc.poll() is not None
         try:
             records, offset = _read_new_records(metrics, offset)
-            new = [(_step(r), r.get("skipped", False)) for r in records if not r.get("summary") and not r.get("failure")]
+            new = [(_step(r), r.get("skipped", False)) for r in records
+                   if not r.get("summary") and not r.get("failure")]
         except (ValueError, TypeError, KeyError) as e:
             return TrialOutcome("failed", f"unreadable step report: {e!r}", steps)
         for record in records:

@@ -104,8 +104,8 @@ def _rank_report(directory: Path, rank: int, exitcode: int | None, oom_kills: in
         "nonfinite": f"rank {rank}: {message.split(': ', 1)[-1]}",
         "exit": f"rank {rank}: {message} (at {where})",
         "terminated": f"rank {rank}: {message} (at {where})",
-        "peer_lost": f"rank {rank}: lost its connection to another rank in {record.get('collective') or 'a collective'} "
-                     f"(at {where})",
+        "peer_lost": f"rank {rank}: lost its connection to another rank in "
+                     f"{record.get('collective') or 'a collective'} (at {where})",
     }.get(kind, f"rank {rank}: {message} (at {where})")
     return _Report(rank=rank, kind=kind, cause=cause, time=when, origin=bool(record.get("origin")),
                    detail=record.get("traceback", ""), extra=record)

@@ -155,7 +155,8 @@ def check_device(world: WorldPlan) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ConfigError(Problem("world.device", "the plan asks for cuda but torch sees no GPU", given="cuda",
-                                  suggestion="compile the plan for device cpu (--cluster cpu), or run on a GPU machine"))
+                                  suggestion="compile the plan for device cpu (--cluster cpu), or run on a GPU "
+                                  "machine"))
     if count < world.nproc_per_node:
         raise ConfigError(Problem("world.nproc_per_node", f"the plan runs {world.nproc_per_node} ranks per node, one "
                                   f"GPU each, but torch sees {count} GPU(s)", given=world.nproc_per_node,

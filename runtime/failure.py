@@ -56,12 +56,6 @@ def fault_path(directory: Path, rank: int) -> Path:
     return directory / f"rank-{rank}.fault"
 
 
-def _frames(tb_or_frames) -> list[traceback.FrameSummary]:
-    if isinstance(tb_or_frames, list):
-        return tb_or_frames
-    return traceback.extract_tb(tb_or_frames)
-
-
 def interesting(filename: str) -> bool:
     """A frame worth naming: not torch's, not the standard library's, not a signal handler's."""
     return _TORCH not in filename and not filename.startswith(_STDLIB) and filename != _LIFELINE
@@ -78,7 +72,7 @@ def locate(frames: list[traceback.FrameSummary]) -> tuple[str, str | None]:
 
 def classify(exc: BaseException) -> dict:
     """The kind of a failure and what the launcher reports with it."""
-    frames = _frames(exc.__traceback__)
+    frames = traceback.extract_tb(exc.__traceback__)
     where, collective = locate(frames)
     names = {k.__name__ for k in type(exc).__mro__}
     text = str(exc).lower()
@@ -142,11 +136,11 @@ class RankReport:
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, Terminated):
-            where, collective = locate(_frames(exc.__traceback__))
+            where, collective = locate(traceback.extract_tb(exc.__traceback__))
             self._write({"state": "failed", "kind": "terminated", "message": "stopped by SIGTERM",
                          "where": where, "collective": collective})
         elif isinstance(exc, SystemExit):
-            where, _ = locate(_frames(exc.__traceback__))
+            where, _ = locate(traceback.extract_tb(exc.__traceback__))
             self._write({"state": "failed", "kind": "exit", "message": f"exited with status {exc.code}",
                          "where": where, "collective": None})
         else:

@@ -68,6 +68,7 @@ def launch(*, plan_path: Path, target: list[str], module: bool, env: dict | None
     root = rundir.default_root()
     rundir.sweep(root)
     reports = rundir.make_private_dir(root, kind="run")
+    lifeline.at_emergency_exit(lambda: shutil.rmtree(reports, ignore_errors=True))
     try:
         argv = command(plan=plan, target=target, module=module, log_dir=reports / "torchelastic")
         child_env = lifeline.child_env({**os.environ, **(env or {}), PLAN_ENV: str(Path(plan_path).resolve()),

@@ -16,7 +16,8 @@ def writable_dir(path: str | Path, *, key: str) -> Path:
     path = Path(path)
     why = _unwritable_dir(path)
     if why:
-        raise ConfigError(Problem(key, f"{path} {why}", given=str(path), suggestion="give a directory you can write to"))
+        raise ConfigError(Problem(key, f"{path} {why}", given=str(path),
+                                  suggestion="give a directory you can write to"))
     return path
 
 
@@ -30,7 +31,8 @@ def writable_file(path: str | Path, *, key: str) -> Path:
         folder = _unwritable_dir(path.parent)
         why = f"cannot be created: its directory {path.parent} {folder}" if folder else _unwritable_file(path)
     if why:
-        raise ConfigError(Problem(key, f"{path} {why}", given=str(path), suggestion="give a file path you can write to"))
+        raise ConfigError(Problem(key, f"{path} {why}", given=str(path),
+                                  suggestion="give a file path you can write to"))
     return path
 
 

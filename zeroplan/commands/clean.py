@@ -23,7 +23,8 @@ from .common import user_errors
 def clean(
     paths: Annotated[Optional[list[Path]], typer.Argument(
         help="Directories to sweep (an offload nvme_path).", show_default=False)] = None,
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Also sweep this plan's nvme_path directories.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(
+        "--plan", help="Also sweep this plan's nvme_path directories.")] = None,
 ) -> None:
     """Remove the swap and report directories of runs that were killed."""
     roots = list(paths or [])
