@@ -15,15 +15,27 @@ PYTEST_ARGS ?=
 # reductions, softmax and norms a forward and backward are made of).
 CAPABILITY ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2 || echo default)
 
-.PHONY: setup demo test test-capability clean
+.PHONY: setup browser demo test test-capability clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c $(TORCH_CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# Chromium, for the test that opens the tuner's report.html in a headless browser
+# (tests/autotune/test_report_browser.py): a Debian package, not a pip one. Installed with
+# apt-get where there is one (through sudo unless root); elsewhere that test skips saying why,
+# except under .ci/run, where a missing browser fails it.
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	if command -v apt-get >/dev/null; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "no apt-get here: install Chromium (or set CHROMIUM) for the report.html browser test"; fi
 
 demo: setup
 	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2 > /dev/null
