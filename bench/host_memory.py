@@ -20,6 +20,7 @@ import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .launch import exit_on_sigterm, launch
 from .report import machine_lines, mib, result_path, table, write
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> list[Comparison]:
         workload = Workload(preset=args.preset, micro_batch_size=args.micro, steps=args.steps,
                             warmup=min(2, args.steps - 1), activation_checkpointing=ac)
         results.append(compare(workload, stage=args.stage, pairs=args.pairs, log=log))
-    path = result_path("host_memory") if args.out is None else args.out
+    path = result_path("host_memory") if args.out is None else Path(args.out)
     write(path, to_markdown(results, workload=workload, stage=args.stage, command=command.strip()))
-    print(open(path).read())
+    print(path.read_text())
     return results
 
 
