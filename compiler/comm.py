@@ -98,6 +98,8 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
         if plan.optimizer.type == "Lamb":  # each tensor's squared ||p|| and ||update||, fp64 (optim_lamb.py)
             out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 16 * len(shape.tensors), n),
                                   1))
+    if plan.optimizer.missing_grads == "skip":  # which parameters got a gradient on some rank: a byte each
+        out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", len(shape.tensors), n), 1))
     if plan.precision.loss_scaling.enabled:  # the overflow flag, agreed by every dp rank
         out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 4, n), 1))
     if z.stage in (1, 2):

@@ -89,7 +89,8 @@ def precision_plan(config: TrainConfig) -> PrecisionPlan:
 
 def optimizer_plan(config: TrainConfig) -> OptimizerPlan:
     common = dict(gradient_clipping=config.gradient_clipping, prescale_gradients=config.prescale_gradients,
-                  gradient_predivide_factor=config.gradient_predivide_factor)
+                  gradient_predivide_factor=config.gradient_predivide_factor,
+                  no_decay=config.param_groups.no_decay, missing_grads=config.param_groups.missing_grads)
     if config.optimizer is None:
         return OptimizerPlan(type="AdamW", lr=DEFAULT_LR, **common)
     kind, p = config.optimizer.type, config.optimizer.params
@@ -106,10 +107,16 @@ def optimizer_plan(config: TrainConfig) -> OptimizerPlan:
 
 def optimizer_problems(config: TrainConfig, *, tp: int) -> list[Problem]:
     """Lamb's trust ratio needs each tensor's whole norm: zeroplan sums a tensor's squared norm
-    over the dp shards, but not over tp ranks, and not across NVMe tiles (stepped one at a time)."""
+    over the dp shards, but not over tp ranks, and not across NVMe tiles (stepped one at a time);
+    and it steps the whole shard in one call, so with one weight decay (no `no_decay` groups)."""
     if config.optimizer is None or config.optimizer.type != "Lamb":
         return []
     problems = []
+    if config.param_groups.no_decay:
+        problems.append(Problem("param_groups.no_decay", "Lamb steps the whole shard with one weight decay (its "
+                                "trust ratio is taken over each tensor's update, decay included)",
+                                given=list(config.param_groups.no_decay),
+                                suggestion="leave param_groups.no_decay out with Lamb, or use AdamW"))
     if tp > 1:
         problems.append(Problem("optimizer.type", f"Lamb with tensor parallelism (tp {tp}) is not supported: its "
                                 "per-tensor trust ratio would see only each tp rank's slice", given="Lamb",

@@ -10,8 +10,13 @@ shard during backward; 2. fp16: an inf/nan on any rank (all_reduce MAX) skips th
 and lowers the loss scale; 3. the global gradient norm is all-reduced from the shards' squared
 norms, and the shard is unscaled and clipped in one multiply (torch's clip_grad_norm_
 coefficient, max_norm / (norm + 1e-6)); 4. the optimizer steps the master shard wherever it lives
-(device, host or NVMe: runtime/offload); 5. the stage publishes the new weights to the model
-(all-gather for stages 1-3); 6. the schedule advances.
+(device, host or NVMe: runtime/offload), group by group, leaving the parameters no rank had a
+gradient for (param_groups.py); 5. the stage publishes the new weights to the model (all-gather
+for stages 1-3); 6. the schedule (or the user's LR scheduler) advances.
+
+`engine(*args, **kwargs)` is `engine.module(*args, **kwargs)` and returns what the model
+returns (a Hugging Face model's output object too), as DeepSpeed's engine forwards: a batch
+dict is passed as `engine(**batch)`. `engine.train()` / `engine.eval()` set the model's mode.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from .comm import Collectives
 from .dist import ProcessGroups
 from .metrics import StepMeter, StepReporter, peak_memory
 from .monitor import Monitors, StepTimers, log_lines
+from .client_optim import BoundGroups
 from .offload import MasterOptimizer
+from .param_groups import GroupStepper
 from .parallel import tp_split_of
 from .parallel.sequence_comm import sum_replicated_gradients
 from .precision import LossScaler, NonFiniteError
@@ -44,8 +51,12 @@ class Engine:
 
     def __init__(self, *, model: nn.Module, plan: Plan, groups: ProcessGroups, coll: Collectives,
                  zero: ZeroStage, optimizer: MasterOptimizer, schedule: Schedule, scaler: LossScaler,
-                 param_dtype: torch.dtype, tp_coll: Collectives | None = None):
+                 param_dtype: torch.dtype, stepper: GroupStepper, param_groups: BoundGroups,
+                 tp_coll: Collectives | None = None):
         self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
+        self.stepper, self._client = stepper, param_groups
+        """Groups, gradients received and step counts -> the optimizer's runs; the torch optimizer
+        holding the groups and the user's LR scheduler (client_optim.py)."""
         self.tp_coll = tp_coll
         """Collectives over the tp group (None when tp = 1); the tensor-parallel layers hold it too."""
         self.sequence_parallel = plan.parallel.sequence_parallel and tp_coll is not None
@@ -82,16 +93,42 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        """The model's forward; floating-point inputs are cast to the training dtype."""
-        if self.micro_steps % self.accumulation == 0:
+        """The model's forward; floating-point inputs are cast to the training dtype. In eval mode
+        nothing is metered: the step's time, tokens and collectives are training's."""
+        training = self.module.training
+        if training and self.micro_steps % self.accumulation == 0:
             self.meter.begin()
             self.coll.logger.reset()
         args, kwargs = _cast_floats((args, kwargs), self.param_dtype)
-        self.meter.count_tokens(_tokens((args, kwargs)) * self.groups.dp_size)
+        if training:
+            self.meter.count_tokens(_tokens((args, kwargs)) * self.groups.dp_size)
         with self._timed("forward"), self.zero.forward_context():
             return self.module(*args, **kwargs)
 
     forward = __call__
+
+    def train(self, mode: bool = True) -> "Engine":
+        """The model's training mode (dropout, batch-norm statistics), as nn.Module.train."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        """The model in eval mode; at ZeRO-3 a forward still gathers each module's parameters."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The optimizer's param groups, torch's dicts: each group's current lr and hyper-parameters."""
+        return self._client.holder.param_groups
+
+    @property
+    def lr_scheduler(self):
+        """The torch LR scheduler passed to initialize (or built by its callable); None without one."""
+        return self._client.scheduler
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.accumulation == 0
@@ -159,7 +196,8 @@ class Engine:
         return overflow
 
     def _optimizer_step(self) -> None:
-        self.last_lr = self.schedule.lr()
+        received = self.zero.take_received()
+        self.last_lr = self._group_lrs()[0]
         grad = self.zero.grad
         if self.sequence_parallel:  # the tp-replicated runs (a pipeline's uncounted tied copy is tp-split)
             sum_replicated_gradients(grad, runs=self._norm_runs()[0], coll=self.tp_coll)
@@ -180,9 +218,14 @@ class Engine:
             coef *= clip / (norm + 1e-6)
         if coef != 1.0:
             grad.mul_(coef)
-        self.optimizer.step(grad=grad, lr=self.schedule.lr(), beta1=self.schedule.beta1())
+        stepped = self.stepper.stepped(received)
+        runs, keep = self.stepper.runs(stepped, taken=self.global_steps - self.skipped_steps,
+                                       beta1=self.schedule.beta1())
+        self.optimizer.step(grad=grad, runs=runs, keep=keep)
+        self.stepper.advance(stepped)
         self.zero.publish()
         self.schedule.step()
+        self._client.step_scheduler()
         self.scaler.update_scale(False)
         self.zero.zero_grad()
 
@@ -322,7 +365,12 @@ class Engine:
         return out
 
     def get_lr(self) -> float:
-        return self.schedule.lr()
+        """The first param group's learning rate for the next step."""
+        return self._group_lrs()[0]
+
+    def _group_lrs(self) -> list[float]:
+        """Each group's lr for the next step: the plan's schedule's, or the groups' own."""
+        return self.stepper.sync_lrs(None if self.plan.scheduler is None else self.schedule.lr())
 
     def train_micro_batch_size_per_gpu(self) -> int:
         """Samples per rank per forward (DeepSpeed's accessor, for sizing a data loader)."""

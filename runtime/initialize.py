@@ -5,14 +5,16 @@ Each part gets only its slice of the plan, keyword-only: the process groups from
 state and stage-3 partition live from `plan.offload` (swap paths are checked before anything
 is built), the optimizer from `plan.optimizer`/`plan.kernels`, the schedule from
 `plan.scheduler`, the loss scaler from `plan.precision`, activation checkpointing from
-`plan.activation_checkpointing` (installed into the model's checkpoint hook).
+`plan.activation_checkpointing` (installed into the model's checkpoint hook), the parameter
+groups from `model_parameters` / `optimizer` / `lr_scheduler` and `plan.optimizer`
+(client_optim.py, param_groups.py).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from torch import nn
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem
 
 from .checkpointing import ActivationCheckpointing, install as install_checkpointing
+from .client_optim import ClientOptimizer
 from .comm import Collectives, CommsLogger
 from .dist import init_distributed
 from .engine import Engine
@@ -27,6 +30,7 @@ from .from_config import plan_from_config
 from .gathered import attach_engine
 from .host_memory import fix_mmap_threshold
 from .offload import Offload
+from .param_groups import GroupStepper
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
 from .monitor import Monitors
@@ -55,11 +59,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                config: str | Path | Mapping[str, Any] | None = None,
                model_spec: ModelSpec | str | Path | None = None,
                cluster: ClusterSpec | str | Path | None = None,
-               tp_plan: Mapping[str, Any] | None = None) -> Engine:
+               tp_plan: Mapping[str, Any] | None = None, model_parameters: Iterable | None = None,
+               optimizer: Any = None, lr_scheduler: Any = None) -> Engine:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
     `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
-    here; see from_config.py for `model_spec=` and `cluster=`. Initialises torch.distributed
+    here, for any nn.Module: see from_config.py for its shape, `model_spec=` and `cluster=`.
+    `model_parameters`, `optimizer` and `lr_scheduler` are deepspeed.initialize's: parameters
+    or param groups, a torch AdamW/Adam/SGD (or a callable building one) whose groups and
+    hyper-parameters zeroplan steps on its shards, and a torch LR scheduler over it (or a
+    callable); client_optim.py says what each may be. Initialises torch.distributed
     from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
 
@@ -78,12 +87,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
 
     if os.environ.get(MODEL_INFO_ENV):
         return ModelInfoRun(model, output=Path(os.environ[MODEL_INFO_ENV]))
+    client = ClientOptimizer(model=model, model_parameters=model_parameters, optimizer=optimizer,
+                             lr_scheduler=lr_scheduler)
     if config is not None:
         if plan is not None:
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
-        plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster)
+        plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster, client=client)
     plan = resolve_plan(plan)
     _check_pipeline(plan)
+    param_groups = client.bind(plan)  # by the user's parameter names: tensor parallelism replaces parameters
+    whole_model = model
     if plan.world.device == "cpu":  # resident memory follows the tensors the plan counts
         fix_mmap_threshold()
     precision = plan.precision
@@ -117,12 +130,15 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
                       predivide=_predivide(plan, dp=groups.dp_size),
                       place_master=offload.place_master, param_store=offload.param_store)
-    optimizer = offload.master_optimizer(zero)
+    master = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
+    stepper = GroupStepper(param_groups=param_groups.holder.param_groups, group_of=param_groups.group_of(whole_model),
+                           plan=plan.optimizer, layout=zero.layout, coll=coll, device=groups.device)
     coll.logger.reset()
-    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=optimizer,
-                 schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll)
+    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=master,
+                 schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll, stepper=stepper,
+                 param_groups=param_groups)
     engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
     engine.monitors = _start_monitors(plan, groups=groups)

@@ -43,6 +43,9 @@ class FlatOptimizer(ABC):
     """
 
     state_names: tuple[str, ...] = ()
+    segment_steps: tuple[int, ...] | None = None
+    """An optimizer that steps the whole shard at once (Lamb): the steps each tensor's segment took
+    before this one, set for an update when they differ (optim_runs.py); None: the shard's count."""
 
     def __init__(self, *, plan: OptimizerPlan, numel: int, device: torch.device):
         self.plan = plan
@@ -68,6 +71,12 @@ class FlatOptimizer(ABC):
     @abstractmethod
     def counters(self) -> dict[str, torch.Tensor]:
         """The scalar state (step counts), as 0-d tensors."""
+
+    def counters_at(self, steps_before: int) -> dict[str, float]:
+        """The scalar state an update of elements that were stepped `steps_before` times before
+        this step must see: torch.optim counts steps per parameter, and a parameter that had no
+        gradient in some steps is behind the shard's count (optim_runs.py sets these per run)."""
+        return {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state, as named tensors (for checkpoints)."""
@@ -96,6 +105,9 @@ class _AdamState(FlatOptimizer):
 
     def counters(self) -> dict[str, torch.Tensor]:
         return {"step": self.steps}
+
+    def counters_at(self, steps_before: int) -> dict[str, float]:
+        return {"step": float(steps_before + 1)}  # begin_step has counted this step
 
     def _beta1(self, beta1: float | None) -> float:
         return self.plan.betas[0] if beta1 is None else beta1
@@ -153,6 +165,9 @@ class TorchSGD(FlatOptimizer):
 
     def counters(self) -> dict[str, torch.Tensor]:
         return {"started": self.started}
+
+    def counters_at(self, steps_before: int) -> dict[str, float]:
+        return {"started": 1.0 if steps_before else 0.0}  # torch starts a momentum buffer at a first gradient
 
 
 class Lion(FlatOptimizer):

@@ -71,10 +71,19 @@ class Lamb(_AdamState):
         if p.weight_decay:
             update.add_(param, alpha=p.weight_decay)
         ratios = self._trust_ratios(param, update)
+        if p.bias_correction and self.segment_steps is not None:  # tensors that missed steps count their own
+            sizes = [self._size(lr, b1, b2, float(t + 1)) for t in self.segment_steps]
+            torch._foreach_mul_(list(update.split(self.segments.lengths)), [r * s for r, s in zip(ratios, sizes)])
+            param.sub_(update)
+            return
         torch._foreach_mul_(list(update.split(self.segments.lengths)), ratios)
-        step = float(self.steps.item())
-        size = lr * (1 - b2 ** step) ** 0.5 / (1 - b1 ** step) if p.bias_correction else lr
+        size = self._size(lr, b1, b2, float(self.steps.item())) if p.bias_correction else lr
         param.add_(update, alpha=-size)
+
+    @staticmethod
+    def _size(lr: float, b1: float, b2: float, step: float) -> float:
+        """The step size with FusedLamb's bias correction folded in."""
+        return lr * (1 - b2 ** step) ** 0.5 / (1 - b1 ** step)
 
     def _trust_ratios(self, param: torch.Tensor, update: torch.Tensor) -> list[float]:
         """||p|| / ||u|| per tensor over every rank's chunk, clamped; 1 where either is 0."""

@@ -19,8 +19,9 @@ The contract (examples/user_model.py is a complete one):
   a .py file.
 
 The compiler needs the model's shape (`ModelSpec`) for its memory and cost estimates;
-`measure_spec` reads it from the module: see there. A model with a `spec` attribute holding a
-ModelSpec (as the built-in GPT has) is taken at its word.
+`measure_spec` reads it from the model's Hugging Face config, or measures the module: see
+there. A model with a `spec` attribute holding a ModelSpec (as the built-in GPT has) is taken
+at its word.
 
     python -m zeroplan.runtime.user_model module:function -o model_spec.json
 """
@@ -41,6 +42,8 @@ from torch import nn
 
 from zeroplan.schemas import ConfigError, ModelSpec, Problem
 from zeroplan.schemas.atomic import atomic_write_text
+
+from .model_shape import spec_from_hf_config
 
 BatchFn = Callable[[int, int], Any]
 MODEL_INFO_ENV = "ZEROPLAN_MODEL_INFO"
@@ -147,7 +150,8 @@ def tokens_per_sample(batch: Any) -> int:
 
 
 def measure_spec(model: nn.Module, *, sample: Any, name: str) -> ModelSpec:
-    """A GPT-shaped ModelSpec with the module's parameter count, depth and width.
+    """The shape its Hugging Face config gives (model_shape.py; seq_len from `sample` when it has
+    token ids), else a GPT-shaped ModelSpec with the module's parameter count, depth and width:
 
     - parameters: every trainable parameter, tied ones once;
     - layers: the longest ModuleList/Sequential of identical-sized children (1 when none);
@@ -164,13 +168,17 @@ def measure_spec(model: nn.Module, *, sample: Any, name: str) -> ModelSpec:
     given = getattr(model, "spec", None)
     if isinstance(given, ModelSpec):
         return given
+    seq = tokens_per_sample(sample)
+    from_config = spec_from_hf_config(model, seq_len=seq if seq > 1 else None)
+    if from_config is not None:
+        return from_config.model_copy(update={"name": name})
     total = _params(model)
     if total == 0:
         raise ConfigError(Problem("--model", f"{type(model).__name__} has no trainable parameter"))
     blocks = _repeated_blocks(model)
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     embedding = max(embeddings, key=lambda m: m.weight.numel(), default=None)
-    hidden, layers, seq = _width(model, blocks, embedding), max(len(blocks), 1), tokens_per_sample(sample)
+    hidden, layers = _width(model, blocks, embedding), max(len(blocks), 1)
     heads = _heads(model, hidden)
     vocab = embedding.num_embeddings if embedding is not None else 1
     outside = vocab * hidden + seq * hidden + 2 * hidden if embedding is not None else 0

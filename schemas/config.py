@@ -26,7 +26,7 @@ from .monitors import (
     TensorboardConfig,
     WandbConfig,
 )
-from .optim import OptimizerConfig, SchedulerConfig
+from .optim import OptimizerConfig, ParamGroupsConfig, SchedulerConfig
 from .parallel import ParallelConfig, TensorParallelConfig, derive_degrees
 from .precision import Bf16Config, Fp16Config
 from .types import AutoPositive, Flag, Positive, StrictModel, choice, is_auto, real
@@ -46,6 +46,8 @@ class TrainConfig(StrictModel):
     """None: the training script brings its own optimizer (zeroplan then uses AdamW defaults)."""
     scheduler: SchedulerConfig | None = None
     """None: constant learning rate."""
+    param_groups: ParamGroupsConfig = ParamGroupsConfig()
+    """zeroplan's: weight decay by parameter name and parameters without gradients."""
     fp16: Fp16Config = Fp16Config()
     bf16: Bf16Config = Bf16Config()
     gradient_clipping: real(ge=0, auto=True) = 0.0

@@ -7,6 +7,7 @@ Adam, `total_num_steps` for WarmupLR) is an error rather than silently ignored, 
 optimizer type zeroplan does not build: one problem naming it, not one per parameter.
 """
 
+import re
 from typing import Annotated
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema, model_validator
@@ -158,6 +159,55 @@ class OptimizerConfig(StrictModel):
                                     given=p.min_coeff, suggestion="make min_coeff <= max_coeff"))
         raise_problems(problems)
         return self
+
+
+HF_NO_DECAY: tuple[str, ...] = ("type:LayerNorm", "bias", "layernorm", "rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                                 r"_norm(?:$|\.)")
+"""`param_groups.no_decay: true`: Hugging Face Trainer's rule (`Trainer.get_decay_parameter_names`):
+no weight decay for the parameters of nn.LayerNorm modules and for those whose lowercased name
+matches one of its patterns (biases, LayerNorm / RMSNorm and `norm` weights)."""
+
+
+def _parse_no_decay(value: object) -> tuple[str, ...]:
+    if value is True:
+        return HF_NO_DECAY
+    if value is False:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PydanticCustomError("type", "expected true (Hugging Face Trainer's rule), false or a list of patterns")
+    for pattern in value:
+        try:
+            re.compile(pattern.removeprefix("type:"))
+        except re.error as e:
+            raise PydanticCustomError("regex", "{pattern!r} is not a regular expression: {error}",
+                                      {"pattern": pattern, "error": str(e)}) from e
+    return tuple(value)
+
+
+NoDecay = Annotated[
+    tuple[str, ...],
+    PlainValidator(_parse_no_decay),
+    PlainSerializer(list),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "array", "items": {"type": "string"}}]}),
+]
+
+
+class ParamGroupsConfig(StrictModel):
+    """zeroplan's: which parameters take weight decay and what happens to a parameter without a
+    gradient. DeepSpeed has no keys for either (its `model_parameters` argument carries groups,
+    which `zeroplan.initialize` takes too); the ds_config.json export leaves them out."""
+
+    no_decay: NoDecay = ()
+    """Parameters stepped with weight decay 0, in every group: `true` for Hugging Face Trainer's
+    rule (HF_NO_DECAY: biases and norm weights), or a list of patterns, each a regular
+    expression searched in the parameter's lowercased qualified name (`transformer.h.0.ln_1.bias`),
+    or `type:<regex>` matched against the class names (and base classes) of the modules that
+    contain it. The default, `[]`: every parameter takes its group's weight decay."""
+    missing_grads: choice("skip", "zero") = "skip"
+    """A parameter that got no gradient in an optimizer step, on any dp rank: `skip` leaves it
+    and its optimizer state as they are and does not count the step for it, as torch.optim does
+    for a `.grad` of None; `zero` steps it with a zero gradient, as DeepSpeed's ZeRO optimizers
+    do (weight decay and momentum then still move it)."""
 
 
 SCHEDULER_DEFAULTS: dict[str, dict[str, object]] = {

@@ -152,6 +152,12 @@ class OptimizerPlan(FrozenModel):
     """Lamb: lower clamp of the trust ratio."""
     eps_inside_sqrt: bool = False
     """Lamb: sqrt(v + eps) rather than sqrt(v) + eps."""
+    no_decay: tuple[str, ...] = ()
+    """Patterns of the parameters stepped with weight decay 0 (config `param_groups.no_decay`;
+    runtime/param_groups.py matches them)."""
+    missing_grads: Literal["skip", "zero"] = "skip"
+    """A parameter without a gradient in a step (on every dp rank): left as it is with its state
+    and step count, as torch.optim does ("skip"), or stepped with a zero gradient ("zero", DeepSpeed)."""
     gradient_clipping: float = Field(default=0.0, ge=0)
     """Global gradient-norm clip; 0 disables."""
     gradient_predivide_factor: float = Field(default=1.0, gt=0)
@@ -276,6 +282,10 @@ class Provenance(FrozenModel):
     """sha256 of the canonical config JSON the plan was compiled from."""
     zeroplan_version: str = ""
     model: str = ""
+    model_source: str = ""
+    """Where the model's shape came from when the caller gave none (`initialize(model, config=...)`):
+    read from its Hugging Face config or measured from its module tree; the estimates are then
+    approximate. Empty when the shape was given (a preset, a JSON file, the model's own spec)."""
     cluster: str = ""
     resolved_auto: dict[str, str] = {}
     """Dotted config keys that were "auto", with how each was decided."""

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..optim import FlatOptimizer
+from ..optim_runs import Run, update_runs
 from ..zero import ZeroStage
 
 MASTER = "master"
@@ -38,9 +39,10 @@ class MasterOptimizer(ABC):
         self.device = zero.grad.device
 
     @abstractmethod
-    def step(self, *, grad: torch.Tensor, lr: float, beta1: float | None = None) -> None:
-        """Update the master with `grad` (the stage's fp32 gradient shard, unscaled and clipped);
-        afterwards the stage's `publish` sends the new parameters."""
+    def step(self, *, grad: torch.Tensor, runs: list[Run], keep: list[tuple[int, int]] = ()) -> None:
+        """Update the master with `grad` (the stage's fp32 gradient shard, unscaled and clipped),
+        run by run (optim_runs.py; `keep`: ranges left as they were); afterwards the stage's
+        `publish` sends the new parameters."""
 
     @abstractmethod
     def read_master(self, offset: int, length: int) -> torch.Tensor:
@@ -87,8 +89,11 @@ class ShardMaster(MasterOptimizer):
     def on_stage(self) -> bool:
         return self.master is self.zero.master
 
-    def step(self, *, grad, lr, beta1=None) -> None:
-        self.optimizer.step(param=self.master, grad=self._local(grad), lr=lr, beta1=beta1)
+    def step(self, *, grad, runs, keep=()) -> None:
+        self.optimizer.begin_step()
+        update_runs(self.optimizer, param=self.master, grad=self._local(grad), state=self.optimizer.state, runs=runs,
+                    keep=keep)
+        self.optimizer.end_step()
         if not self.on_stage:
             self.zero.write_params(0, self.master)
 

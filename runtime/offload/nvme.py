@@ -8,11 +8,11 @@ tile's master, exp_avg and exp_avg_sq. Step phases:
 
   1. queue reads of the first `buffer_count` tiles on the I/O thread;
   2. per tile i: wait for its read; copy its gradient range to the host (a slice on a
-     CPU-only machine); run the optimizer kernel on the tile (cpu_adam by the plan); hand the
-     updated master range to the stage (`write_params`: the model's own parameter chunks at
-     stages 1-2, the partition at stage 3); queue the tile's write-back, then the read of tile
-     i + buffer_count into the same buffer (the thread runs jobs in order, so the write-back
-     finishes first);
+     CPU-only machine); run the optimizer kernel on the tile's part of each run (cpu_adam by
+     the plan; optim_runs.py); hand the updated master range to the stage (`write_params`: the
+     model's own parameter chunks at stages 1-2, the partition at stage 3); queue the tile's
+     write-back, then the read of tile i + buffer_count into the same buffer (the thread runs
+     jobs in order, so the write-back finishes first);
   3. wait for the last write-backs.
 With two or more buffers the disk reads and writes of neighbouring tiles overlap the kernel.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..optim_runs import update_runs
 from .master import MASTER, MasterOptimizer, check_state
 from .swap import ALIGN, IOThread, SwapDir, SwapFile, aligned_empty
 
@@ -79,7 +80,7 @@ class NvmeMaster(MasterOptimizer):
             self.state.files[name].write_aligned(lo, buf[row], hi - lo)
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self, *, grad, lr, beta1=None) -> None:
+    def step(self, *, grad, runs, keep=()) -> None:
         ring, n = self.ring, len(self.tiles)
         reads = {i: self.io.submit(self._read, i, ring[i % len(ring)]) for i in range(min(len(ring), n))}
         writes = []
@@ -89,7 +90,8 @@ class NvmeMaster(MasterOptimizer):
             reads.pop(i).result()
             master = buf[0, :hi - lo]
             state = {name: buf[row, :hi - lo] for row, name in enumerate(self.state.names) if row}
-            self.optimizer.update(param=master, grad=self._grad_tile(grad, lo, hi), state=state, lr=lr, beta1=beta1)
+            update_runs(self.optimizer, param=master, grad=self._grad_tile(grad, lo, hi), state=state, runs=runs,
+                        keep=keep, offset=lo)
             self.zero.write_params(lo, master)
             writes.append(self.io.submit(self._write, i, buf))
             if i + len(ring) < n:

@@ -68,6 +68,8 @@ class ZeroStage(ABC):
         self.boundary = True
         self.reducer: BucketReducer | None = None
         self._hooks: list = []
+        self._received = bytearray(len(layout))
+        """Per slot: 1 once a backward since the last `take_received` produced its gradient."""
 
     # -- hooks -------------------------------------------------------------------------
     def attach(self) -> None:
@@ -77,8 +79,15 @@ class ZeroStage(ABC):
 
     def _hook_for(self, index: int):
         def hook(param: torch.Tensor) -> None:
+            self._received[index] = 1
             self.on_grad(index, param)
         return hook
+
+    def take_received(self) -> bytearray:
+        """Which slots got a gradient on this rank since the last call (one byte each), and start
+        counting again: a parameter no backward reached has no gradient, as torch's `.grad` None."""
+        received, self._received = self._received, bytearray(len(self.layout))
+        return received
 
     @abstractmethod
     def on_grad(self, index: int, param: torch.Tensor) -> None:

@@ -25,10 +25,11 @@ def test_stage0_all_reduces_gradients_in_buckets(tiny, compile_dict):
     plan = compile_dict({"train_micro_batch_size_per_gpu": 1,
                          "zero_optimization": {"stage": 0, "reduce_bucket_size": 100_000}}, nproc_per_node=4)
     sent, calls = _sent(plan)
-    psi = tiny.total_params
-    assert sent == {"dp.all_reduce": 2 * 3 * psi * 4 // 4}
-    buckets = pack_buckets(stage_shapes(tiny, tp=1, pp=1)[0].tensors, world=1, max_elements=100_000, reverse=True)
-    assert calls == {"dp.all_reduce": len(buckets)} and len(buckets) >= -(-psi // 100_000)  # whole tensors
+    psi, tensors = tiny.total_params, stage_shapes(tiny, tp=1, pp=1)[0].tensors
+    flags = ring_bytes("all_reduce", len(tensors), 4)  # a byte per tensor: which got a gradient
+    assert sent == {"dp.all_reduce": 2 * 3 * psi * 4 // 4 + flags}
+    buckets = pack_buckets(tensors, world=1, max_elements=100_000, reverse=True)
+    assert calls == {"dp.all_reduce": len(buckets) + 1} and len(buckets) >= -(-psi // 100_000)  # whole tensors
 
 
 def test_stage3_moves_one_and_a_half_times_the_bytes_of_stage0(tiny, compile_dict):
@@ -60,8 +61,10 @@ def test_stage1_without_reduce_scatter_all_reduces_once_per_step(tiny, compile_d
     plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 3,
                          "zero_optimization": {"stage": 1, "reduce_scatter": False}}, nproc_per_node=2)
     sent, _ = _sent(plan)
-    padded_bytes = padded(stage_shapes(tiny, tp=1, pp=1)[0].tensors, world=2) * 4
-    assert sent["dp.all_reduce"] == 2 * (padded_bytes // 2) + 4  # the gradients once; the norm's 4 bytes
+    tensors = stage_shapes(tiny, tp=1, pp=1)[0].tensors
+    padded_bytes = padded(tensors, world=2) * 4
+    # the gradients once; the norm's 4 bytes; a byte per tensor saying which got a gradient
+    assert sent["dp.all_reduce"] == 2 * (padded_bytes // 2) + 4 + len(tensors)
 
 
 def test_tensor_parallel_all_reduces_four_times_per_block(tiny, compile_dict):

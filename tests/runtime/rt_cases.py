@@ -201,7 +201,9 @@ def reference_global(case: dict, steps: int = STEPS) -> dict[str, torch.Tensor]:
 
 def reference_micro(case: dict, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """One process, the same micro-batches as the ranks, the model in the case's dtype, fp32
-    master weights and gradient sums, torch.optim on the masters."""
+    master weights and gradient sums, torch.optim on the masters. A parameter no micro-batch
+    of the step reached is left out of that step, as torch.optim leaves a `.grad` of None
+    (`missing_grads: skip`; with `zero` it steps with a zero gradient)."""
     plan = case_plan(case)
     model = build(case["model"])
     masters, opt = _adamw(model, plan)
@@ -211,15 +213,17 @@ def reference_micro(case: dict, steps: int = STEPS) -> dict[str, torch.Tensor]:
     world, accum = case["world"], case["accum"]
     for step in range(steps):
         total = [torch.zeros_like(m) for m in masters]
+        reached = [plan.optimizer.missing_grads == "zero"] * len(masters)
         for rank in range(world):
             acc = [torch.zeros_like(m) for m in masters]
             for k in range(accum):
                 batch = micro_batch(case, step, rank, k)
                 loss = loss_of(model(**batch))
                 (loss.float() / accum).backward()
-                for a, p in zip(acc, params):
+                for i, (a, p) in enumerate(zip(acc, params)):
                     if p.grad is not None:
                         a += p.grad.float()
+                        reached[i] = True
                     p.grad = None
             total = [t + a for t, a in zip(total, acc)]
         for m, t in zip(masters, total):
@@ -227,7 +231,9 @@ def reference_micro(case: dict, steps: int = STEPS) -> dict[str, torch.Tensor]:
         if plan.optimizer.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(masters, plan.optimizer.gradient_clipping)
         opt.param_groups[0]["lr"] = schedule.lr()
+        opt.param_groups[0]["params"] = [m for m, r in zip(masters, reached) if r]
         opt.step()
+        opt.param_groups[0]["params"] = masters
         schedule.step()
         with torch.no_grad():
             for p, m in zip(params, masters):

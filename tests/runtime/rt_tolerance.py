@@ -78,15 +78,18 @@ def noise_drift_bound(plan: Plan, *, steps: int) -> float:
 
 def gradient_free_elements(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Boolean masks of the elements whose gradient is analytically zero, by parameter name:
-    the key third of every fused qkv bias laid out [q | k | v] (the built-in GPT's)."""
+    the key third of every fused qkv bias laid out [q | k | v] (the built-in GPT's `qkv`,
+    Hugging Face GPT-2's `c_attn`)."""
     masks = {}
     for name, module in model.named_modules():
-        qkv = getattr(module, "qkv", None)
-        if isinstance(qkv, torch.nn.Linear) and qkv.bias is not None:
-            hidden = qkv.bias.numel() // 3
-            mask = torch.zeros(qkv.bias.numel(), dtype=torch.bool)
-            mask[hidden:2 * hidden] = True
-            masks[f"{name}.qkv.bias" if name else "qkv.bias"] = mask
+        for attr in ("qkv", "c_attn"):
+            fused = getattr(module, attr, None)
+            bias = getattr(fused, "bias", None)
+            if isinstance(fused, torch.nn.Module) and isinstance(bias, torch.nn.Parameter):
+                hidden = bias.numel() // 3
+                mask = torch.zeros(bias.numel(), dtype=torch.bool)
+                mask[hidden:2 * hidden] = True
+                masks[f"{name}.{attr}.bias" if name else f"{attr}.bias"] = mask
     return masks
 
 

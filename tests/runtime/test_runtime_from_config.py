@@ -28,9 +28,13 @@ def test_config_is_compiled_for_the_builtin_model(one_thread):
         engine.close()
 
 
-def test_a_foreign_model_needs_its_shape_and_auto_is_refused():
-    with pytest.raises(ConfigError, match="needs the model's shape"):
-        zeroplan.initialize(torch.nn.Linear(4, 4), config=CONFIG)
+def test_a_foreign_model_gets_a_measured_shape_and_auto_is_refused(one_thread):
+    engine = zeroplan.initialize(torch.nn.Linear(4, 4), config=CONFIG)
+    try:
+        assert engine.plan.provenance.model_source.startswith("measured from its module tree")
+        assert any("approximate" in w for w in engine.plan.estimates.warnings)
+    finally:
+        engine.close()
     with pytest.raises(ConfigError, match="zeroplan autotune"):
         zeroplan.initialize(GPT(MODEL_PRESETS["tiny"]), config={**CONFIG, "zero_optimization": {"stage": "auto"}})
     with pytest.raises(ConfigError, match="not both"):
