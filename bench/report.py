@@ -10,14 +10,9 @@ from pathlib import Path
 
 import torch
 
+from zeroplan.runtime.environment import cpu_model  # noqa: F401  (the results files' CPU line)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def machine_lines(peers: dict[str, str]) -> list[str]:

@@ -5,9 +5,12 @@ No logic lives here; each function parses its arguments and calls the library.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from zeroplan.commands import clean, compile, config, export, probe, train, tune
+import zeroplan
+from zeroplan.commands import clean, compile, config, env, export, probe, train, tune
 
 COMMANDS = {
     "validate": config.validate,
@@ -20,6 +23,7 @@ COMMANDS = {
     "train": train.train,
     "clean": clean.clean,
     "export": export.export_checkpoint,
+    "env": env.env,
 }
 
 app = typer.Typer(
@@ -31,6 +35,20 @@ app = typer.Typer(
 )
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"zeroplan {zeroplan.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print zeroplan's version and exit.")] = False,
+) -> None:
+    """Compile, tune and run distributed PyTorch training from one DeepSpeed-compatible config."""
 
 
 def main() -> None:

@@ -108,29 +108,36 @@ class NativeExtension:
             digest.update(flag.encode() + b"\0")
         return extensions_root() / machine_key() / f"{self.name}_{digest.hexdigest()[:12]}"
 
+    def built(self) -> Path | None:
+        """The finished build of these sources on this machine key, or None; never builds
+        (a build another process is still writing holds a `lock` file beside it)."""
+        build_dir = self.build_dir()
+        path = build_dir / f"{build_dir.name}.so"
+        return path if path.exists() and not (build_dir / "lock").exists() else None
+
     def _headers(self) -> list[Path]:
         folders = {s.parent for s in self.sources}
         return [h for folder in folders for h in folder.glob("*.h")]
 
     def _load_or_build(self) -> ModuleType | None:
-        missing = self._missing_tool()
+        missing = self.missing_tool()
         try:
             build_dir = self.build_dir()
-            module_name = build_dir.name
-            built = build_dir / f"{module_name}.so"
-            if built.exists() and not (build_dir / "lock").exists():
-                return _import_built(module_name, built)
+            built = self.built()
+            if built is not None:
+                return _import_built(build_dir.name, built)
             if missing:
                 self.error = missing
                 return None
             build_dir.mkdir(parents=True, exist_ok=True)
-            return self._build(module_name, build_dir)
+            return self._build(build_dir.name, build_dir)
         except Exception as e:  # a broken toolchain fails in many ways; none may crash training
             self.error = f"building it failed: {_one_line(e)}"
             log.debug("building %s failed", self.name, exc_info=True)
             return None
 
-    def _missing_tool(self) -> str | None:
+    def missing_tool(self) -> str | None:
+        """What building needs and this machine lacks (a C++ compiler, ninja, nvcc), or None."""
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None:
             return f"no C++ compiler: CXX={compiler!r} is not on PATH"
@@ -143,14 +150,16 @@ class NativeExtension:
     def _build(self, module_name: str, build_dir: Path) -> ModuleType:
         log.info("building %s in %s (first use on this machine; about a minute)", self.name, build_dir)
         # torch warns about compiler versions while building; the notice for a failure is ours.
+        # Copies of the flag lists: torch appends its own link flags to the list it is given,
+        # which would change build_dir()'s hash for the rest of this process.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             module = torch.utils.cpp_extension.load(
                 name=module_name,
                 sources=[str(s) for s in self.sources],
-                extra_cflags=self.cflags,
-                extra_ldflags=self.ldflags,
-                extra_cuda_cflags=self.cuda_cflags,
+                extra_cflags=list(self.cflags),
+                extra_ldflags=list(self.ldflags),
+                extra_cuda_cflags=list(self.cuda_cflags),
                 extra_include_paths=[str(s.parent) for s in self.sources],
                 build_directory=str(build_dir),
                 with_cuda=self.with_cuda,
