@@ -17,7 +17,7 @@ CAPABILITY ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2 ||
 
 .PHONY: setup browser demo test test-capability clean
 
-setup: $(STAMP) browser
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ demo: setup
 	$(BIN)/zeroplan train out/tuned/best_plan.json --model tiny --steps 30 --metrics out/tuned/train.jsonl
 	@echo "tuned plan, trials.csv and report.md in out/tuned/"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The tests that compare floating-point results (marker `numerics`) once more, with ATen's

@@ -1,6 +1,6 @@
 """Headless Chromium for page tests: the DOM of a local page after its scripts ran.
 
-Chromium is Debian's `chromium` package (`make setup` installs it on Debian and Ubuntu).
+Chromium is Debian's `chromium` package (`make test` installs it where apt-get exists).
 The browser runs with name resolution switched off, so a page that needs the network shows
 it; `--no-sandbox` because the tests may run as root in a container, and the page is ours.
 """

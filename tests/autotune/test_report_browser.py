@@ -15,8 +15,8 @@ from .report_study import CRASH, build_study
 
 BROWSER = chromium()
 if BROWSER is None and not os.environ.get("ZEROPLAN_REQUIRE_BROWSER"):  # .ci/run sets it: CI must have one
-    pytest.skip("no Chromium on this machine: install Debian's `chromium` (make setup does on Debian and "
-                "Ubuntu) or set CHROMIUM to a Chromium or Chrome binary", allow_module_level=True)
+    pytest.skip("no Chromium on this machine: install Debian's `chromium` (`make test` does where apt-get "
+                "exists) or set CHROMIUM to a Chromium or Chrome binary", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
