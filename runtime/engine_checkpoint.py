@@ -10,7 +10,8 @@ it to checkpoint.save. Loading, phases:
      rank failed, every rank raises the same CheckpointError naming each failing rank and why,
      so a `try: load / except: start fresh` takes the same branch everywhere;
   3. every rank installs what it read: master and optimizer state, buffers, the published
-     parameters, scheduler, loss scaler, RNG and counters.
+     parameters, scheduler, loss scaler, RNG, counters and the steps each parameter missed
+     for want of a gradient (param_groups.py).
 The scheduler, loss scaler, RNG and client state come from the state file of the rank with
 this rank's number (rank 0's when the saving world was smaller).
 """
@@ -55,7 +56,8 @@ def save(engine, *, directory: str | Path, tag: str, client_state: dict) -> Path
     tensors = {**engine.optimizer.checkpoint_tensors(), **local}
     state = {"schedule": engine.schedule.state_dict(), "scaler": engine.scaler.state_dict(),
              "rng": get_rng_state(engine.device), "client_state": client_state,
-             "counters": [engine.global_steps, engine.micro_steps, engine.skipped_steps]}
+             "counters": [engine.global_steps, engine.micro_steps, engine.skipped_steps],
+             "missed_steps": engine.stepper.state_dict(names=_plain_names(engine))}
     part = checkpoint.RankPart(identity=identity, tensors=tensors, state=state, layout=layout)
     return checkpoint.save(directory=directory, tag=tag, part=part, meta=_meta(engine),
                            agreement=Agreement(device=engine.device))
@@ -105,16 +107,22 @@ def _install(engine, loaded: Loaded) -> None:
     engine.schedule.load_state_dict(state["schedule"])
     engine.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], engine.device)
+    engine.stepper.load_state_dict(state.get("missed_steps", {}), names=_plain_names(engine))  # none before them
     steps, _, skipped = state["counters"]
     # micro_steps counts this run's micro-batches: the saving run may have accumulated another number
     engine.global_steps, engine.micro_steps, engine.skipped_steps = steps, steps * engine.accumulation, skipped
+
+
+def _plain_names(engine) -> dict[str, str]:
+    """A pipeline stage's parameter names -> the plain model's (the same names without pp)."""
+    return engine.module.plain_names if isinstance(engine.module, PipelineStage) else {}
 
 
 def describe(engine) -> tuple[GroupLayout, dict[str, torch.Tensor]]:
     """This rank's group layout under the plain model's names, and its buffers and frozen
     parameters by key (whole on every rank, outside the ZeRO shards)."""
     module, layout = engine.module, engine.zero.layout
-    plain = module.plain_names if isinstance(module, PipelineStage) else {}
+    plain = _plain_names(engine)
     names: dict[int, list[str]] = {}
     first: dict[int, str] = {}
     tensors: dict[int, torch.Tensor] = {}

@@ -142,9 +142,10 @@ class GroupStepper:
             self._plans[key] = self.plan.model_copy(update=update)
         return self._plans[key]
 
-    def state_dict(self) -> dict[str, int]:
-        """Steps missed per parameter name (only those that missed any): the same under any layout."""
-        return {slot.name: lag for slot, lag in zip(self.layout.slots, self.lag) if lag}
+    def state_dict(self, *, names: dict[str, str]) -> dict[str, int]:
+        """Steps missed per parameter (only those that missed any), under `names` (slot name ->
+        the plain model's name; absent: the same), so that any layout reads it back."""
+        return {names.get(slot.name, slot.name): lag for slot, lag in zip(self.layout.slots, self.lag) if lag}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.lag = [int(state.get(slot.name, 0)) for slot in self.layout.slots]
+    def load_state_dict(self, state: dict[str, int], *, names: dict[str, str]) -> None:
+        self.lag = [int(state.get(names.get(slot.name, slot.name), 0)) for slot in self.layout.slots]

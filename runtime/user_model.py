@@ -228,6 +228,14 @@ class ModelInfoRun:
 
     forward = __call__
 
+    def train(self, mode: bool = True) -> "ModelInfoRun":
+        """The model's mode, as engine.train() sets it before a first forward."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ModelInfoRun":
+        return self.train(False)
+
     def train_micro_batch_size_per_gpu(self) -> int:
         return 1
 

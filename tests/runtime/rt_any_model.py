@@ -117,6 +117,12 @@ def train(*, case: dict) -> dict | None:
     engine = zeroplan.initialize(model, config=config(case), **client_args(case, model))
     lrs = []
     for step in range(case["steps"]):
+        if step == case.get("resume_after"):  # a new run resumes from the checkpoint
+            engine.save_checkpoint(case["ckpt"])
+            engine.close()
+            model = build(case)
+            engine = zeroplan.initialize(model, config=config(case), **client_args(case, model))
+            engine.load_checkpoint(case["ckpt"])
         out = engine(**batch(case, step, rank))
         engine.backward(out if isinstance(out, torch.Tensor) else out.loss)
         lrs.append([g["lr"] for g in engine.param_groups])

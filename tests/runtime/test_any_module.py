@@ -7,7 +7,8 @@
   true` against Trainer.get_decay_parameter_names).
 - A parameter no rank computes with is untouched at every stage, bit for bit, and one used by
   some steps or one rank only steps as torch.optim steps it (its own Adam/SGD step count);
-  `missing_grads: zero` is DeepSpeed's zero-fill.
+  `missing_grads: zero` is DeepSpeed's zero-fill; a checkpoint keeps the steps each parameter
+  missed, so a resumed run steps on as the uninterrupted one.
 - deepspeed.initialize's arguments: a torch AdamW instance with two groups and a LambdaLR over
   it, a callable SGD over model_parameters' groups with a callable StepLR: trained to the torch
   run of the same optimizer and scheduler.
@@ -18,6 +19,9 @@ One spawn of 2 ranks runs every distributed case; the rest is one process, no pr
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -43,7 +47,9 @@ def _case(name: str, model: str, stage: int, *, steps: int = 3, **extra) -> dict
 HF = [_case(f"{m}-z{s}", m, s, no_decay=True) for m in ("gpt2", "llama") for s in range(4)]
 MISSING = ([_case(f"partly-adamw-z{s}", "partly", s, steps=4) for s in range(4)]
            + [_case(f"partly-sgd-z{s}", "partly", s, steps=4, optimizer="SGD") for s in (1, 3)]
-           + [_case("partly-zero-fill-z2", "partly", 2, steps=4, missing_grads="zero")])
+           + [_case("partly-zero-fill-z2", "partly", 2, steps=4, missing_grads="zero"),
+              _case("partly-resumed-z1", "partly", 1, steps=4, resume_after=2,
+                    ckpt=os.path.join(tempfile.gettempdir(), f"zeroplan-any-module-{os.getpid()}"))])
 CLIENT = [_case("client-instance-z2", "partly", 2, steps=4, optimizer=None, client="instance"),
           _case("client-callable-z3", "partly", 3, steps=4, optimizer=None, client="callable")]
 TRAINED = HF + MISSING + CLIENT
@@ -53,7 +59,12 @@ TRAINED = HF + MISSING + CLIENT
 def _spawned() -> dict:
     jobs = [(c["id"], "rt_any_model:train", {"case": c}) for c in TRAINED]
     jobs += [(f"eval-z{s}", "rt_any_model:eval_mode", {"stage": s}) for s in (0, 3)]
-    return spawn_jobs(WORLD, jobs)
+    try:
+        return spawn_jobs(WORLD, jobs)
+    finally:
+        for case in TRAINED:
+            if "ckpt" in case:
+                shutil.rmtree(case["ckpt"], ignore_errors=True)
 
 
 def _mismatches(case: dict, got: dict) -> list[str]:
