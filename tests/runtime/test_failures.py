@@ -143,12 +143,14 @@ def test_kill_9_of_zeroplan_train_leaves_no_process_and_no_swap_directory(tmp_pa
 
 
 def _autotune(tmp_path: Path, mark: str) -> subprocess.Popen:
+    """`zeroplan autotune` whose trials run for minutes (one rank each: the agent's part of the
+    chain is the kill -9 test of `zeroplan train` above)."""
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": "auto"},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
               "autotuning": {"measured_steps": 100, "study_name": "hygiene"}}
     (tmp_path / "c.json").write_text(json.dumps(config))
     argv = [sys.executable, "-m", "zeroplan", "autotune", str(tmp_path / "c.json"), "--model", FAULTS,
-            "--model-spec", "tiny", "--cluster", "cpu", "--nproc-per-node", "2", "--max-trials", "3",
+            "--model-spec", "tiny", "--cluster", "cpu", "--nproc-per-node", "1", "--max-trials", "3",
             "--sampler", "random", "--out", str(tmp_path / "out")]
     return subprocess.Popen(argv, env={**os.environ, "ZP_FAULT": "slow:-1:-1", MARK: mark}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
