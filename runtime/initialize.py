@@ -108,19 +108,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                       ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
-    model.to(groups.device)
-    if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
-        _broadcast_whole(model)
-    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan,
-                               sequence_parallel=plan.parallel.sequence_parallel)
-    if groups.pp_size == 1:  # with pp the whole-model broadcast above already made every rank equal
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                coll.broadcast(t.data, src=0)
-    stage = None
-    if groups.pp_size > 1:
-        stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
-        model = stage.module
+    model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan)
     # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):
     # partition_activations keeps it as it is rather than slicing it again.
     checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing,
@@ -145,6 +133,25 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     engine.checkpointing = checkpointing
     attach_engine(engine)
     return engine
+
+
+def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
+                 tp_plan: Mapping[str, Any] | None) -> tuple[nn.Module, Any, Collectives | None]:
+    """Move `model` to the device, make every rank's copy rank 0's, split it over tp and, with
+    pp, keep this rank's pipeline stage: (the module this rank trains, its stage or None, the
+    tp group's collectives or None)."""
+    model.to(groups.device)
+    if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
+        _broadcast_whole(model)
+    tp_coll = _tensor_parallel(model, groups=groups, logger=coll.logger, tp_plan=tp_plan,
+                               sequence_parallel=plan.parallel.sequence_parallel)
+    if groups.pp_size == 1:  # with pp the whole-model broadcast above already made every rank equal
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                coll.broadcast(t.data, src=0)
+        return model, None, tp_coll
+    stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
+    return stage.module, stage, tp_coll
 
 
 def _predivide(plan: Plan, *, dp: int) -> float:
