@@ -7,11 +7,13 @@ is built), the optimizer from `plan.optimizer`/`plan.kernels`, the schedule from
 `plan.scheduler`, the loss scaler from `plan.precision`, activation checkpointing from
 `plan.activation_checkpointing` (installed into the model's checkpoint hook), the parameter
 groups from `model_parameters` / `optimizer` / `lr_scheduler` and `plan.optimizer`
-(client_optim.py, param_groups.py).
+(client_optim.py, param_groups.py). A model built on the meta device is materialised here,
+only this rank's shard at ZeRO-3 (meta_init.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -29,6 +31,7 @@ from .engine import Engine
 from .from_config import plan_from_config
 from .gathered import attach_engine
 from .host_memory import fix_mmap_threshold
+from .meta_init import check_meta_model, materialize_shard, materialize_whole, meta_tensors
 from .offload import Offload
 from .param_groups import GroupStepper
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
@@ -71,6 +74,9 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     callable); client_optim.py says what each may be. Initialises torch.distributed
     from the torchrun environment when it is not yet (gloo on CPU, NCCL on CUDA; one process
     needs no launcher). Every rank's parameters and buffers are made equal to rank 0's first.
+    A model built on the meta device (`with torch.device("meta"):`) is initialised here as an
+    eager build under rank 0's generator state would be, each rank materialising only its
+    ZeRO-3 shard (meta_init.py says what is guaranteed).
 
     With plan.parallel.tp > 1 the model is split by `tp_plan` (module-name pattern -> 'colwise',
     'rowwise' or 'vocab', or Hugging Face's style names; see parallel/tensor_plan.py), by default
@@ -95,6 +101,9 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster, client=client)
     plan = resolve_plan(plan)
     _check_pipeline(plan)
+    meta = bool(meta_tensors(model))
+    if meta:
+        check_meta_model(model, plan=plan)
     param_groups = client.bind(plan)  # by the user's parameter names: tensor parallelism replaces parameters
     whole_model = model
     if plan.world.device == "cpu":  # resident memory follows the tensors the plan counts
@@ -108,7 +117,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                       ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
-    model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan)
+    model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
     # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):
     # partition_activations keeps it as it is rather than slicing it again.
     checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing,
@@ -117,7 +126,9 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
                       predivide=_predivide(plan, dp=groups.dp_size),
-                      place_master=offload.place_master, param_store=offload.param_store)
+                      place_master=offload.place_master, param_store=offload.param_store,
+                      materialize=functools.partial(materialize_shard, model, coll=coll, device=groups.device)
+                      if meta and plan.zero.stage == 3 else None)
     master = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
@@ -136,10 +147,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
 
 
 def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
-                 tp_plan: Mapping[str, Any] | None) -> tuple[nn.Module, Any, Collectives | None]:
+                 tp_plan: Mapping[str, Any] | None, meta: bool = False) -> tuple[nn.Module, Any, Collectives | None]:
     """Move `model` to the device, make every rank's copy rank 0's, split it over tp and, with
     pp, keep this rank's pipeline stage: (the module this rank trains, its stage or None, the
-    tp group's collectives or None)."""
+    tp group's collectives or None). A `meta` model (tp = pp = 1: check_meta_model) is made whole
+    at stages 0-2, equal on every rank with nothing to broadcast, and left on meta at stage 3,
+    where build_zero materialises this rank's shards."""
+    if meta:
+        if plan.zero.stage < 3:
+            materialize_whole(model, coll=coll, device=groups.device)
+        return model, None, None
     model.to(groups.device)
     if groups.pp_size > 1:  # every stage, and both copies of a tied weight, from rank 0's model
         _broadcast_whole(model)

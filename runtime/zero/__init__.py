@@ -9,6 +9,10 @@ Where the master and the stage-3 partition live is the caller's choice, through 
 shard and returns the device master, or None when it keeps the master elsewhere;
 `param_store(layout, rank, dtype, master)` returns the stage-3 partition's store, or None for
 the default: a tensor on the device.
+
+A model built on the meta device has no values to shard: at stage 3 `materialize(layout=,
+rank=, whole=, param_dtype=)` (runtime/meta_init.materialize_shard) makes this rank's fp32
+shard of its initial values, which the factories then read through the layout.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = ["ParamStore", "ZeroStage", "build_zero", "shard_numel"]
 
 PlaceMaster = Callable[[ShardLayout, int], "torch.Tensor | None"]
 MakeParamStore = Callable[[ShardLayout, int, torch.dtype, "torch.Tensor | None"], "ParamStore | None"]
+Materialize = Callable[..., torch.Tensor]
 
 
 def shard_numel(model: nn.Module, *, stage: int, world: int) -> int:
@@ -44,14 +49,34 @@ def shard_numel(model: nn.Module, *, stage: int, world: int) -> int:
 
 def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: torch.device,
                param_dtype: torch.dtype, reduce_dtype: torch.dtype, predivide: float,
-               place_master: PlaceMaster | None = None, param_store: MakeParamStore | None = None) -> ZeroStage:
-    """Shard `model` for `zero.stage` over `coll`'s group; the model is cast to `param_dtype`."""
+               place_master: PlaceMaster | None = None, param_store: MakeParamStore | None = None,
+               materialize: Materialize | None = None) -> ZeroStage:
+    """Shard `model` for `zero.stage` over `coll`'s group; the model is cast to `param_dtype`.
+    `materialize` (stage 3 only): the model's parameters are on the meta device (module docstring)."""
     stage = zero.stage
     named = module_order_parameters(model) if stage == 3 else trainable_parameters(model)
     if not named:
         raise ValueError("the model has no parameter with requires_grad=True; there is nothing to train")
     layout = ShardLayout(params=named, world=1 if stage == 0 else coll.size)
     rank = coll.rank if layout.world > 1 else 0
+    persistent = _persistent(layout, zero) if stage == 3 else set()
+    if materialize is not None and stage != 3:
+        raise ValueError(f"materialize is for stage 3, where each rank keeps a shard; stage {stage} takes the "
+                         "model whole (meta_init.materialize_whole)")
+    if materialize is not None:
+        layout.initial = (rank, materialize(layout=layout, rank=rank, whole=persistent, param_dtype=param_dtype))
+    try:
+        return _build(model=model, zero=zero, layout=layout, rank=rank, persistent=persistent, coll=coll,
+                      device=device, param_dtype=param_dtype, reduce_dtype=reduce_dtype, predivide=predivide,
+                      place_master=place_master, param_store=param_store)
+    finally:
+        layout.initial = None
+
+
+def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, persistent: set[int],
+           coll: Collectives, device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+           predivide: float, place_master: PlaceMaster | None, param_store: MakeParamStore | None) -> ZeroStage:
+    stage = zero.stage
     if place_master is None:
         master = init_master(layout, rank, device)
     else:
@@ -70,7 +95,8 @@ def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: t
     else:
         store = _partition(layout=layout, rank=rank, master=master, param_dtype=param_dtype,
                            param_store=param_store)
-        built = _stage3(model=model, zero=zero, layout=layout, grad=grad, pstore=store, common=common)
+        built = _stage3(model=model, zero=zero, layout=layout, persistent=persistent, grad=grad, pstore=store,
+                        common=common)
     built.reducer = BucketReducer(layout=layout, coll=coll, bucket_size=zero.reduce_bucket_size,
                                   reduce_dtype=reduce_dtype, scatter=stage == 3 or (stage > 0 and zero.reduce_scatter),
                                   overlap=zero.overlap_comm,
@@ -92,11 +118,15 @@ def _partition(*, layout: ShardLayout, rank: int, master: torch.Tensor | None, p
     return DeviceParams(layout.read_params(0, layout.numel, rank, dtype=param_dtype))
 
 
-def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, grad: torch.Tensor, pstore: ParamStore,
-            common: dict) -> Stage3:
+def _persistent(layout: ShardLayout, zero: ZeroPlan) -> set[int]:
+    """Stage 3's slots that stay whole on every rank (compiler.shapes.persistent_tensors)."""
     flags = persistent_tensors([s.numel for s in layout.slots], threshold=zero.param_persistence_threshold,
                                cap=zero.model_persistence_threshold)
-    persistent = {s.index for s, keep in zip(layout.slots, flags) if keep}
+    return {s.index for s, keep in zip(layout.slots, flags) if keep}
+
+
+def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, persistent: set[int], grad: torch.Tensor,
+            pstore: ParamStore, common: dict) -> Stage3:
     units: dict[nn.Module, list[int]] = {}
     for module in model.modules():
         own = [layout.index_of(p) for p in module.parameters(recurse=False)]

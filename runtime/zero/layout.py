@@ -52,6 +52,10 @@ class ShardLayout:
         """Elements per rank's shard."""
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._offsets = [s.offset for s in slots]
+        self.initial: tuple[int, torch.Tensor] | None = None
+        """(rank, that rank's fp32 shard of the initial values) while a model built on the meta
+        device is being sharded (runtime/meta_init.py): its parameters hold no values yet, so
+        `read_params` of that rank reads here. None otherwise."""
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -89,6 +93,11 @@ class ShardLayout:
 
     def read_params(self, lo: int, hi: int, rank: int, *, dtype: torch.dtype) -> torch.Tensor:
         """Shard range [lo, hi) of rank `rank` cut from the whole parameters (padding is zero)."""
+        if self.initial is not None:
+            owner, shard = self.initial
+            if rank != owner:
+                raise ValueError(f"rank {owner} holds the initial values of its own shard only, not rank {rank}'s")
+            return shard[lo:hi].to(dtype=dtype, copy=True)
         device = self.params[0].device if self.params else None
         out = torch.zeros(hi - lo, dtype=dtype, device=device)
         for index, at, start, length in self.pieces(lo, hi, rank):
