@@ -11,7 +11,9 @@ measured cluster, in order:
 2. `<out>/cluster.json`, probed by an earlier run of this study (a resumed study ranks with
    the same figures);
 3. otherwise `zeroplan probe --quick` runs in a subprocess (about 20 s on a small CPU box, a
-   minute on a GPU node) and writes `<out>/cluster.json`.
+   minute on a GPU node) and writes `<out>/cluster.json`. It is a child of the tuner like a
+   trial (child.py), and its workers are bound to it (runtime/probe.py): all end with the
+   tuner, kill -9 included.
 A probe that fails falls back to the `cpu` preset with a notice saying why. Any other
 `--cluster` value (a preset, `local`, a file) is used as given.
 """
@@ -25,6 +27,8 @@ from pathlib import Path
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning
 from zeroplan.schemas.cluster import LOCAL_CLUSTER_FILE
+
+from . import child
 
 AUTO = "auto"
 PROBE_FILE = "cluster.json"
@@ -54,8 +58,7 @@ def resolve_cluster(name: str, *, out_dir: Path, nproc: int) -> tuple[ClusterSpe
     output = out_dir / PROBE_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(probe_command(nproc=nproc, output=output), capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = child.run(probe_command(nproc=nproc, output=output), timeout_s=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         why = f"timed out after {PROBE_TIMEOUT_S} s"
     else:

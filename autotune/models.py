@@ -8,7 +8,10 @@ Three kinds of workload, one per `zeroplan autotune` form:
 - `--script train.py [-- ARGS]`: your training script, which calls `zeroplan.initialize`;
   its spec comes from one "model info" run of the script ($ZEROPLAN_MODEL_INFO: the first
   forward measures the model, writes the spec and ends the run), as DeepSpeed's autotuner
-  starts with a model-info experiment.
+  starts with a model-info experiment. The script runs as a trial's rank runs it
+  (`python -m zeroplan.runtime.rank train.py ARGS`).
+Either measurement is a child of the tuner like a trial (child.py): it ends with the tuner,
+kill -9 included.
 `--model-spec PRESET|FILE` skips the measurement. The measured spec is kept in
 `<out>/model_spec.json` (read it to see what the estimates assume).
 
@@ -29,6 +32,8 @@ from typing import Sequence
 
 from zeroplan.schemas import ConfigError, ModelSpec, Problem
 from zeroplan.schemas.model import is_model_function
+
+from . import child
 
 SPEC_FILE = "model_spec.json"
 MEASURE_TIMEOUT_S = 600
@@ -76,9 +81,10 @@ def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     output = (out_dir / SPEC_FILE).resolve()
     output.unlink(missing_ok=True)
-    env = {**os.environ, **workload.env()}
-    if workload.script:
-        command, what = [sys.executable, *workload.script], f"script {workload.script[0]}"
+    env = workload.env()
+    if workload.script:  # run as a trial runs it (a rank's entry point binds it to the tuner)
+        command = [sys.executable, "-m", "zeroplan.runtime.rank", *workload.script]
+        what = f"script {workload.script[0]}"
         env[MODEL_INFO_ENV] = str(output)
     else:
         command = [sys.executable, "-m", "zeroplan.runtime.user_model", workload.model, "-o", str(output)]
@@ -88,9 +94,9 @@ def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) 
 
 
 def _run_measurement(command: Sequence[str], *, env: dict, cwd: Path, what: str, output: Path) -> None:
+    """Run the measurement as the tuner runs every child (child.py): it ends with the tuner."""
     try:
-        done = subprocess.run(list(command), env=env, cwd=cwd, capture_output=True, text=True,
-                              timeout=MEASURE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = child.run(command, env=env, cwd=cwd, timeout_s=MEASURE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         raise ConfigError(Problem("--model", f"measuring {what} timed out after {MEASURE_TIMEOUT_S} s",
                                   suggestion="pass --model-spec PRESET|FILE")) from e

@@ -14,19 +14,18 @@ reported (runtime/diagnose.py): which rank failed and why, and that rank's trace
     {"failure": true, "rank": 1, "kind": "crash", "cause": "rank 1: killed by SIGSEGV ...", "detail": "..."}
 
 The parent polls that file; each new step goes to `on_step`, which returns True to prune
-(Optuna's `trial.report` + `trial.should_prune`). The child runs in its own session, and is
-bound to this process ($ZEROPLAN_PARENT_PID, runtime/lifeline.py): pruning, a timeout or a
+(Optuna's `trial.report` + `trial.should_prune`). The child is started as every child of
+the tuner is (child.py: its own session, bound to this process): pruning, a timeout or a
 failure stops its process group (SIGTERM: `zeroplan train` stops its ranks; SIGKILL after
-KILL_GRACE_S), and when the tuner itself dies, kill -9 included, the trial ends with it. Every
-outcome carries a reason and the failing rank's traceback (else the last lines of the log), so
-a failed trial explains itself ("DeepSpeed's tuner says only 'model not runnable'").
+child.KILL_GRACE_S), and when the tuner itself dies, kill -9 included, the trial ends with it.
+Every outcome carries a reason and the failing rank's traceback (else the last lines of the
+log), so a failed trial explains itself ("DeepSpeed's tuner says only 'model not runnable'").
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -34,12 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from . import child
+
 _OOM_MARKERS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
 _POLL_S = 0.2
-PARENT_ENV = "ZEROPLAN_PARENT_PID"  # runtime.lifeline.PARENT_ENV (not imported: it imports torch)
-KILL_GRACE_S = 5.0
-"""Seconds a stopped trial has to end before its group is killed: more than `zeroplan train`
-takes to stop its ranks (runtime.lifeline.LAUNCHER_STOP_S)."""
 
 
 @dataclass
@@ -93,24 +90,6 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen, *, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left after `grace_s`."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader exited; make sure no worker in its group survives it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
-
-
 def _failure_reason(returncode: int, log_tail: str) -> str:
     """A child that did not say why it failed (not `zeroplan train`): its status and log."""
     if any(marker in log_tail.lower() for marker in _OOM_MARKERS):
@@ -135,15 +114,13 @@ def run_trial(
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "trial.log"
     metrics.unlink(missing_ok=True)
-    child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
     start = time.monotonic()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(command), cwd=cwd or workdir, env=child_env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = child.start(command, env=env, cwd=cwd or workdir, stdout=log, stderr=subprocess.STDOUT)
         try:
             outcome = _watch(proc, metrics=metrics, timeout_s=timeout_s, on_step=on_step, start=start)
         finally:
-            _kill_group(proc)
+            child.stop(proc)
     outcome.wall_s = time.monotonic() - start
     told = outcome.failure or {}
     outcome.log_tail = told.get("detail") or _tail(log_path)

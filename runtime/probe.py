@@ -32,6 +32,8 @@ import torch.multiprocessing as mp
 
 from zeroplan.schemas import ClusterRates, ClusterSpec
 
+from . import lifeline, rundir
+
 MiB = 1 << 20
 
 
@@ -73,6 +75,7 @@ def disk_bandwidth(path: Path, *, nbytes: int, chunk: int = 8 * MiB) -> tuple[fl
     """(write, read) bytes/s of one file under `path`, written with fsync and read uncached."""
     block = os.urandom(chunk)
     fd, name = tempfile.mkstemp(prefix=".zeroplan-probe-", dir=path)
+    lifeline.at_emergency_exit(lambda: Path(name).unlink(missing_ok=True))
     try:
         start = time.perf_counter()
         for _ in range(max(nbytes // chunk, 1)):
@@ -135,6 +138,7 @@ def rank_overhead(device: str) -> int:
 
 def _collective_worker(rank: int, world: int, device: str, store: str, sizes: list[int], reps: int,
                        out: str) -> None:
+    lifeline.bind_to_parent()  # ends with the probe (`_spawn_bound`)
     if device == "cuda":
         torch.cuda.set_device(rank)
     else:  # the share of cores a training rank gets (runtime.launch sets OMP_NUM_THREADS so)
@@ -173,15 +177,41 @@ def _fit(sizes: list[int], seconds: list[float], *, op: str, world: int) -> tupl
     return 1 / slope, latency
 
 
+def _spawn_bound(worker, *, nprocs: int, args: tuple) -> None:
+    """`mp.spawn(worker, args, nprocs)` with the workers bound to this process (lifeline.py):
+    they end when it dies, and when it stops waiting for them (an exception: SIGTERM raised
+    as lifeline.Terminated, Ctrl-C) it ends them, rather than have Python's exit wait for them."""
+    before = os.environ.get(lifeline.PARENT_ENV)
+    os.environ.update(lifeline.child_env({}))  # the spawned workers inherit this environment
+    try:
+        context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    finally:
+        os.environ.pop(lifeline.PARENT_ENV)
+        if before is not None:
+            os.environ[lifeline.PARENT_ENV] = before
+    try:
+        while not context.join():
+            pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
 def collective_rates(*, nproc: int, device: str, sizes: list[int],
                      reps: int = 3) -> tuple[dict[str, tuple[float, float]], int]:
     """({op: (bandwidth, latency per ring step)}, `rank_overhead` of rank 0) measured across
     `nproc` local processes (with one, no collectives: an empty dict)."""
-    with tempfile.TemporaryDirectory(prefix="zeroplan-probe-") as tmp:
-        out = os.path.join(tmp, "times.json")
-        mp.spawn(_collective_worker, args=(nproc, device, os.path.join(tmp, "store"), sizes, reps, out),
-                 nprocs=nproc)
-        result = json.loads(Path(out).read_text())
+    tmp = rundir.make_private_dir(rundir.default_root(), kind="probe")  # swept if this process is killed
+    lifeline.at_emergency_exit(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    try:
+        out = tmp / "times.json"
+        _spawn_bound(_collective_worker, nprocs=nproc,
+                     args=(nproc, device, str(tmp / "store"), sizes, reps, str(out)))
+        result = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {op: _fit(sizes, t, op=op, world=nproc) for op, t in result["times"].items()}, result["overhead"]
 
 
@@ -232,6 +262,8 @@ def _sizes(device: str, quick: bool) -> dict:
 
 def probe_cluster(*, nproc: int | None = None, path: str | Path = ".", quick: bool = False) -> ClusterSpec:
     """Measure this node as `nproc` ranks and return its ClusterSpec (named `local`)."""
+    if lifeline.bind_to_parent():  # started by the tuner (autotune/cluster.py): end with it
+        lifeline.end_on_sigterm()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = len(os.sched_getaffinity(0))
     nproc = nproc or (torch.cuda.device_count() if device == "cuda" else cores)

@@ -2,7 +2,8 @@
 
     python -m zeroplan.runtime.rank script.py ARGS     # a training script as one rank
 
-(the built-in loop, runtime/train.py, calls `run_rank` itself). `run_rank(body)`:
+(the built-in loop, runtime/train.py, calls `run_rank` itself; `zeroplan autotune --script`
+runs its model-info run of the script this way too, bound to the tuner). `run_rank(body)`:
 1. binds the rank to the process that started it (lifeline.py): it ends when the torchrun
    agent or `zeroplan train` ends, within lifeline.GRACE_S even when stuck in a collective,
    and SIGTERM becomes an exception, so swap directories are removed on the way out;

@@ -43,6 +43,7 @@ from torch import nn
 from zeroplan.schemas import ConfigError, ModelSpec, Problem
 from zeroplan.schemas.atomic import atomic_write_text
 
+from . import lifeline
 from .model_shape import spec_from_hf_config
 
 BatchFn = Callable[[int, int], Any]
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="module:function or path/to/file.py:function")
     p.add_argument("-o", "--output", type=Path, required=True, help="ModelSpec JSON to write")
     args = p.parse_args(argv)
+    if lifeline.bind_to_parent():  # started by the tuner (autotune/models.py): end with it
+        lifeline.end_on_sigterm()
     try:
         spec = measure_ref(args.model)
     except ConfigError as e:

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 import optuna
 
 from rt_plans import make_plan
+from rt_processes import MARK, kill_survivors, processes_with, wait_until
 from zeroplan.autotune.study import fail_orphaned_trials
 from zeroplan.cli import app
 from zeroplan.runtime import initialize
@@ -39,7 +40,6 @@ from zeroplan.runtime.rundir import OWNER_FILE, make_private_dir
 from zeroplan.schemas.plan import OffloadPlan, OffloadTarget
 
 FAULTS = f"{Path(__file__).parent / 'rt_faults.py'}:build"
-MARK = "ZP_TEST_RUN"
 
 
 def _train(tmp_path: Path, *, fault: str, world: int = 2, steps: int = 4, timeout_s: float = 600.0,
@@ -59,31 +59,6 @@ def _train(tmp_path: Path, *, fault: str, world: int = 2, steps: int = 4, timeou
 def _metrics(tmp_path: Path) -> list[dict]:
     path = tmp_path / "m.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def processes_with(mark: str) -> list[int]:
-    """Pids of the live processes whose environment carries `mark` (whatever their session)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"{MARK}={mark}".encode() in env and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(tmp_path):
@@ -138,8 +113,7 @@ def test_kill_9_of_zeroplan_train_leaves_no_process_and_no_swap_directory(tmp_pa
         assert wait_until(lambda: not processes_with(mark), 20), f"survivors: {processes_with(mark)}"
         assert list(nvme.iterdir()) == []
     finally:
-        for pid in processes_with(mark):
-            os.kill(pid, signal.SIGKILL)
+        kill_survivors(mark)
 
 
 def _autotune(tmp_path: Path, mark: str) -> subprocess.Popen:
@@ -183,8 +157,7 @@ def test_sigterm_and_kill_9_of_zeroplan_autotune_end_the_running_trial(tmp_path)
         trial = study.trials[1]
         assert trial.state.name == "FAIL" and "its tuner (pid" in trial.user_attrs["reason"]
     finally:
-        for pid in processes_with(mark):
-            os.kill(pid, signal.SIGKILL)
+        kill_survivors(mark)
 
 
 def _dead_pid() -> int:

@@ -1,7 +1,8 @@
 """`zeroplan autotune` and `zeroplan report`.
 
-SIGTERM or Ctrl-C stops the running trial (its ranks included), marks it failed and ends the
-tuner with status 130 (SIGINT) or 143 (SIGTERM); the same command resumes the study.
+SIGTERM or Ctrl-C stops what the tuner is running (the model measurement, the probe, or a
+trial, its ranks included, which it marks failed) and ends the tuner with status 130 (SIGINT)
+or 143 (SIGTERM); the same command resumes the study.
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ def autotune(
         sampler=_choice(sampler, SAMPLERS, "--sampler") or block.sampler, pruner=block.pruner,
         memory_safety_margin=block.memory_safety_margin, seed=block.seed,
         overwrite=not resume or block.overwrite)
-    spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
-    machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
-    typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
-    with _interruptible(), live_progress(total=settings.max_trials) as callback:
-        result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback])
+    with _interruptible():
+        spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
+        machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
+        typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
+        with live_progress(total=settings.max_trials) as callback:
+            result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     typer.echo(f"study {result.study.study_name}: {counts}")
     if result.best_plan is None:
@@ -96,8 +98,9 @@ def autotune(
 
 @contextlib.contextmanager
 def _interruptible():
-    """Run the study; SIGTERM is raised as Ctrl-C is (Optuna marks the running trial failed and
-    the runner stops it); either says how to resume and exits 128 + the signal."""
+    """Run the tuner; SIGTERM is raised as Ctrl-C is, and the running child (the model
+    measurement, the probe or a trial: autotune/child.py) is stopped on its way out (Optuna
+    marks a running trial failed); either says how to resume and exits 128 + the signal."""
     received = [signal.SIGINT]
 
     def interrupt(signum, frame):
@@ -108,8 +111,8 @@ def _interruptible():
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo(f"interrupted by {signal.Signals(received[-1]).name}: the running trial was stopped and marked "
-                   "failed; run the same command to resume the study", err=True)
+        typer.echo(f"interrupted by {signal.Signals(received[-1]).name}: what was running was stopped (a trial "
+                   "is marked failed); run the same command to resume the study", err=True)
         raise typer.Exit(128 + received[-1]) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
