@@ -65,6 +65,32 @@ class BoundGroups:
         return {id(p): self.group_by_name[name] for name, p in model.named_parameters(remove_duplicate=False)
                 if name in self.group_by_name}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the groups: each one's hyper-parameters (an LR scheduler
+        sets their lr) and the LR scheduler's own state; the parameters are the engine's."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.holder.param_groups]
+        return {"groups": groups, "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+
+    def refusal(self, state: dict) -> str | None:
+        """Why `state` (a checkpoint's `state_dict()`) cannot be restored into this run, or None:
+        other groups, or a scheduler where this run has none (or none where it has one), would go
+        on with another schedule, silently."""
+        if len(state["groups"]) != len(self.holder.param_groups):
+            return (f"the checkpoint has {len(state['groups'])} parameter group(s), this run "
+                    f"{len(self.holder.param_groups)}: build the groups as the saving run did")
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            saved = "no LR scheduler" if state["scheduler"] is None else "an LR scheduler's state"
+            return (f"the checkpoint holds {saved} and this run {'has one' if self.scheduler else 'has none'}: "
+                    "pass the lr_scheduler= the saving run had")
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s values (`refusal(state)` is None)."""
+        for group, saved in zip(self.holder.param_groups, state["groups"]):
+            group.update(saved)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
     def step_scheduler(self) -> None:
         """After an optimizer step taken. torch warns that the scheduler stepped before its
         optimizer: zeroplan never calls that optimizer's step, by design."""

@@ -5,6 +5,12 @@
         engine.backward(loss)        # scaled by 1/accumulation (and the fp16 loss scale)
         engine.step()                # optimizer step at the accumulation boundary only
 
+A loop that scales its own loss for accumulation (transformers.Trainer does) passes
+`engine.backward(loss, scale_wrt_gas=False)`, and one whose windows are not all
+`gradient_accumulation_steps` long (an epoch's last, shorter window) says where each ends with
+`engine.set_gradient_accumulation_boundary(True/False)` before the backward: DeepSpeed's two
+knobs, with its meaning.
+
 Step phases at the boundary: 1. the ZeRO stage has reduced the gradients into each rank's fp32
 shard during backward; 2. fp16: an inf/nan on any rank (all_reduce MAX) skips the step on all
 and lowers the loss scale; 3. the global gradient norm is all-reduced from the shards' squared
@@ -67,6 +73,12 @@ class Engine:
         self.device = groups.device
         self.accumulation = plan.batch.gradient_accumulation_steps
         self.micro_steps = 0
+        self.window_micro_steps = 0
+        """Micro-steps since the last optimizer step (0 at a boundary)."""
+        self._boundary: bool | None = None
+        """set_gradient_accumulation_boundary's value; None: every `accumulation` micro-steps."""
+        self._loss_is_share = False
+        """The last backward's loss was already the caller's share of the step (scale_wrt_gas=False)."""
         self.global_steps = 0
         self.skipped_steps = 0
         self.nonfinite = plan.precision.nonfinite
@@ -87,8 +99,8 @@ class Engine:
         self.print_comms = plan.logging.comms_logger
         """Print the step's collectives every `steps_per_print` steps (DeepSpeed's comms_logger)."""
         self._last_loss: torch.Tensor | None = None
-        self.last_lr: float = 0.0
-        """The learning rate the last optimizer step used."""
+        self.last_lrs: list[float] = []
+        """Each param group's learning rate in the last optimizer step."""
         self._micro_losses: list[torch.Tensor] = []
 
     # -- the loop --------------------------------------------------------------------------
@@ -96,7 +108,7 @@ class Engine:
         """The model's forward; floating-point inputs are cast to the training dtype. In eval mode
         nothing is metered: the step's time, tokens and collectives are training's."""
         training = self.module.training
-        if training and self.micro_steps % self.accumulation == 0:
+        if training and self.window_micro_steps == 0:
             self.meter.begin()
             self.coll.logger.reset()
         args, kwargs = _cast_floats((args, kwargs), self.param_dtype)
@@ -131,15 +143,30 @@ class Engine:
         return self._client.scheduler
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return (self.micro_steps + 1) % self.accumulation == 0
+        """Whether the next `step()` steps the optimizer: the value set by
+        `set_gradient_accumulation_boundary`, else every `gradient_accumulation_steps` micro-steps."""
+        if self._boundary is not None:
+            return self._boundary
+        return self.window_micro_steps + 1 == self.accumulation
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of `loss`, averaged over the accumulation steps; gradients reduced as they come."""
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Say whether the coming backward and step end the accumulation window (DeepSpeed's
+        override, kept until changed; None goes back to counting). For loops whose windows are
+        not all `gradient_accumulation_steps` long: set it before each micro-step's backward."""
+        self._boundary = None if is_boundary is None else bool(is_boundary)
+
+    def backward(self, loss: torch.Tensor, *, scale_wrt_gas: bool = True) -> None:
+        """Backward of `loss`, averaged over the accumulation steps; gradients reduced as they come.
+
+        `scale_wrt_gas=False` (DeepSpeed's flag): `loss` is already the caller's share of the
+        step's loss and is not divided again; the step's reported loss is then the sum of the
+        window's losses rather than their mean."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"backward needs the scalar loss tensor, got {type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
         self._micro_losses.append(loss.detach().float().reshape(()))
-        scale = self.scaler.loss_scale / self.accumulation
+        self._loss_is_share = not scale_wrt_gas
+        scale = self.scaler.loss_scale / (self.accumulation if scale_wrt_gas else 1)
         with self._timed("backward"):
             self.zero.begin_backward(boundary=self.is_gradient_accumulation_boundary())
             (loss.float() * scale).backward()
@@ -149,14 +176,19 @@ class Engine:
         """End a micro-step; at the accumulation boundary, step the optimizer."""
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
+        self.window_micro_steps += 1
         if not boundary:
             return
+        self.window_micro_steps = 0
         with self._timed("step"):
             self._optimizer_step()
         self.global_steps += 1
         self.meter.end()
         self.last_comms = self.coll.logger.snapshot()
-        loss = torch.stack(self._micro_losses).mean() if self._micro_losses else None
+        loss = None
+        if self._micro_losses:
+            losses = torch.stack(self._micro_losses)
+            loss = losses.sum() if self._loss_is_share else losses.mean()
         self._micro_losses.clear()
         self._after_step(loss)
 
@@ -197,7 +229,7 @@ class Engine:
 
     def _optimizer_step(self) -> None:
         received = self.zero.take_received()
-        self.last_lr = self._group_lrs()[0]
+        self.last_lrs = self._group_lrs()
         grad = self.zero.grad
         if self.sequence_parallel:  # the tp-replicated runs (a pipeline's uncounted tied copy is tp-split)
             sum_replicated_gradients(grad, runs=self._norm_runs()[0], coll=self.tp_coll)
@@ -339,7 +371,7 @@ class Engine:
         """Save this rank's shard and state, hashed and signed with its identity (every rank calls
         it; runtime/checkpoint.py); returns the checkpoint directory. A failure on any rank is
         every rank's CheckpointError."""
-        if self.micro_steps % self.accumulation:
+        if self.window_micro_steps:
             raise RuntimeError("save_checkpoint inside a gradient-accumulation window would lose the "
                                "accumulated gradients; save after engine.step() at a boundary")
         return engine_checkpoint.save(self, directory=save_dir,
@@ -363,6 +395,11 @@ class Engine:
         if self.last_grad_norm is not None:
             out["grad_norm"] = self.last_grad_norm
         return out
+
+    @property
+    def last_lr(self) -> float:
+        """The first group's learning rate in the last optimizer step (0 before the first)."""
+        return self.last_lrs[0] if self.last_lrs else 0.0
 
     def get_lr(self) -> float:
         """The first param group's learning rate for the next step."""

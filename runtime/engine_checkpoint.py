@@ -57,7 +57,8 @@ def save(engine, *, directory: str | Path, tag: str, client_state: dict) -> Path
     state = {"schedule": engine.schedule.state_dict(), "scaler": engine.scaler.state_dict(),
              "rng": get_rng_state(engine.device), "client_state": client_state,
              "counters": [engine.global_steps, engine.micro_steps, engine.skipped_steps],
-             "missed_steps": engine.stepper.state_dict(names=_plain_names(engine))}
+             "missed_steps": engine.stepper.state_dict(names=_plain_names(engine)),
+             "param_groups": engine._client.state_dict()}
     part = checkpoint.RankPart(identity=identity, tensors=tensors, state=state, layout=layout)
     return checkpoint.save(directory=directory, tag=tag, part=part, meta=_meta(engine),
                            agreement=Agreement(device=engine.device))
@@ -93,7 +94,11 @@ def read(engine, path: Path) -> Loaded:
                for key in (MASTER, *(f"optim.{m}" for m in moments))}
     tensors.update({f"optim.{c}": reader.counter(c) for c in counters})
     module = {t.key: reader.tensor(t, tp=tp) for t in target.tensors}
-    return Loaded(shard=tensors, module=module, state=ckpt.state(reader.prefer))
+    state = ckpt.state(reader.prefer)
+    refusal = engine._client.refusal(state["param_groups"]) if "param_groups" in state else None
+    if refusal:
+        raise checkpoint.CheckpointError(Problem("param_groups", refusal), source=f"checkpoint {path}")
+    return Loaded(shard=tensors, module=module, state=state)
 
 
 def _install(engine, loaded: Loaded) -> None:
@@ -108,9 +113,12 @@ def _install(engine, loaded: Loaded) -> None:
     engine.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], engine.device)
     engine.stepper.load_state_dict(state.get("missed_steps", {}), names=_plain_names(engine))  # none before them
+    if "param_groups" in state:  # checkpoints before them held the plan's schedule only
+        engine._client.load_state_dict(state["param_groups"])
     steps, _, skipped = state["counters"]
     # micro_steps counts this run's micro-batches: the saving run may have accumulated another number
     engine.global_steps, engine.micro_steps, engine.skipped_steps = steps, steps * engine.accumulation, skipped
+    engine.window_micro_steps = 0
 
 
 def _plain_names(engine) -> dict[str, str]:
