@@ -19,6 +19,7 @@ high-water mark of this process image alone; ru_maxrss is recorded beside it for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -64,7 +65,8 @@ def run(system_name: str, workload_json: str) -> dict:
     system = get_system(system_name)()
     baseline = current_rss()
     torch.manual_seed(workload.seed)  # the same initial weights in every rank of every system
-    model = GPT(workload.spec)
+    with torch.device("meta") if system.build_on_meta else contextlib.nullcontext():
+        model = GPT(workload.spec)
     system.setup(model=model, workload=workload)
     after_setup, setup_peak = current_rss(), peak_rss()
     data = MarkovChainData(vocab=workload.spec.vocab, seq_len=workload.spec.seq_len, seed=workload.seed)
@@ -79,11 +81,12 @@ def run(system_name: str, workload_json: str) -> dict:
         mean = loss.detach().float().reshape(1).clone()
         dist.all_reduce(mean)
         losses.append(float(mean.item()) / world)
+    own = system.results()
     system.close()
     return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
             "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss(),
             "setup_peak_rss_bytes": setup_peak, "peak_by_step": peaks,
-            "ru_maxrss_bytes": ru_maxrss()}
+            "ru_maxrss_bytes": ru_maxrss(), **own}
 
 
 def main(argv: list[str]) -> int:

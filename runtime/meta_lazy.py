@@ -9,15 +9,19 @@ reads such as `.shape` pass through; the set is released.METADATA, the one ZeRO-
   fresh     never touched: its first touch allocates it on the CPU, NaN-filled when it is a
             float tensor, so an element no initialiser wrote is found afterwards;
   live      whole, written in place by the running init step;
-  settled   (sharded tensors only) after each init step `settle` copies this rank's chunk into
-            the fp32 shard (layout.py geometry) and drops the whole tensor; a later touch
-            all-gathers it back (a collective: every rank replays the same steps in the same
-            order), unless that touch overwrites the whole tensor (`WRITES`).
+  settled   (sharded tensors only) right after a call that wrote it whole (`WRITES`), and for
+            the rest at the end of each init step, this rank's chunk is copied into the fp32
+            shard (layout.py geometry) and the whole tensor dropped; a later touch all-gathers
+            it back (a collective: every rank replays the same steps in the same order),
+            unless that touch overwrites the whole tensor.
 
 A tensor leaves the meta device by `torch.utils.swap_tensors`, which keeps its Python object:
-tied weights, the user's references and the layout's parameter list stay valid. Only one init
-step's tensors are whole at a time, so a ZeRO-3 rank's peak is its shard plus the largest step
-(one module's parameters), as with DeepSpeed's zero.Init.
+tied weights, the user's references and the layout's parameter list stay valid; every later
+access goes through this mode, so a view taken before a settle and written after it is the
+one pattern it cannot follow (init code writes through the parameter). Init code that writes
+each tensor with one `WRITES` call holds one parameter whole at a time; other code holds one
+init step's (one module's init), so a ZeRO-3 rank's peak is its shard plus one module's
+parameters at most, as with DeepSpeed's zero.Init.
 """
 
 from __future__ import annotations
@@ -77,13 +81,18 @@ class LazyTensors(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in METADATA:
-            target = kwargs.get("tensor", args[0] if args else None)
-            for leaf in tree_leaves((args, kwargs)):
-                entry = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-                if entry is not None and entry.state != "live":
-                    self._materialize(entry, overwritten=leaf is target and func in WRITES)
-        return func(*args, **kwargs)
+        if func in METADATA:
+            return func(*args, **kwargs)
+        target = kwargs.get("tensor", args[0] if args else None)
+        for leaf in tree_leaves((args, kwargs)):
+            entry = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if entry is not None and entry.state != "live":
+                self._materialize(entry, overwritten=leaf is target and func in WRITES)
+        out = func(*args, **kwargs)
+        written = self.watched.get(id(target)) if func in WRITES and isinstance(target, torch.Tensor) else None
+        if written is not None and not written.whole:
+            self._settle(written)  # written whole: keep only the chunk now, not at the end of the step
+        return out
 
     def _materialize(self, entry: Watched, *, overwritten: bool) -> None:
         t = entry.tensor
@@ -114,19 +123,21 @@ class LazyTensors(TorchFunctionMode):
         `final` (end of the replay): also copy the chunks of the ones that stay whole, and
         check every live tensor for elements nobody wrote."""
         for entry in self.watched.values():
-            if entry.state != "live" or (entry.whole and not final):
-                continue
-            t = entry.tensor
-            if t.is_floating_point():
-                entry.incomplete = bool(t.detach().isnan().any())
-            if entry.slot is None:
-                continue
-            slot = entry.slot
-            self.shard[slot.offset:slot.offset + slot.chunk] = self.layout.chunk_of(t.detach().reshape(-1).float(),
-                                                                                   slot, self.rank)
-            if not entry.whole:
-                t.data = torch.full((1,), float("nan"), dtype=t.dtype).expand(slot.shape)
-                entry.state = "settled"
+            if entry.state == "live" and (final or not entry.whole):
+                self._settle(entry)
+
+    def _settle(self, entry: Watched) -> None:
+        t = entry.tensor
+        if t.is_floating_point():
+            entry.incomplete = bool(t.detach().isnan().any())
+        if entry.slot is None:
+            return
+        slot = entry.slot
+        self.shard[slot.offset:slot.offset + slot.chunk] = self.layout.chunk_of(t.detach().reshape(-1).float(),
+                                                                               slot, self.rank)
+        if not entry.whole:
+            t.data = torch.full((1,), float("nan"), dtype=t.dtype).expand(slot.shape)
+            entry.state = "settled"
 
     def unwritten(self) -> list[Watched]:
         """After the replay: tensors some element of which no init step wrote (never touched,

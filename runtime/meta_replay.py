@@ -102,25 +102,27 @@ def _hf_initialize(model: nn.Module, settle: Callable[[], None], owner: dict[int
 
 def replay(model: nn.Module, *, settle: Callable[[], None]) -> None:
     """Run `model`'s eager initialisation (module docstring), `settle` after each step."""
-    seen: set[int] = set()
     owner: dict[int, nn.Module] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), module)
-
-    def visit(module: nn.Module) -> None:
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        for child in module.children():
-            visit(child)
-        init = construction_init(module)
-        if init is not None:
-            with _untied(module, owner):
-                init()
-            settle()
-        if _pretrained(module):
-            _hf_initialize(module, settle, owner)
-
     with torch.no_grad():
-        visit(model)
+        _visit(model, seen=set(), owner=owner, settle=settle)
+
+
+def _visit(module: nn.Module, *, seen: set[int], owner: dict[int, nn.Module], settle: Callable[[], None]) -> None:
+    """One module of the replay, its children first. A function of the module level, not a
+    closure: a recursive closure is a reference cycle, which would keep `settle`'s owner (and
+    the shard it holds) alive until the garbage collector runs."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for child in module.children():
+        _visit(child, seen=seen, owner=owner, settle=settle)
+    init = construction_init(module)
+    if init is not None:
+        with _untied(module, owner):
+            init()
+        settle()
+    if _pretrained(module):
+        _hf_initialize(module, settle, owner)

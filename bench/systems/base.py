@@ -23,6 +23,8 @@ class System(ABC):
     """Stable id used on the command line and in result files (e.g. `zeroplan-z2`)."""
     sharding: ClassVar[str]
     """What it shards, in ZeRO terms: `stage 0` (nothing) ... `stage 3` (parameters too)."""
+    build_on_meta: ClassVar[bool] = False
+    """Whether the worker builds the model on the meta device, for `setup` to materialise."""
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -48,6 +50,10 @@ class System(ABC):
 
     def close(self) -> None:
         """Release hooks or groups the system created (not the default process group)."""
+
+    def results(self) -> dict:
+        """Figures of its own the worker adds to this rank's result (after the steps)."""
+        return {}
 
 
 def stage_variant(base: type, *, prefix: str, stage: int, offload: str = "none") -> type:

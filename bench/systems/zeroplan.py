@@ -54,3 +54,33 @@ STAGES = [_stage(s) for s in range(4)]
 OFFLOAD = [_stage(s, "cpu") for s in range(1, 4)]
 HEAP = [type(f"ZeroplanHeapZ{s}", (ZeroplanHeap, cls), {"name": f"{cls.name}-heap"}) for s, cls in enumerate(STAGES)]
 """Optimizer offload to CPU at stages 1-3 (the compiler refuses it at stage 0)."""
+class ShardedPeak:
+    """Records the high-water mark once the model is built and sharded, just before the
+    optimizer allocates its states (Offload.master_optimizer): the part of the start-up that
+    building on meta changes (bench/sharded_init.py)."""
+
+    def setup(self, *, model: nn.Module, workload: Workload) -> None:
+        from zeroplan.runtime.offload import Offload
+
+        from ..worker import peak_rss
+
+        original = Offload.master_optimizer
+
+        def recording(offload, zero):
+            self.sharded_peak = peak_rss()
+            return original(offload, zero)
+
+        Offload.master_optimizer = recording
+        try:
+            super().setup(model=model, workload=workload)
+        finally:
+            Offload.master_optimizer = original
+
+    def results(self) -> dict:
+        return {"sharded_peak_rss_bytes": self.sharded_peak}
+
+
+META = [type("ZeroplanPeakZ3", (ShardedPeak, STAGES[3]), {"name": "zeroplan-z3-peak"}),
+        type("ZeroplanMetaZ3", (ShardedPeak, STAGES[3]), {"name": "zeroplan-z3-meta", "build_on_meta": True})]
+"""ZeRO-3 with the model built on the meta device: each rank materialises its shard only
+(runtime/meta_init.py; bench/sharded_init.py measures the start-up)."""

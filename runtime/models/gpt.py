@@ -108,6 +108,11 @@ class GPT(nn.Module):
         self.checkpoint_fn = None
         """Activation checkpointing's hook (runtime/checkpointing.py): when set, each block runs
         as `checkpoint_fn(block, x)` and is recomputed in backward."""
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's init over every layer (normal(0, 0.02) weights, zero biases), after each layer's
+        own torch init: a model built on the meta device replays both (runtime/meta_replay.py)."""
         self.apply(self._init)
 
     @staticmethod

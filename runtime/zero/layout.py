@@ -55,7 +55,9 @@ class ShardLayout:
         self.initial: tuple[int, torch.Tensor] | None = None
         """(rank, that rank's fp32 shard of the initial values) while a model built on the meta
         device is being sharded (runtime/meta_init.py): its parameters hold no values yet, so
-        `read_params` of that rank reads here. None otherwise."""
+        `read_params` of that rank reads here, an fp32 read sharing the shard's storage (build_zero's
+        factories read it once, for the master or the partition, and the shard is dropped after).
+        None otherwise."""
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -97,7 +99,7 @@ class ShardLayout:
             owner, shard = self.initial
             if rank != owner:
                 raise ValueError(f"rank {owner} holds the initial values of its own shard only, not rank {rank}'s")
-            return shard[lo:hi].to(dtype=dtype, copy=True)
+            return shard[lo:hi].to(dtype=dtype)  # fp32 shares the storage: the master takes it over
         device = self.params[0].device if self.params else None
         out = torch.zeros(hi - lo, dtype=dtype, device=device)
         for index, at, start, length in self.pieces(lo, hi, rank):
