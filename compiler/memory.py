@@ -11,14 +11,14 @@ gradients) and 3 (also parameters). The bytes are what zeroplan's runtime alloca
   whole model at stage 0; a whole fp32 accumulation buffer plus the fp32 gradient shard the
   reduce-scatter writes at stage 1; the shard at stages 2-3;
 - the optimizer steps a flat fp32 master of its elements (zero/base.py `init_master`), a copy of
-  the parameters at stages 0-2; at stage 3 the partition is that master itself in fp32 training
-  (a copy in the training dtype otherwise), plus the persistent parameters kept whole.
+  the parameters at stages 1-2 and at stage 0 in bf16/fp16; at stage 0 in fp32 the parameters
+  are views of it, and at stage 3 the partition is that master itself in fp32 training (a copy
+  in the training dtype otherwise), plus the persistent parameters kept whole.
 Stage 3 is handed the whole model, built on every rank (there is no sharded initialisation yet),
 and releases it in `Stage3.attach`: that set-up moment is a phase of its own (below).
-Measured state bytes per parameter at 2 ranks, fp32 (bench/memory_model.py, small and medium):
-20.3 at stage 0, 16.3 at stage 1, 12.3 at stage 2 and 8.2-8.6 at stage 3; the model says 20,
-16, 12 and 8 (tests/runtime/test_state_bytes.py checks every stage in fp32 and bf16 against
-what `initialize` allocates).
+With AdamW in fp32 at 2 ranks that is 16, 16, 12 and 8 bytes per parameter at stages 0-3
+(tests/runtime/test_state_bytes.py checks every stage in fp32 and bf16 against what
+`initialize` allocates; bench/memory_model.py measures the whole peak).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", section 4 and equation 2); see `layer_activation_bytes`.
@@ -115,7 +115,8 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     fp32 buffers whatever the training dtype: the whole gradient at stage 0, a whole fp32
     accumulation buffer beside the gradient shard at stage 1, the shard at stages 2-3. At stage 3
     the parameters are the partition (the fp32 master itself in fp32 training, a copy in the
-    training dtype otherwise) plus the persistent ones kept whole.
+    training dtype otherwise) plus the persistent ones kept whole; at stage 0 in fp32 they are
+    views of the master (zero/stage0.py), so they cost nothing beside it.
     """
     e = BYTES[param_dtype]
     shard = -(-params // dp)
@@ -124,6 +125,8 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     grads = {0: params, 1: params + shard}.get(stage, shard)
     if stage == 3:
         parameters = (persistent + (0 if param_dtype == "fp32" else shard)) * e
+    elif stage == 0 and param_dtype == "fp32":  # the parameters are views of the master
+        parameters = 0
     else:
         parameters = params * e
     return {"parameters": parameters, "gradients": grads * 4, "optimizer_states": opt_elems * state,

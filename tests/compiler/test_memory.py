@@ -41,13 +41,16 @@ def test_model_state_categories_at_stage_0():
     assert states == {"parameters": 2 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
 
 
-def test_fp32_keeps_a_separate_flat_master_as_the_runtime_does():
+def test_fp32_parameters_are_the_master_at_stage_0_as_the_runtime_does():
+    """zero/stage0.py makes the fp32 parameters views of the master (as DDP's optimizer steps
+    the parameters themselves); stages 1-2 keep a separate master shard."""
     states = model_states(params=P, dp=2, stage=0, param_dtype="fp32")
-    assert states == {"parameters": 4 * P, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
+    assert states == {"parameters": 0, "gradients": 4 * P, "optimizer_states": 8 * P, "master_weights": 4 * P}
+    assert model_states(params=P, dp=2, stage=1, param_dtype="fp32")["parameters"] == 4 * P
 
 
 @pytest.mark.parametrize("stage, expected", [
-    (0, 20.0),  # whole model, master, flat gradient, two moments
+    (0, 16.0),  # master (the parameters are its views), flat gradient, two moments
     (1, 16.0),  # + full fp32 accumulation buffer; master, gradient shard and moments over 2 ranks
     (2, 12.0),  # the gradient shard only
     (3, 8.0),  # the master shard is the parameters; gradient shard, two moments
