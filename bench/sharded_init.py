@@ -1,6 +1,7 @@
 """Start-up peak resident memory per rank at ZeRO-3: the model built eagerly on every rank
 (`zeroplan-z3`) against the model built on the meta device and materialised shard by shard
-by `initialize` (`zeroplan-z3-meta`, runtime/meta_init.py), 2 ranks, one intra-op thread each.
+by `initialize` (`zeroplan-z3-meta`, runtime/meta_init.py), 2 ranks (`--world`), one intra-op
+thread each.
 
 Each run is fresh rank processes (bench.launch) that build the model, call `initialize` and
 stop (no training step). Per rank: `baseline`, the RSS before the model is built (interpreter,
@@ -9,13 +10,15 @@ and sharded, just before the optimizer allocates its states (the part a meta bui
 `setup peak`, the high-water mark once `initialize` has returned. The differences from the
 baseline are what building and sharding the model, and the whole start-up, cost that rank.
 With fp32 AdamW on 2 ranks the eager build's whole model (M) weighs exactly what the rank's
-Adam states do (2 x M/2), so `setup peak` alone cannot tell the two builds apart. Runs
+Adam states do (2 x M/2), so `setup peak` alone cannot tell the two builds apart; from 3
+ranks on the eager build's whole model is the start-up's peak and the meta build's is the
+rank's share. Runs
 are interleaved in pairs (neither variant always first); the median over pairs is reported,
 with the load average at each pair's start. The plan's estimate of the same start-up is the
 compiler's model states per rank (parameters, gradients, optimizer states, master weights)
 and its fixed start-up overhead.
 
-Usage: python -m bench.sharded_init [--preset medium] [--pairs 2] [--out FILE.md]
+Usage: python -m bench.sharded_init [--preset medium] [--world 2] [--pairs 2] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -99,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m bench.sharded_init", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="medium")
+    parser.add_argument("--world", type=int, default=2, help="ranks (memory only: more ranks than cores is fine)")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     command = "python -m bench.sharded_init " + shlex.join(argv if argv is not None else sys.argv[1:])
     uptime = os.popen("uptime").read().strip()
-    workload = Workload(preset=args.preset, world_size=2, micro_batch_size=1, steps=0, warmup=0)
+    workload = Workload(preset=args.preset, world_size=args.world, micro_batch_size=1, steps=0, warmup=0)
     runs, loads = measure(workload, pairs=args.pairs)
     path = write(args.out or result_path("sharded_init"), report(workload, runs, loads, command=command.strip(),
                                                                   uptime=uptime))
