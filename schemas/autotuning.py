@@ -38,10 +38,15 @@ class KnobRange(StrictModel):
     """Either `choices` or an interval `low`..`high` (optionally log-spaced, or stepped)."""
 
     choices: list[Any] | None = None
+    """The values to search, in order (a categorical dimension)."""
     low: real() | None = None
+    """Lower end of the interval, inclusive."""
     high: real() | None = None
+    """Upper end of the interval, inclusive."""
     log: Flag = False
+    """Sample the interval on a log scale (needs low > 0)."""
     step: real(gt=0) | None = None
+    """Spacing of the values in the interval; None lets integer knobs take every integer."""
 
     @model_validator(mode="after")
     def _shape(self) -> "KnobRange":

@@ -49,7 +49,9 @@ class TrainConfig(StrictModel):
     param_groups: ParamGroupsConfig = ParamGroupsConfig()
     """zeroplan's: weight decay by parameter name and parameters without gradients."""
     fp16: Fp16Config = Fp16Config()
+    """fp16 mixed precision with dynamic loss scaling (DeepSpeed's `fp16` block)."""
     bf16: Bf16Config = Bf16Config()
+    """bf16 mixed precision, no loss scaling (DeepSpeed's `bf16` block)."""
     gradient_clipping: real(ge=0, auto=True) = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     communication_data_type: choice("fp32", "fp16", "bf16") | None = None
@@ -63,21 +65,33 @@ class TrainConfig(StrictModel):
     wall_clock_breakdown: Flag = False
     """Time forward, backward and step separately."""
     zero_optimization: ZeroConfig = ZeroConfig()
+    """ZeRO sharding of optimizer states, gradients and parameters, its buckets and offload."""
     activation_checkpointing: ActivationCheckpointingConfig = ActivationCheckpointingConfig()
+    """Recompute activations in backward to save memory."""
     parallel: ParallelConfig = ParallelConfig()
     """zeroplan's dp/tp/pp degrees."""
     tensor_parallel: TensorParallelConfig = TensorParallelConfig()
     """DeepSpeed's AutoTP block; autotp_size is read as parallel.tp."""
     tensorboard: TensorboardConfig = TensorboardConfig()
+    """TensorBoard event files of the training metrics, written by rank 0."""
     csv_monitor: CsvMonitorConfig = CsvMonitorConfig()
+    """CSV files of the training metrics, written by rank 0."""
     wandb: WandbConfig = WandbConfig()
+    """Weights & Biases logging of the training metrics, from rank 0."""
     comet: CometConfig = CometConfig()
+    """DeepSpeed's Comet monitor; accepted and validated, zeroplan writes no Comet experiment (one notice)."""
     comms_logger: CommsLoggerConfig = CommsLoggerConfig()
+    """Log and profile the collectives each step (DeepSpeed's communication logger)."""
     flops_profiler: FlopsProfilerConfig = FlopsProfilerConfig()
+    """Count one optimizer step's FLOPs and report them with MFU."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint saving and loading options."""
     aio: AioConfig = AioConfig()
+    """Asynchronous I/O for NVMe offload."""
     compile: CompileConfig = CompileConfig()
+    """DeepSpeed's DeepCompile settings; validated, not acted on (one notice)."""
     autotuning: AutotuningConfig = AutotuningConfig()
+    """zeroplan's tuner settings for `zeroplan autotune` (DeepSpeed's block, with Optuna's terms)."""
     failures: FailuresConfig = FailuresConfig()
     """zeroplan's: the collective timeout and what a non-finite step does."""
     json_schema: str | None = Field(default=None, alias="$schema")

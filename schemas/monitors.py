@@ -8,39 +8,57 @@ from .types import AutoFlag, Flag, Positive, Size, StrictModel, choice, count, r
 
 class TensorboardConfig(StrictModel):
     enabled: Flag = False
+    """Write TensorBoard event files (needs the tensorboard package)."""
     output_path: str = ""
     """Directory for event files; "" means the working directory."""
     job_name: str = "DeepSpeedJobName"
+    """Sub-directory of output_path for this run's event files."""
 
 
 class CsvMonitorConfig(StrictModel):
     enabled: Flag = False
+    """Write the training metrics as CSV files."""
     output_path: str = ""
     """Directory for CSV files; "" means the working directory."""
     job_name: str = "DeepSpeedJobName"
+    """Sub-directory of output_path for this run's CSV files."""
 
 
 class WandbConfig(StrictModel):
     enabled: Flag = False
+    """Log the training metrics to Weights & Biases (needs the wandb package)."""
     project: str = "deepspeed"
+    """W&B project name."""
     group: str | None = None
+    """W&B run group; None leaves the run ungrouped."""
     team: str | None = None
+    """W&B entity (team or user) that owns the project; None uses the logged-in user's default."""
 
 
 class CometConfig(StrictModel):
     enabled: Flag = False
+    """Log the training metrics to Comet; zeroplan does not, and says so."""
     project: str | None = None
+    """Comet project name; None uses Comet's default."""
     workspace: str | None = None
+    """Comet workspace; None uses Comet's default."""
     experiment_name: str | None = None
+    """Display name of the Comet experiment."""
     experiment_key: str | None = None
+    """Key of an existing experiment to continue; None starts a new one."""
     api_key: str | None = None
+    """Comet API key; None leaves it to Comet's own config or environment."""
     mode: str | None = None
+    """Comet's start mode (`get`, `create` or `get_or_create`); None uses Comet's default."""
     online: Flag | None = None
+    """Log online (true) or to an offline archive (false); None uses Comet's default."""
     samples_log_interval: Positive = 100
+    """Log metrics every N training samples."""
 
 
 class CommsLoggerConfig(StrictModel):
     enabled: Flag = False
+    """Record each collective's size and time, summarised by rank 0."""
     verbose: Flag = False
     """Log every collective as it runs."""
     prof_all: Flag = True
@@ -56,6 +74,7 @@ class FlopsProfilerConfig(StrictModel):
     rank 0 (runtime/flops.py)."""
 
     enabled: Flag = False
+    """Profile the FLOPs of one optimizer step (profile_step) and report them with MFU."""
     recompute_fwd_factor: real(ge=0) = 0.0
     """DeepSpeed's estimate of the forwards recomputed per step (0.0 none, 1.0 full), for its
     backward = (2 + factor) x forward. zeroplan counts the recompute that really runs and prints
@@ -106,23 +125,41 @@ class CompileConfig(StrictModel):
     like DeepSpeed does, an unknown key is an error; zeroplan acts on none of it (one notice)."""
 
     deepcompile: Flag = False
+    """Turn on DeepCompile's compiler passes."""
     autoep_non_moe: Flag = False
+    """DeepCompile: apply expert parallelism passes to non-MoE layers."""
     free_activation: Flag = False
+    """DeepCompile: free activations early, once their last use has run."""
     free_activation_threshold: Size = 10 * 1024 * 1024
+    """DeepCompile: smallest activation to free early, in bytes."""
     offload_activation: Flag = False
+    """DeepCompile: move activations to host memory between forward and backward."""
     offload_activation_pin_memory: Flag = True
+    """DeepCompile: pin the host buffers that hold offloaded activations."""
     offload_opt_states: Flag = False
+    """DeepCompile: offload optimizer states to host memory."""
     double_buffer: Flag = True
+    """DeepCompile: double-buffer offload transfers to overlap them with compute."""
     symmetric_memory: Flag = False
+    """DeepCompile: use symmetric memory for collectives."""
     debug_log: Flag = False
+    """DeepCompile: log its passes' decisions."""
     offload_parameters: Flag = False
+    """DeepCompile: offload parameters to host memory."""
     sync_before_reduce: Flag = False
+    """DeepCompile: synchronise the device before each gradient reduction (debugging)."""
     sync_after_reduce: Flag = False
+    """DeepCompile: synchronise the device after each gradient reduction (debugging)."""
     sync_before_allgather: Flag = False
+    """DeepCompile: synchronise the device before each parameter all-gather (debugging)."""
     sync_after_allgather: Flag = False
+    """DeepCompile: synchronise the device after each parameter all-gather (debugging)."""
     keep_int_input_tensors: Flag = True
+    """DeepCompile: keep integer input tensors alive for backward."""
     keep_all_input_tensors: Flag = False
+    """DeepCompile: keep every input tensor alive for backward."""
     passes: list[choice("z1", "z3", "autosp", "autotp")] | None = None
+    """DeepCompile passes to run (z1, z3, autosp, autotp); None runs DeepCompile's default set."""
 
 
 class AioConfig(StrictModel):

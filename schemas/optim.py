@@ -129,6 +129,7 @@ class OptimizerConfig(StrictModel):
     type: choice(*OPTIMIZERS)
     """Adam, AdamW, SGD, Lamb, Lion or Adagrad (any case)."""
     params: OptimizerParams = OptimizerParams()
+    """The optimizer's hyper-parameters (DeepSpeed's `optimizer.params`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -241,19 +242,33 @@ class SchedulerParams(StrictModel):
     total_num_steps: count(ge=1, auto=True) | None = None
     """Optimizer steps of the whole run (decay schedules)."""
     warmup_min_ratio: real(ge=0, le=1) | None = None
+    """WarmupCosineLR: warm-up starts at this fraction of the optimizer's lr."""
     cos_min_ratio: real(ge=0, le=1) | None = None
+    """WarmupCosineLR: the cosine decay ends at this fraction of the optimizer's lr."""
     cycle_min_lr: real(ge=0) | None = None
+    """OneCycle: learning rate at the start and end of the cycle."""
     cycle_max_lr: real(ge=0) | None = None
+    """OneCycle: learning rate at the peak of the cycle."""
     decay_lr_rate: real(ge=0) | None = None
+    """OneCycle: after the cycle, the learning rate decays from cycle_min_lr by this rate per decay_step_size steps."""
     cycle_first_step_size: count(ge=1) | None = None
+    """OneCycle: optimizer steps of the rising half of the cycle."""
     cycle_second_step_size: count(ge=1) | None = None
+    """OneCycle: optimizer steps of the falling half; None means cycle_first_step_size."""
     cycle_first_stair_count: count(ge=0) | None = None
+    """OneCycle: stairs in the rising half (0 is a smooth ramp)."""
     cycle_second_stair_count: count(ge=0) | None = None
+    """OneCycle: stairs in the falling half (0 is a smooth ramp); None means cycle_first_stair_count."""
     decay_step_size: count(ge=0) | None = None
+    """OneCycle: optimizer steps between decays after the cycle (0 never decays)."""
     cycle_momentum: AutoFlag | None = None
+    """OneCycle: cycle momentum (beta1) against the learning rate."""
     cycle_min_mom: real(ge=0, le=1) | None = None
+    """OneCycle: momentum at the peak of the learning rate."""
     cycle_max_mom: real(ge=0, le=1) | None = None
+    """OneCycle: momentum at the start and end of the cycle."""
     decay_mom_rate: real(ge=0) | None = None
+    """OneCycle: after the cycle, momentum grows from cycle_max_mom by this rate per decay_step_size steps."""
     last_batch_iteration: count(ge=-1) | None = None
     """Resume point as DeepSpeed counts it; -1 starts fresh."""
 
@@ -262,6 +277,7 @@ class SchedulerConfig(StrictModel):
     type: choice(*SCHEDULERS)
     """WarmupLR, WarmupDecayLR, WarmupCosineLR or OneCycle."""
     params: SchedulerParams = SchedulerParams()
+    """The scheduler's parameters; each type takes only its own (DeepSpeed's `scheduler.params`)."""
 
     @model_validator(mode="after")
     def _rules(self) -> "SchedulerConfig":

@@ -69,6 +69,7 @@ class ParallelConfig(StrictModel):
     model's seq_len divisible by tp, and the built-in GPT (its layout is what is split). No
     effect at tp 1, as in Megatron. Not DeepSpeed-Ulysses (DeepSpeed's `sequence_parallel_size`)."""
     pipeline: PipelineConfig = PipelineConfig()
+    """zeroplan's pipeline-parallel settings, read when pp > 1."""
 
 
 class TensorParallelConfig(StrictModel):

@@ -80,13 +80,15 @@ class FrozenModel(BaseModel):
     Validators are built on first use, so importing the schemas for `zeroplan validate`
     does not pay for them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, use_attribute_docstrings=True)
 
 
 class StrictModel(BaseModel):
     """Base of every config block: unknown keys are errors, defaults are validated too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
     def given(self) -> set[str]:
         """Field names the user wrote (as opposed to defaults)."""

@@ -96,7 +96,9 @@ class ZeroConfig(StrictModel):
     elastic_checkpoint: Flag = False
     """Accepted for compatibility; zeroplan checkpoints are resharded on load."""
     offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
+    """Where optimizer states (and their step) live: the device, host memory or NVMe."""
     offload_param: OffloadParamConfig = OffloadParamConfig()
+    """Stage 3: where parameters live between uses: the device, host memory or NVMe."""
     stage3_prefetch_bucket_size: AutoSize = 50_000_000
     """Stage 3: elements of parameters fetched ahead of use (also `prefetch_bucket_size`);
     "auto": 0.9 * hidden^2, Hugging Face's rule."""

@@ -86,6 +86,27 @@ def test_schema_prints_and_writes_json_schema(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def _undescribed(node: object, where: str) -> list[str]:
+    """Dotted places of every property without a description, anywhere under `node`."""
+    if isinstance(node, list):
+        return [miss for i, item in enumerate(node) for miss in _undescribed(item, f"{where}[{i}]")]
+    if not isinstance(node, dict):
+        return []
+    missing = [f"{where}.{name}" for name, prop in node.get("properties", {}).items()
+               if not (isinstance(prop, dict) and prop.get("description", "").strip())]
+    return missing + [miss for key, child in node.items() for miss in _undescribed(child, f"{where}.{key}")]
+
+
+def test_schema_describes_every_field():
+    """Editors show a field's description as its help; the attribute docstrings are the source."""
+    run = zeroplan("schema")
+    assert run.returncode == 0, run.stderr
+    schema = json.loads(run.stdout)
+    assert len(schema["$defs"]) > 20 and "ZeroConfig" in schema["$defs"]
+    assert "stage" in schema["$defs"]["ZeroConfig"]["properties"]
+    assert _undescribed(schema, "schema") == []
+
+
 def test_schema_to_an_unwritable_place_exits_2(tmp_path):
     (tmp_path / "a_file").write_text("")
     run = zeroplan("schema", "-o", str(tmp_path / "a_file" / "s.json"))
