@@ -54,9 +54,9 @@ class Workload:
     def command(self, plan_path: Path, steps: int, metrics: Path) -> list[str]:
         base = [sys.executable, "-m", "zeroplan", "train", str(plan_path), "--steps", str(steps),
                 "--metrics", str(metrics)]
-        return [*base, "--", *self.script] if self.script else [*base, "--model", self._model_ref()]
+        return [*base, "--", *self.script] if self.script else [*base, "--model", self.model_ref()]
 
-    def _model_ref(self) -> str:
+    def model_ref(self) -> str:
         """`--model` for a trial, which runs in its own directory: a file path made absolute."""
         module, sep, fn = self.model.rpartition(":")
         if sep and is_model_function(self.model) and (module.endswith(".py") or "/" in module):

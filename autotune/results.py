@@ -1,14 +1,19 @@
 """What a study leaves behind: best_plan.json, trials.csv, report.md and report.html.
 
-Everything is derived from the stored study (and the plans saved in each trial's folder),
-so `zeroplan report DIR` re-renders it at any time, also while another worker still runs.
-The renderings of the report are in report.py; this module owns the data they show.
+Everything is derived from the stored study (and the plans saved in each trial's folder,
+`trials/<study>/trial-NNNN`: one folder per study, as trial numbers restart in each study that
+shares the directory), so `zeroplan report DIR` re-renders it at any time, also while another
+worker still runs. The renderings of the report are in report.py; this module owns the data
+they show. A trial enqueued but not yet run (WAITING: the next run of the study takes it) is
+no trial of the results: it has no parameters and no outcome yet.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import re
 
 import optuna
 import pandas as pd
@@ -17,7 +22,8 @@ from zeroplan.schemas import Plan
 from zeroplan.schemas.atomic import atomic_write_text
 
 from .report import render_html, render_markdown
-from .study import WORKER_ATTR
+from .identity import identity_digest
+from .study import IDENTITY_ATTR, WORKER_ATTR
 
 TRIAL_ATTRS = ("reason", "duplicate_of", "predicted_peak_bytes", "measured_peak_bytes",
                "predicted_step_time_s", "measured_step_time_s", "measured_samples_per_s", "wall_s")
@@ -55,6 +61,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     a missing value is <NA>, written as an empty field."""
     rows = []
     for t in study.trials:
+        if t.state == optuna.trial.TrialState.WAITING:
+            continue
         row: dict[str, Any] = {"number": t.number, "state": t.state.name.lower()}
         row.update({f"param:{k}": v for k, v in t.params.items()})
         if t.values is not None:
@@ -87,19 +95,31 @@ def best_trial(study: optuna.Study, *, objective: str) -> optuna.trial.FrozenTri
     return study.best_trial
 
 
-def _plan_path(out_dir: Path, trial: optuna.trial.FrozenTrial) -> Path:
+def trial_dir(out_dir: Path, study_name: str, number: int) -> Path:
+    """Where trial `number` of study `study_name` runs and keeps its plan, log and metrics."""
+    return out_dir / "trials" / re.sub(r"[^\w.-]+", "_", study_name) / f"trial-{number:04d}"
+
+
+def _plan_path(out_dir: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Path:
     number = trial.user_attrs.get("duplicate_of", trial.number)
-    return out_dir / "trials" / f"trial-{number:04d}" / "plan.json"
+    path = trial_dir(out_dir, study.study_name, number) / "plan.json"
+    if IDENTITY_ATTR not in study.user_attrs and not path.is_file():  # a study from before identities
+        return out_dir / "trials" / f"trial-{number:04d}" / "plan.json"
+    return path
 
 
 def best_plan(study: optuna.Study, *, out_dir: Path, objective: str) -> Plan | None:
-    """The best trial's plan with its provenance: study, trial, measured throughput."""
+    """The best trial's plan with its provenance: study, its identity and model, trial,
+    measured throughput."""
     trial = best_trial(study, objective=objective)
     if trial is None:
         return None
-    plan = Plan.load(_plan_path(out_dir, trial))
+    plan = Plan.load(_plan_path(out_dir, study, trial))
+    identity = study.user_attrs.get(IDENTITY_ATTR) or {}
     provenance = plan.provenance.model_copy(update={
         "study_name": study.study_name, "trial_number": trial.number,
+        "study_identity": identity_digest(identity) if identity else "",
+        "model_identity": identity.get("model", {}),
         "measured_samples_per_s": trial.user_attrs.get("measured_samples_per_s")})
     return plan.model_copy(update={"provenance": provenance})
 

@@ -5,6 +5,14 @@ with `load_if_exists=True`: a killed `zeroplan autotune` resumes where it stoppe
 several workers can share one study through a PostgreSQL URL. Nothing here deletes a study;
 a fresh start (`overwrite`) opens a new study under a new name beside the old one.
 
+A study is keyed by its identity (identity.py: config, model, world, cluster, version, space,
+measurement), recorded in its user attributes. A study of the same identity resumes; one of
+another identity is never reused: a new study opens beside it in the same storage (named
+`zeroplan-<digest>`, or `<given name>-<digest>` when the given name is taken), with a notice
+saying what differs. One storage with several studies is what Optuna users work with
+(`optuna-dashboard`, `optuna.load_study(study_name=...)`, `zeroplan report --study`); a second
+file would hide the first study from them.
+
 A storage that cannot be opened or read (a bad URL, a file that is not an Optuna database, a
 truncated one) is a ConfigError naming it. Each running trial records its worker (host, pid);
 a resumed study fails at once the running trials whose worker on this host is dead (the tuner
@@ -15,19 +23,19 @@ still covers workers on other hosts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from zeroplan.schemas import ConfigError, Problem
 
+from .identity import differences, identity_digest
 from .space import Dimension
 
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
@@ -51,14 +59,20 @@ def storage_url(storage: str | None, *, results_dir: Path) -> str:
     return f"sqlite:///{(results_dir / 'study.db').resolve()}"
 
 
-def study_name_for(config_data: dict, *, given: str | None, overwrite: bool) -> str:
-    """The given name, or one derived from the config, so the same config resumes its study."""
-    if given:
-        base = given
-    else:
-        digest = hashlib.sha256(repr(sorted(config_data.items())).encode()).hexdigest()[:10]
-        base = f"zeroplan-{digest}"
-    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}" if overwrite else base
+IDENTITY_ATTR = "zeroplan_identity"
+"""Study user attribute: the identity (identity.py) its trials were measured under."""
+
+
+def study_name_for(*, given: str | None, digest: str, taken: dict[str, str | None], overwrite: bool) -> str:
+    """The name of the study of identity `digest`: the given name, or one derived from the
+    digest; a given name that `taken` holds for another identity (or none recorded) gets the
+    digest appended. `taken`: the storage's studies, name -> identity digest."""
+    base = given or f"zeroplan-{digest[:12]}"
+    if overwrite:
+        return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if base not in taken or taken[base] == digest:
+        return base
+    return f"{base}-{digest[:12]}"
 
 
 def make_sampler(name: str, *, dims: Sequence[Dimension], seed: int | None) -> optuna.samplers.BaseSampler:
@@ -113,14 +127,42 @@ HEARTBEAT_S = 10
 failed by the next worker, so a resumed study does not wait on it forever."""
 
 
+def open_storage(storage: str) -> optuna.storages.RDBStorage:
+    """The storage at `storage`, with the heartbeat that fails a dead worker's trials."""
+    with readable_storage(storage, also=(ImportError, ValueError, RuntimeError)), experimental_ok():
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
+
+
+def open_identified_study(*, storage: str, given_name: str | None, overwrite: bool, identity: dict[str, Any],
+                          directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
+                          pruner: optuna.pruners.BasePruner, notify: Callable[[str], None]) -> optuna.Study:
+    """Resume the study of this identity, or open a new one beside those of other identities
+    (`notify` says which, and what differs); see the module docstring."""
+    digest = identity_digest(identity)
+    with readable_storage(storage):
+        studies = {s.study_name: s.user_attrs.get(IDENTITY_ATTR) for s in open_storage(storage).get_all_studies()}
+    taken = {name: identity_digest(ident) if ident else None for name, ident in studies.items()}
+    name = study_name_for(given=given_name, digest=digest, taken=taken, overwrite=overwrite)
+    others = [n for n, d in taken.items() if d != digest]
+    if name not in taken and others and not overwrite:
+        last = others[-1]
+        what = "; ".join(differences(studies[last] or {}, identity))
+        more = f" (and {len(others) - 1} other(s))" if len(others) > 1 else ""
+        notify(f"{storage} holds study {last}{more} measured for something else ({what}); nothing of it is "
+               f"reused: starting study {name} beside it (`zeroplan report DIR --study {last}` shows it)")
+    study = open_study(storage=storage, name=name, directions=directions, sampler=sampler, pruner=pruner)
+    if IDENTITY_ATTR not in study.user_attrs:
+        study.set_user_attr(IDENTITY_ATTR, identity)
+    return study
+
+
 def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """Create the study, or load it when it exists (resume)."""
     # Optuna logs every failed trial with a traceback at WARNING; the tuner records the reason
     # and shows it in its progress line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with readable_storage(storage, also=(ImportError, ValueError, RuntimeError)), experimental_ok():
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
+    rdb = open_storage(storage)
     with readable_storage(storage):
         study = optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
                                     sampler=sampler, pruner=pruner, load_if_exists=True)

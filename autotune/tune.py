@@ -11,7 +11,14 @@ Each trial:
      reporting each measured step to Optuna's pruner, and records the measurement.
 Failures (crash, timeout, NaN, out of memory) are recorded with their reason and the study
 goes on. The study is stored (SQLite by default), so a killed tune resumes; a trial its killed
-tuner left running is failed when the study resumes (study.fail_orphaned_trials).
+tuner left running is failed when the study resumes (study.fail_orphaned_trials). The study is
+keyed by what it measures (identity.py): tuning another model, world, cluster, version or space
+into the same storage opens a new study beside the old one and reuses nothing of it.
+
+The warm start enqueues no more trials than the run will run: an enqueued trial is WAITING in
+the storage until some run takes it (Optuna runs waiting trials first), so a surplus would be
+left behind as a phantom. Waiting trials (a run stopped by --timeout or a kill before it took
+them) are not counted as trials; the next run of the study takes them first.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import copy
 import hashlib
 import json
 import statistics
+import warnings
 from itertools import islice, product
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +37,15 @@ import optuna
 
 from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.emit import emit
-from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, TrainConfig, validate_config
+from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, TrainConfig, validate_config
 
+from .identity import model_identity, study_identity
 from .models import Workload
-from .results import write_results
+from .results import trial_dir, write_results
 from .runner import StepReport, TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
 from .study import (experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler, mark_worker,
-                    open_study, storage_url, study_name_for)
+                    open_identified_study, storage_url)
 
 OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
               "pareto": ["maximize", "minimize"]}
@@ -182,7 +191,8 @@ class Tuner:
         return None
 
     def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
-        workdir = (self.settings.out_dir / "trials" / f"trial-{trial.number:04d}").resolve()  # the child runs there
+        # the child runs there
+        workdir = trial_dir(self.settings.out_dir, trial.study.study_name, trial.number).resolve()
         plan_path = plan.save(workdir / "plan.json")
         metrics = workdir / "metrics.jsonl"
         command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps, metrics)
@@ -237,13 +247,24 @@ class Tuner:
         emit(plan, config=cfg, model=self.model, cluster=cluster, out=self.settings.out_dir / "best",
              source=f"autotune trial {plan.provenance.trial_number}")
 
-    def warm_start(self, study: optuna.Study) -> int:
-        """Enqueue the cost model's best candidates into a new study; returns how many.
+    def identity(self) -> dict[str, Any]:
+        """What this tune measures (identity.py): the key of its study."""
+        s = self.settings
+        return study_identity(config=self.config, model=model_identity(s.workload, self.model), nnodes=s.nnodes,
+                              nproc_per_node=s.nproc_per_node, cluster=self.cluster, dims=self.dims,
+                              measurement={"objective": s.objective, "warm-up steps": s.warmup_steps,
+                                           "measured steps": s.measured_steps,
+                                           "memory safety margin": s.memory_safety_margin})
+
+    def warm_start(self, study: optuna.Study, *, budget: int) -> int:
+        """Enqueue the cost model's best candidates into a new study, at most `budget` (the
+        trials this run will run: a surplus would linger as WAITING trials); returns how many.
 
         Not for the grid sampler: it runs every candidate anyway, and Optuna's GridSampler does
         not count an enqueued trial as a grid point (it would run it again, and fails outright
         on a one-point grid)."""
-        if study.trials or not self.dims or self.settings.warm_start <= 0 or self.settings.sampler == "grid":
+        wanted = min(self.settings.warm_start, budget)
+        if study.trials or not self.dims or wanted <= 0 or self.settings.sampler == "grid":
             return 0
         space = grid_space(self.dims)
         combos = islice(product(*space.values()), 2000)  # the cost model is cheap, not free
@@ -261,31 +282,39 @@ class Tuner:
             seen.add(key)
             with experimental_ok():
                 study.enqueue_trial(params, skip_if_exists=True)
-            if len(seen) == self.settings.warm_start:
+            if len(seen) == wanted:
                 break
         return len(seen)
 
 
 def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
-         callbacks: list[Callable] | None = None, launcher: Launcher | None = None) -> TuneResult:
-    """Run (or resume) the study and write the best plan; see the module docstring."""
+         callbacks: list[Callable] | None = None, launcher: Launcher | None = None,
+         notify: Callable[[str], None] | None = None) -> TuneResult:
+    """Run (or resume) the study and write the best plan; see the module docstring.
+
+    `notify` gets a notice as it happens (a new study opened beside one of another identity);
+    by default it is a ConfigWarning."""
     tuner = Tuner(data=data, model=model, cluster=cluster, settings=settings, launcher=launcher)
     if not tuner.dims:
         raise ConfigError("nothing to tune: no knob is 'auto' and autotuning.space is empty; "
                           "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
     storage = storage_url(settings.storage, results_dir=settings.out_dir)
-    name = study_name_for(data, given=settings.study_name, overwrite=settings.overwrite)
-    study = open_study(storage=storage, name=name, directions=OBJECTIVES[settings.objective],
-                       sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
-                       pruner=make_pruner(settings.pruner))
+    study = open_identified_study(storage=storage, given_name=settings.study_name, overwrite=settings.overwrite,
+                                  identity=tuner.identity(), directions=OBJECTIVES[settings.objective],
+                                  sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
+                                  pruner=make_pruner(settings.pruner), notify=notify or _warn)
     fail_orphaned_trials(study)
-    tuner.warm_start(study)
     remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
+    tuner.warm_start(study, budget=remaining)
     if remaining > 0:
         study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
                        catch=(TrialFailed,), callbacks=callbacks or [])
     best = write_results(study, out_dir=settings.out_dir, objective=settings.objective)
     if best is not None:
         tuner.emit_best(best, params=study.trials[best.provenance.trial_number].params)
-    states = [t.state.name.lower() for t in study.trials]
+    states = [t.state.name.lower() for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
     return TuneResult(study, best, settings.out_dir, {s: states.count(s) for s in set(states)})
+
+
+def _warn(text: str) -> None:
+    warnings.warn(ConfigWarning(text), stacklevel=3)

@@ -163,7 +163,9 @@ class Engine:
         window's losses rather than their mean."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"backward needs the scalar loss tensor, got {type(loss).__name__}"
-                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+                            + (": pass labels or return the loss (a Hugging Face model's output has loss None "
+                               "without labels)" if loss is None else ""))
         self._micro_losses.append(loss.detach().float().reshape(()))
         self._loss_is_share = not scale_wrt_gas
         scale = self.scaler.loss_scale / (self.accumulation if scale_wrt_gas else 1)
@@ -482,5 +484,7 @@ def _loss_of(out) -> torch.Tensor:
         return out["loss"]
     if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"train_batch needs the model to return the loss (a tensor, a dict with 'loss', "
-                    f"or a tuple starting with it), got {type(out).__name__}")
+    raise TypeError(f"forward returned {type(out).__name__} with "
+                    f"{'loss None' if getattr(out, 'loss', 0) is None else 'no loss'}: pass labels or return the "
+                    "loss (train_batch takes a tensor, a dict with 'loss', or a tuple starting with it; a Hugging "
+                    "Face model computes its loss only when given labels)")

@@ -290,6 +290,13 @@ class Provenance(FrozenModel):
     resolved_auto: dict[str, str] = {}
     """Dotted config keys that were "auto", with how each was decided."""
     study_name: str | None = None
+    study_identity: str = ""
+    """sha256 of what the tuning study measured (config, model, world, cluster, zeroplan version,
+    search space, measurement: autotune/identity.py); empty when the plan was not tuned."""
+    model_identity: dict[str, str] = {}
+    """The model the plan was tuned for: kind (spec, builder, script), ref, name, shape (a digest),
+    params, and for a script its content digest and args. `zeroplan train` refuses another model;
+    empty when the plan was not tuned (nothing is checked)."""
     trial_number: int | None = None
     measured_samples_per_s: float | None = None
 

@@ -57,4 +57,5 @@ def tiny_config(**extra) -> dict:
 
 
 def trial_dirs(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "trials").iterdir()) if (out / "trials").exists() else []
+    """The trials' folders under `out` (trials/<study>/trial-NNNN), as "<study>/trial-NNNN"."""
+    return sorted(f"{p.parent.name}/{p.name}" for p in (out / "trials").glob("*/trial-*"))

@@ -102,7 +102,7 @@ KILLABLE = textwrap.dedent('''
 
 
 def _finished_runs(out: Path) -> list[Path]:
-    runs = (out / "trials").glob("trial-*/metrics.jsonl")
+    runs = (out / "trials").glob("*/trial-*/metrics.jsonl")
     return [m for m in runs if '"summary": true' in m.read_text()]
 
 

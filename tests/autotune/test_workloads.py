@@ -34,7 +34,8 @@ def _config(tmp_path: Path, *, stages: list[int], trials: int) -> Path:
 
 
 def _steps(out: Path, trial: int) -> list[dict]:
-    return [json.loads(line) for line in (out / "trials" / f"trial-{trial:04d}" / "metrics.jsonl").read_text().splitlines()]
+    (metrics,) = (out / "trials").glob(f"*/trial-{trial:04d}/metrics.jsonl")  # trials/<study>/trial-NNNN
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
 def test_tune_a_model_function_then_train_its_best_plan(tmp_path):

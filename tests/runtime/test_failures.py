@@ -131,7 +131,7 @@ def _autotune(tmp_path: Path, mark: str) -> subprocess.Popen:
 
 
 def _trial_running(tmp_path: Path, number: int, tuner: subprocess.Popen) -> None:
-    metrics = tmp_path / "out" / "trials" / f"trial-{number:04d}" / "metrics.jsonl"
+    metrics = tmp_path / "out" / "trials" / "hygiene" / f"trial-{number:04d}" / "metrics.jsonl"  # trials/<study>/
     started = wait_until(lambda: tuner.poll() is not None or (metrics.exists() and metrics.read_text()), 240)
     assert started and tuner.poll() is None, tuner.communicate()[1][-3000:] if tuner.poll() is not None else "no step"
 

@@ -1,7 +1,9 @@
 """`zeroplan train`: run training under a plan (the built-in model, your model, or your script).
 
 A failed run ends with the cause the ranks reported (runtime/diagnose.py) on one line, status
-1; a user error found by a rank (a ConfigError) is printed as any user error, status 2.
+1; a user error found by a rank (a ConfigError) is printed as any user error, status 2. A plan
+`zeroplan autotune` wrote for one model is refused, status 2, for another (its measurements
+and estimates are that model's): autotune/identity.py says how models are compared.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def train(
     """Launch the plan's processes (torchrun; none for one process) and train."""
     if not plan.is_file():
         raise ConfigError(Problem("", f"plan file {plan} not found", suggestion="run `zeroplan compile` first"))
-    Plan.load(plan)  # a plan that does not load is reported here, before any process starts
+    loaded = Plan.load(plan)  # a plan that does not load is reported here, before any process starts
+    _refuse_another_model(loaded, path=plan, model=model, script=script)
     if metrics is not None:
         metrics = writable_file(metrics, key="--metrics").resolve()
     from zeroplan.runtime.launch import launch  # torch: after the checks, which answer at once
@@ -58,3 +61,17 @@ def train(
         raise ConfigError(list(failure.problems), source=failure.source)
     typer.echo(f"error: {failure.cause}", err=True)
     raise typer.Exit(failure.exit_code)
+
+
+def _refuse_another_model(plan: Plan, *, path: Path, model: str, script: list[str] | None) -> None:
+    """ConfigError when the plan was tuned for a model other than the one given."""
+    from zeroplan.autotune.identity import describe, model_mismatch
+    from zeroplan.autotune.models import Workload
+
+    recorded = plan.provenance.model_identity
+    why = model_mismatch(recorded, Workload(model=model, script=tuple(script or ()), cwd=Path.cwd()))
+    if why:
+        option = "script" if script else "--model"
+        raise ConfigError(Problem(option, f"{path} was tuned for the model {describe(recorded)}; {why}",
+                                  suggestion="train the model the plan was tuned for, or tune this one "
+                                  "(zeroplan autotune CONFIG --model ... / --script ...) and train its best plan"))

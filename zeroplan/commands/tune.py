@@ -86,7 +86,8 @@ def autotune(
         machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
         typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
         with live_progress(total=settings.max_trials) as callback:
-            result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback])
+            result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback],
+                          notify=lambda text: typer.echo(f"notice: {text}", err=True))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     typer.echo(f"study {result.study.study_name}: {counts}")
     if result.best_plan is None:
