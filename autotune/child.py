@@ -14,11 +14,12 @@ none of them outlives the tuner (DESIGN, "Processes"), `start` runs a child
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from typing import IO, Sequence
 
-PARENT_ENV = "ZEROPLAN_PARENT_PID"  # runtime.lifeline.PARENT_ENV (not imported: it imports torch)
+from zeroplan.runtime import procs
+from zeroplan.runtime.lifeline import PARENT_ENV
+
 KILL_GRACE_S = 5.0
 """Seconds a stopped child has to end before its group is killed: more than `zeroplan train`
 takes to stop its ranks (runtime.lifeline.LAUNCHER_STOP_S)."""
@@ -37,20 +38,7 @@ def start(command: Sequence[str], *, env: dict[str, str] | None = None, cwd: os.
 def stop(proc: subprocess.Popen, *, grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM the child's process group, then SIGKILL whatever is left after `grace_s`; a
     group already gone is left alone, a leader already gone still has its group stopped."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader exited; make sure no worker in its group survives it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
+    procs.stop_group(proc, grace_s=grace_s)
 
 
 def run(command: Sequence[str], *, timeout_s: float, env: dict[str, str] | None = None,

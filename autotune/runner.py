@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from zeroplan.runtime import procs
+
 from . import child
 
 _OOM_MARKERS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
@@ -82,14 +84,6 @@ def _step(record: dict) -> StepReport:
                       samples_per_s=record.get("samples_per_s"), peak_memory_bytes=_peak(record))
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_bytes()[-16384:].decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _failure_reason(returncode: int, log_tail: str) -> str:
     """A child that did not say why it failed (not `zeroplan train`): its status and log."""
     if any(marker in log_tail.lower() for marker in _OOM_MARKERS):
@@ -123,7 +117,7 @@ def run_trial(
             child.stop(proc)
     outcome.wall_s = time.monotonic() - start
     told = outcome.failure or {}
-    outcome.log_tail = told.get("detail") or _tail(log_path)
+    outcome.log_tail = told.get("detail") or procs.tail(log_path, lines=20)
     if outcome.state == "failed" and not outcome.reason:
         outcome.reason = told.get("cause") or _failure_reason(proc.returncode, outcome.log_tail)
     return outcome

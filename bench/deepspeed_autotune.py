@@ -36,11 +36,14 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from zeroplan.runtime import procs
 
 from .report import machine_lines, result_path, table, write
 
@@ -85,9 +88,9 @@ def run_autotuner(*, model: str, nproc: int, out: Path, timeout_s: float) -> tup
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            procs.signal_group(proc, signal.SIGKILL)
             code = proc.wait()
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    tail = procs.tail(log, lines=40)
     return cmd, time.monotonic() - start, code, tail
 
 

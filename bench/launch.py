@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from zeroplan.runtime import procs as runtime_procs
 
 from .systems import get_system
 from .workload import Workload
@@ -36,12 +37,6 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit in a benchmark's main process, so that `launch`'s cleanup
     runs and no rank process outlives a terminated benchmark (ranks run in their own session)."""
@@ -51,10 +46,7 @@ def exit_on_sigterm() -> None:
 def _kill(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            runtime_procs.signal_group(p, signal.SIGKILL)
         p.wait()
 
 
@@ -73,7 +65,7 @@ def launch(system: str, workload: Workload, *, timeout_s: float = 900.0) -> Meas
 
 def _launch(system: str, workload: Workload, *, timeout_s: float) -> Measurement:
     cls = get_system(system)
-    port = free_port()
+    port = runtime_procs.free_port()
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="zeroplan-bench-") as tmp:
         procs, outs, logs = [], [], []
@@ -107,7 +99,7 @@ def _wait(procs: list[subprocess.Popen], outs: list[Path], logs: list[Path], *, 
         if all(p.poll() is not None for p in procs):
             return
         if time.monotonic() > deadline:
-            raise LaunchError(f"timed out after {timeout_s:.0f}s:\n{_tail(logs[0])}")
+            raise LaunchError(f"timed out after {timeout_s:.0f}s:\n{runtime_procs.tail(logs[0], lines=30)}")
         time.sleep(0.1)
 
 
@@ -116,9 +108,4 @@ def _why(out: Path, log: Path) -> str:
     try:
         return json.loads(out.read_text())["error"]
     except (OSError, ValueError, KeyError):
-        return _tail(log)
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    text = log.read_bytes()[-16384:].decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
+        return runtime_procs.tail(log, lines=30)

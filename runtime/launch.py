@@ -22,26 +22,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from zeroplan.schemas import ConfigError, Plan, Problem
 
-from . import lifeline, rundir
+from . import lifeline, procs, rundir
 from .diagnose import RunFailure, diagnose, oom_kill_count
 from .dist import check_device
 from .failure import REPORT_DIR_ENV
 from .initialize import PLAN_ENV
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None = None) -> list[str]:
@@ -55,7 +48,7 @@ def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None
     logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
     return [sys.executable, "-m", "zeroplan.runtime.agent", "--nnodes", "1",
             "--nproc-per-node", str(plan.world.nproc_per_node), "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "--shutdown-timeout", str(lifeline.AGENT_SHUTDOWN_S), *logs, *entry]
+            "--master-port", str(procs.free_port()), "--shutdown-timeout", str(lifeline.AGENT_SHUTDOWN_S), *logs, *entry]
 
 
 def launch(*, plan_path: Path, target: list[str], module: bool, env: dict | None = None,
@@ -99,7 +92,7 @@ def _launcher_failure(code: int) -> RunFailure:
                       "its output above says why")
 
 
-def _run(argv: list[str], *, env: dict) -> tuple[int, int | None]:
+def _run(argv: list[str], *, env: dict) -> tuple[int | None, int | None]:
     """(the child's exit status, the signal that stopped it from here or None)."""
     child = subprocess.Popen(argv, env=env, start_new_session=True)
     stopped: list[int] = []
@@ -114,27 +107,11 @@ def _run(argv: list[str], *, env: dict) -> tuple[int, int | None]:
     except KeyboardInterrupt:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        return _stop(child), stopped[0]
+        # SIGTERM: the agent stops its ranks; SIGKILL to its group if it outlasts LAUNCHER_STOP_S
+        return procs.stop_group(child, grace_s=lifeline.LAUNCHER_STOP_S, kill_wait_s=None), stopped[0]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _stop(child: subprocess.Popen) -> int:
-    """SIGTERM the child (the agent stops its ranks), SIGKILL its group if it outlasts LAUNCHER_STOP_S."""
-    _signal_group(child, signal.SIGTERM)
-    try:
-        return child.wait(timeout=lifeline.LAUNCHER_STOP_S)
-    except subprocess.TimeoutExpired:
-        _signal_group(child, signal.SIGKILL)
-        return child.wait()
-
-
-def _signal_group(child: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(child.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _append(path: Path | None, record: dict) -> None:

@@ -15,16 +15,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from zeroplan.runtime.procs import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, timeout: float, fn, args, results) -> None:
