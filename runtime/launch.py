@@ -4,7 +4,9 @@
 `zeroplan train PLAN -- script.py ARGS` the user's script (`python -m zeroplan.runtime.rank
 script.py ARGS`; its `zeroplan.initialize(model)` finds the plan through $ZEROPLAN_PLAN) as
 every rank: under torch's elastic agent (torchrun, run by agent.py) with the plan's process
-count, or directly when the plan has one rank.
+count, or directly when the plan has one rank. A plan of several nodes runs `zeroplan train` on
+each (the emitted launch.sh), which starts that node's ranks; the nodes meet at $MASTER_ADDR
+(`_rendezvous`), and each node's launcher reports what its own ranks said.
 
 Nothing outlives the launch (DESIGN, "Processes"): the child runs in a session of its own and
 is bound to this process (lifeline.py: a kill -9 here ends it), the ranks are bound to the
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from zeroplan.schemas import ConfigError, Plan, Problem
@@ -37,18 +41,47 @@ from .initialize import PLAN_ENV
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None = None) -> list[str]:
-    """The argv that starts `target` (a module with its args, or a script with its args) on every rank."""
-    if plan.world.nnodes != 1:
-        raise ConfigError(Problem("world.nnodes", f"`zeroplan train` launches one node, the plan has "
-                                  f"{plan.world.nnodes}", suggestion="run the emitted launch script on every node"))
+def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None = None,
+            environ: Mapping[str, str] | None = None) -> list[str]:
+    """The argv that starts `target` (a module with its args, or a script with its args) on
+    every rank of this node."""
     entry = ["-m", *target] if module else ["-m", "zeroplan.runtime.rank", *target]
     if plan.world.world_size == 1:
         return [sys.executable, *entry]
     logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
-    return [sys.executable, "-m", "zeroplan.runtime.agent", "--nnodes", "1",
-            "--nproc-per-node", str(plan.world.nproc_per_node), "--master-addr", "127.0.0.1",
-            "--master-port", str(procs.free_port()), "--shutdown-timeout", str(lifeline.AGENT_SHUTDOWN_S), *logs, *entry]
+    return [sys.executable, "-m", "zeroplan.runtime.agent", *_rendezvous(plan, os.environ if environ is None else environ),
+            "--nproc-per-node", str(plan.world.nproc_per_node), "--shutdown-timeout", str(lifeline.AGENT_SHUTDOWN_S),
+            *logs, *entry]
+
+
+def _rendezvous(plan: Plan, environ: Mapping[str, str]) -> list[str]:
+    """torchrun's arguments for how this node's ranks meet the others: a free local port for one
+    node; for several, torch's c10d rendezvous at $MASTER_ADDR:$MASTER_PORT (default 29500) under
+    $JOB_ID (default the plan's), where every node's `zeroplan train` (the emitted launch.sh)
+    joins. A node that never comes ends the others' wait after the plan's collective timeout."""
+    nnodes = plan.world.nnodes
+    if nnodes == 1:
+        return ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(procs.free_port())]
+    problems, addr = [], environ.get("MASTER_ADDR", "")
+    port, job = environ.get("MASTER_PORT", "29500"), environ.get("JOB_ID") or f"zeroplan-{plan.provenance.config_hash[:12]}"
+    if not _HOST.fullmatch(addr):
+        problems.append(Problem("MASTER_ADDR", f"the plan spans {nnodes} nodes, which meet at $MASTER_ADDR: "
+                                "it must be the first node's host name or address", given=addr or "(unset)",
+                                suggestion="run the plan's launch.sh on every node with the same MASTER_ADDR"))
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        problems.append(Problem("MASTER_PORT", "must be a TCP port number", given=port,
+                                suggestion="a free port on the first node, the same on every node"))
+    if not _JOB.fullmatch(job):
+        problems.append(Problem("JOB_ID", "must be letters, digits, '.', '_' or '-' (at most 64)", given=job))
+    if problems:
+        raise ConfigError(problems, source="the multi-node launch environment")
+    return ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}",
+            "--rdzv-id", job, "--rdzv-conf", f"join_timeout={int(plan.world.collective_timeout_s)}"]
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]+\]")
+"""A host name, an IPv4 address or a bracketed IPv6 address: nothing a shell or URL would read more into."""
+_JOB = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def launch(*, plan_path: Path, target: list[str], module: bool, env: dict | None = None,

@@ -73,8 +73,9 @@ def test_launch_scripts_pass_bash_syntax_check(tmp_path, nnodes):
     for name in ("launch.sh", "launch.sbatch"):
         subprocess.run(["bash", "-n", str(tmp_path / name)], check=True)
     launch = (tmp_path / "launch.sh").read_text()
-    assert ("--standalone" in launch) == (nnodes == 1)
-    assert "-m zeroplan train \"$PLAN\" --model tiny" in launch
+    assert ("MASTER_ADDR" in launch) == (nnodes > 1)
+    assert "exec zeroplan train \"$PLAN\" --model tiny \"$@\"" in launch
+    assert "torchrun" not in launch, "zeroplan train starts the node's ranks itself: no launcher around it"
     assert f"#SBATCH --nodes={nnodes}" in (tmp_path / "launch.sbatch").read_text()
 
 
