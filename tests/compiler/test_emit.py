@@ -75,7 +75,7 @@ def test_launch_scripts_pass_bash_syntax_check(tmp_path, nnodes):
     launch = (tmp_path / "launch.sh").read_text()
     assert ("MASTER_ADDR" in launch) == (nnodes > 1)
     assert "exec zeroplan train \"$PLAN\" --model tiny \"$@\"" in launch
-    assert "torchrun" not in launch, "zeroplan train starts the node's ranks itself: no launcher around it"
+    assert "torchrun " not in launch, "zeroplan train starts the node's ranks itself: no launcher around it"
     assert f"#SBATCH --nodes={nnodes}" in (tmp_path / "launch.sbatch").read_text()
 
 
