@@ -3,10 +3,9 @@ with glibc's mmap threshold fixed, as it runs on the CPU, against the same runti
 dynamic threshold (`zeroplan-zN-heap`), in interleaved pairs of fresh process groups.
 
 Per pair: the step-time ratio (fixed / heap, medians of the timed steps on rank 0) and the
-peak-RSS ratio (VmHWM, max over ranks). Reported: the median ratio over pairs and the interval
-[min, max] of the pair ratios, which covers the median of the ratio's distribution with
-probability 1 - 2 / 2^n for n pairs (93.8% at 5): an interval straddling 1.0 is "not
-separated". The load average at each pair's start is recorded.
+peak-RSS ratio (VmHWM, max over ranks). Reported: the median ratio over pairs with its 90%
+bootstrap interval (bench/pairs.py): an interval holding 1.0 is "not separated". The load
+average at each pair's start is recorded.
 
 Usage: python -m bench.host_memory [--preset small] [--stage 1] [--micro 8]
        [--activation-checkpointing off|on|both] [--pairs 5] [--steps 5] [--out FILE.md]
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .launch import exit_on_sigterm, launch
+from .pairs import interleave, median_interval
 from .report import machine_lines, mib, result_path, table, write
 from .workload import Workload
 
@@ -50,27 +50,20 @@ def _peak(m) -> int:
 def compare(workload: Workload, *, stage: int, pairs: int, log=print) -> Comparison:
     out = Comparison(checkpointing=workload.activation_checkpointing)
     fixed, heap = f"zeroplan-z{stage}", f"zeroplan-z{stage}-heap"
-    for i in range(pairs):
-        out.load.append(os.getloadavg()[0])
-        order = (fixed, heap) if i % 2 == 0 else (heap, fixed)  # neither always runs first
-        runs = {}
-        for name in order:
-            log(f"[host_memory] pair {i + 1}/{pairs}: {name}")
-            runs[name] = launch(name, workload)
-        a, b = runs[fixed], runs[heap]
-        out.fixed_step_s.append(_step_s(a, workload.warmup))
-        out.heap_step_s.append(_step_s(b, workload.warmup))
-        out.time_ratios.append(out.fixed_step_s[-1] / out.heap_step_s[-1])
-        out.fixed_rss.append(_peak(a))
-        out.heap_rss.append(_peak(b))
-        out.rss_ratios.append(out.fixed_rss[-1] / out.heap_rss[-1])
+    runs = interleave(lambda: launch(fixed, workload), lambda: launch(heap, workload), pairs=pairs,
+                      log=lambda msg: log(f"[host_memory] {msg} ({fixed} / {heap})"))
+    out.load = runs.load
+    out.fixed_step_s = [_step_s(a, workload.warmup) for a in runs.a]
+    out.heap_step_s = [_step_s(b, workload.warmup) for b in runs.b]
+    out.time_ratios = [a / b for a, b in zip(out.fixed_step_s, out.heap_step_s)]
+    out.fixed_rss, out.heap_rss = [_peak(a) for a in runs.a], [_peak(b) for b in runs.b]
+    out.rss_ratios = [a / b for a, b in zip(out.fixed_rss, out.heap_rss)]
     return out
 
 
 def _summary(ratios: list[float]) -> str:
-    lo, hi = min(ratios), max(ratios)
-    verdict = "not separated" if lo <= 1.0 <= hi else ("slower" if lo > 1.0 else "faster")
-    return f"{statistics.median(ratios):.3f}x [{lo:.3f}, {hi:.3f}] ({verdict})"
+    interval = median_interval(ratios)
+    return f"{interval.text()} ({interval.verdict(above='slower', below='faster')})"
 
 
 def to_markdown(results: list[Comparison], *, workload: Workload, stage: int, command: str) -> list[str]:
@@ -79,7 +72,7 @@ def to_markdown(results: list[Comparison], *, workload: Workload, stage: int, co
              f"- preset {workload.preset}, ZeRO stage {stage}, {workload.world_size} processes, gloo, one intra-op "
              f"thread per rank, micro-batch {workload.micro_batch_size}, {workload.steps} steps "
              f"({workload.warmup} warm-up); pairs alternate which system runs first",
-             "- ratio = fixed / heap per pair; shown as median [min, max] over pairs (module docstring)", ""]
+             "- ratio = fixed / heap per pair; shown as median [90% bootstrap interval] over pairs (bench/pairs.py)", ""]
     rows = [["on" if c.checkpointing else "off", len(c.time_ratios), _summary(c.time_ratios),
              f"{1e3 * statistics.median(c.fixed_step_s):.0f} / {1e3 * statistics.median(c.heap_step_s):.0f}",
              _summary(c.rss_ratios), f"{mib(statistics.median(c.fixed_rss))} / {mib(statistics.median(c.heap_rss))}",
