@@ -22,41 +22,24 @@ still covers workers on other hosts.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
-from sqlalchemy.exc import SQLAlchemyError
-
-from zeroplan.schemas import ConfigError, Problem
 
 from .identity import differences, identity_digest
 from .space import Dimension
+from .storage import HEARTBEAT_S, experimental_ok, masked, open_storage, readable_storage, storage_url
+
+__all__ = ["HEARTBEAT_S", "experimental_ok", "open_storage", "readable_storage", "storage_url", "open_identified_study",
+           "open_study", "make_sampler", "make_pruner", "grid_space", "grid_size", "mark_worker",
+           "fail_orphaned_trials", "study_name_for"]
 
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
-
-
-@contextlib.contextmanager
-def experimental_ok() -> Iterator[None]:
-    """Silence Optuna's ExperimentalWarning for features we rely on on purpose:
-    heartbeats, multivariate/grouped TPE and `enqueue_trial(skip_if_exists=...)`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 PRUNERS = ("median", "hyperband", "none")
-
-
-def storage_url(storage: str | None, *, results_dir: Path) -> str:
-    """The given URL, or a SQLite file in the results directory."""
-    if storage:
-        return storage
-    results_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(results_dir / 'study.db').resolve()}"
 
 
 IDENTITY_ATTR = "zeroplan_identity"
@@ -122,25 +105,16 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
 
 
-HEARTBEAT_S = 10
-"""A running trial beats this often; one silent for 3 beats (its tuner was killed) is marked
-failed by the next worker, so a resumed study does not wait on it forever."""
-
-
-def open_storage(storage: str) -> optuna.storages.RDBStorage:
-    """The storage at `storage`, with the heartbeat that fails a dead worker's trials."""
-    with readable_storage(storage, also=(ImportError, ValueError, RuntimeError)), experimental_ok():
-        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
-
-
 def open_identified_study(*, storage: str, given_name: str | None, overwrite: bool, identity: dict[str, Any],
                           directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
-                          pruner: optuna.pruners.BasePruner, notify: Callable[[str], None]) -> optuna.Study:
+                          pruner: optuna.pruners.BasePruner, notify: Callable[[str], None],
+                          heartbeat_s: float = HEARTBEAT_S) -> optuna.Study:
     """Resume the study of this identity, or open a new one beside those of other identities
-    (`notify` says which, and what differs); see the module docstring."""
+    (`notify` says which, and what differs); see the module docstring. Workers of one identity
+    started at once agree on its name and all join the one study."""
     digest = identity_digest(identity)
-    with readable_storage(storage):
-        studies = {s.study_name: s.user_attrs.get(IDENTITY_ATTR) for s in open_storage(storage).get_all_studies()}
+    rdb = open_storage(storage, heartbeat_s=heartbeat_s)
+    studies = _studies(rdb, url=storage, awaiting=given_name or f"zeroplan-{digest[:12]}")
     taken = {name: identity_digest(ident) if ident else None for name, ident in studies.items()}
     name = study_name_for(given=given_name, digest=digest, taken=taken, overwrite=overwrite)
     others = [n for n, d in taken.items() if d != digest]
@@ -148,39 +122,43 @@ def open_identified_study(*, storage: str, given_name: str | None, overwrite: bo
         last = others[-1]
         what = "; ".join(differences(studies[last] or {}, identity))
         more = f" (and {len(others) - 1} other(s))" if len(others) > 1 else ""
-        notify(f"{storage} holds study {last}{more} measured for something else ({what}); nothing of it is "
+        notify(f"{masked(storage)} holds study {last}{more} measured for something else ({what}); nothing of it is "
                f"reused: starting study {name} beside it (`zeroplan report DIR --study {last}` shows it)")
-    study = open_study(storage=storage, name=name, directions=directions, sampler=sampler, pruner=pruner)
+    study = open_study(storage=rdb, url=storage, name=name, directions=directions, sampler=sampler, pruner=pruner)
     if IDENTITY_ATTR not in study.user_attrs:
         study.set_user_attr(IDENTITY_ATTR, identity)
     return study
 
 
-def open_study(*, storage: str, name: str, directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
-               pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Create the study, or load it when it exists (resume)."""
+IDENTITY_WAIT_S = 5.0
+"""How long a study found without its identity is given to get one: the worker that created it
+records it a moment after creating it (Optuna cannot do both at once)."""
+
+
+def _studies(rdb: optuna.storages.RDBStorage, *, url: str, awaiting: str) -> dict[str, dict | None]:
+    """The storage's studies, name -> recorded identity. When the study named `awaiting` has
+    none, it may be another worker's that is being created this instant: wait for its identity
+    (IDENTITY_WAIT_S), so that workers started together do not open two studies."""
+    deadline = time.monotonic() + IDENTITY_WAIT_S
+    while True:
+        with readable_storage(url):
+            studies = {s.study_name: s.user_attrs.get(IDENTITY_ATTR) for s in rdb.get_all_studies()}
+        if awaiting not in studies or studies[awaiting] is not None or time.monotonic() > deadline:
+            return studies
+        time.sleep(0.2)
+
+
+def open_study(*, storage: optuna.storages.RDBStorage, url: str, name: str, directions: Sequence[str],
+               sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Create the study, or load it when it exists (resume, or another worker created it)."""
     # Optuna logs every failed trial with a traceback at WARNING; the tuner records the reason
     # and shows it in its progress line instead.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    rdb = open_storage(storage)
-    with readable_storage(storage):
-        study = optuna.create_study(storage=rdb, study_name=name, directions=list(directions),
+    with readable_storage(url):
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(directions),
                                     sampler=sampler, pruner=pruner, load_if_exists=True)
         study.get_trials(deepcopy=False)  # a truncated database fails here, not mid-study
     return study
-
-
-@contextlib.contextmanager
-def readable_storage(url: str, *, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
-    """Turn a storage that cannot be opened or read (SQLAlchemy's errors; `also`: a missing
-    driver, an unparsable URL, a schema of another Optuna) into a ConfigError naming it."""
-    try:
-        yield
-    except (SQLAlchemyError, *also) as e:
-        why = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
-        raise ConfigError(Problem("--storage", f"cannot open the study storage {url}: {type(e).__name__}: {why}",
-                                  given=url, suggestion="give an Optuna storage URL (sqlite:///path/study.db, "
-                                  "postgresql://...); move a damaged study.db aside, or pass another --out")) from e
 
 
 WORKER_ATTR = "worker"

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 import statistics
+import time
 import warnings
 from itertools import islice, product
 from dataclasses import dataclass, field
@@ -44,8 +45,8 @@ from .models import Workload
 from .results import trial_dir, write_results
 from .runner import StepReport, TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
-from .study import (experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler, mark_worker,
-                    open_identified_study, storage_url)
+from .study import (HEARTBEAT_S, experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler,
+                    mark_worker, open_identified_study, storage_url)
 
 OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
               "pareto": ["maximize", "minimize"]}
@@ -84,6 +85,9 @@ class TuneSettings:
     """A training script and its arguments that trials run instead of `model_name` (models.py)."""
     launch_dir: Path = Path(".")
     """Where the tune was started: on the trials' PYTHONPATH, and where a script runs."""
+    heartbeat_s: float = HEARTBEAT_S
+    """Seconds between a running trial's heartbeats; one silent for 3 of them (its worker died)
+    is failed by another worker and run once more (storage.py)."""
 
     @property
     def workload(self) -> Workload:
@@ -184,11 +188,22 @@ class Tuner:
         return self._value(trial, cand.plan, outcome)
 
     def _same_plan(self, trial: optuna.Trial, plan: Plan) -> optuna.trial.FrozenTrial | None:
-        key = plan_key(plan)
-        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("plan_key") == key and "duplicate_of" not in t.user_attrs:
-                return t
-        return None
+        """The trial whose measurement of this plan this one reuses, or None: run it here.
+
+        A plan belongs to the first trial that measured it, or, while none has, to the
+        lowest-numbered trial measuring it now (on any worker): a later trial of the same plan
+        waits for that one and reuses its result, so several workers never measure one plan
+        twice. If the owner ends without a result (failed, pruned, or its worker died: waiting
+        fails trials whose heartbeat stopped), the next in line runs the plan itself."""
+        key, study = plan_key(plan), trial.study
+        deadline = time.monotonic() + self.settings.trial_timeout_s + 6 * self.settings.heartbeat_s + 60
+        while True:
+            owner = _plan_owner(study, key=key, before=trial.number)
+            if owner is None or owner.state == optuna.trial.TrialState.COMPLETE or time.monotonic() > deadline:
+                return owner if owner is not None and owner.state == optuna.trial.TrialState.COMPLETE else None
+            time.sleep(OWNER_POLL_S)
+            with experimental_ok():
+                optuna.storages.fail_stale_trials(study)
 
     def _run(self, trial: optuna.Trial, plan: Plan) -> TrialOutcome:
         # the child runs there
@@ -287,6 +302,20 @@ class Tuner:
         return len(seen)
 
 
+OWNER_POLL_S = 0.5
+"""How often a trial waiting for another worker's measurement of its plan looks again."""
+
+
+def _plan_owner(study: optuna.Study, *, key: str, before: int) -> optuna.trial.FrozenTrial | None:
+    """The trial that measured the plan `key` (complete, not itself a reuse), else the
+    lowest-numbered trial before `before` that carries it and is still running."""
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
+    mine = [t for t in trials if t.user_attrs.get("plan_key") == key and "duplicate_of" not in t.user_attrs]
+    done = [t for t in mine if t.state == optuna.trial.TrialState.COMPLETE]
+    running = [t for t in mine if t.state == optuna.trial.TrialState.RUNNING and t.number < before]
+    return min(done or running, key=lambda t: t.number, default=None)
+
+
 def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSettings,
          callbacks: list[Callable] | None = None, launcher: Launcher | None = None,
          notify: Callable[[str], None] | None = None) -> TuneResult:
@@ -302,18 +331,36 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
     study = open_identified_study(storage=storage, given_name=settings.study_name, overwrite=settings.overwrite,
                                   identity=tuner.identity(), directions=OBJECTIVES[settings.objective],
                                   sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
-                                  pruner=make_pruner(settings.pruner), notify=notify or _warn)
+                                  pruner=make_pruner(settings.pruner), notify=notify or _warn,
+                                  heartbeat_s=settings.heartbeat_s)
     fail_orphaned_trials(study)
     remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
     tuner.warm_start(study, budget=remaining)
+    # Other workers may share the study: the budget is the study's, counted after each trial.
+    callbacks = [*(callbacks or []), optuna.study.MaxTrialsCallback(settings.max_trials, states=FINISHED)]
     if remaining > 0:
         study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
-                       catch=(TrialFailed,), callbacks=callbacks or [])
+                       catch=(TrialFailed,), callbacks=callbacks)
+        _run_retries(study, objective=tuner.objective, callbacks=callbacks, limit=settings.max_trials)
     best = write_results(study, out_dir=settings.out_dir, objective=settings.objective)
     if best is not None:
         tuner.emit_best(best, params=study.trials[best.provenance.trial_number].params)
     states = [t.state.name.lower() for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
     return TuneResult(study, best, settings.out_dir, {s: states.count(s) for s in set(states)})
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def _run_retries(study: optuna.Study, *, objective: Callable, callbacks: list[Callable], limit: int) -> None:
+    """Run the trials enqueued again for a dead worker (RetryHeartbeatStaleTrialCallback, storage.py)
+    that are still waiting: the grid sampler stops a worker once every point has been taken,
+    which would leave such a retry behind with no worker to take it."""
+    for _ in range(limit):
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if not any("failed_trial" in t.system_attrs for t in waiting):
+            return
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
 
 
 def _warn(text: str) -> None:

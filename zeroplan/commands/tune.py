@@ -130,16 +130,17 @@ def report(
     import optuna
 
     from zeroplan.autotune.results import write_results
-    from zeroplan.autotune.study import readable_storage, storage_url
+    from zeroplan.autotune.storage import masked, open_storage, readable_storage, storage_url
 
     if storage is None and not (directory / "study.db").is_file():
         raise ConfigError(f"no study.db in {directory}; pass --storage for a study stored elsewhere")
     url = storage_url(storage, results_dir=directory)
+    rdb = open_storage(url)
     with readable_storage(url, also=(ImportError, ValueError, RuntimeError)):
-        summaries = optuna.get_all_study_summaries(storage=url)
+        summaries = optuna.get_all_study_summaries(storage=rdb)
         if not summaries:
-            raise ConfigError(f"no study in {url}")
+            raise ConfigError(f"no study in {masked(url)}")
         name = study or max(summaries, key=lambda s: s.datetime_start or datetime.datetime.min).study_name
-        loaded = optuna.load_study(study_name=name, storage=url)
+        loaded = optuna.load_study(study_name=name, storage=rdb)
     write_results(loaded, out_dir=directory, objective=_choice(objective, OBJECTIVES, "--objective"))
     typer.echo(f"wrote {directory / 'report.md'} for study {name}")
