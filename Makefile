@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # reductions, softmax and norms a forward and backward are made of).
 CAPABILITY ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2 || echo default)
 
-.PHONY: setup browser demo test test-capability clean
+.PHONY: setup browser postgres demo test test-capability clean
 
 setup: $(STAMP)
 
@@ -37,13 +37,24 @@ browser:
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "no apt-get here: install Chromium (or set CHROMIUM) for the report.html browser test"; fi
 
+# PostgreSQL, for the test of tuner workers sharing one study on a server
+# (tests/autotune/test_workers.py starts a throw-away server from its initdb and pg_ctl): Debian's
+# `postgresql` package, installed as Chromium is; elsewhere that test skips saying why, except
+# under .ci/run, where a missing server fails it.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && exit 0; \
+	if command -v apt-get >/dev/null; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else echo "no apt-get here: install PostgreSQL (or set PG_BIN) for the tuner workers' test"; fi
+
 demo: setup
 	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2 > /dev/null
 	$(BIN)/zeroplan autotune examples/autotune_tiny.yaml --model tiny --nproc-per-node 2 --out out/tuned
 	$(BIN)/zeroplan train out/tuned/best_plan.json --model tiny --steps 30 --metrics out/tuned/train.jsonl
 	@echo "tuned plan, trials.csv and report.md in out/tuned/"
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The tests that compare floating-point results (marker `numerics`) once more, with ATen's
