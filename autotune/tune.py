@@ -15,6 +15,13 @@ tuner left running is failed when the study resumes (study.fail_orphaned_trials)
 keyed by what it measures (identity.py): tuning another model, world, cluster, version or space
 into the same storage opens a new study beside the old one and reuses nothing of it.
 
+Several workers may share the study (workers.py on one machine, the same command with the same
+storage on others): a plan is measured by one trial only (`Tuner._same_plan`: a later trial of
+a plan another worker is measuring waits for it and reuses its result), a trial whose worker
+died is failed by its heartbeat and enqueued once more (storage.py), and `max_trials` counts
+the study's finished trials, whoever ran them (a worker may start one more while the last ones
+finish).
+
 The warm start enqueues no more trials than the run will run: an enqueued trial is WAITING in
 the storage until some run takes it (Optuna runs waiting trials first), so a surplus would be
 left behind as a phantom. Waiting trials (a run stopped by --timeout or a kill before it took
@@ -324,15 +331,7 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
     `notify` gets a notice as it happens (a new study opened beside one of another identity);
     by default it is a ConfigWarning."""
     tuner = Tuner(data=data, model=model, cluster=cluster, settings=settings, launcher=launcher)
-    if not tuner.dims:
-        raise ConfigError("nothing to tune: no knob is 'auto' and autotuning.space is empty; "
-                          "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
-    storage = storage_url(settings.storage, results_dir=settings.out_dir)
-    study = open_identified_study(storage=storage, given_name=settings.study_name, overwrite=settings.overwrite,
-                                  identity=tuner.identity(), directions=OBJECTIVES[settings.objective],
-                                  sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
-                                  pruner=make_pruner(settings.pruner), notify=notify or _warn,
-                                  heartbeat_s=settings.heartbeat_s)
+    study = open_tuner_study(tuner, notify=notify)
     fail_orphaned_trials(study)
     remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
     tuner.warm_start(study, budget=remaining)
@@ -342,6 +341,27 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
         study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
                        catch=(TrialFailed,), callbacks=callbacks)
         _run_retries(study, objective=tuner.objective, callbacks=callbacks, limit=settings.max_trials)
+    return tune_results(study, tuner=tuner)
+
+
+def open_tuner_study(tuner: Tuner, *, notify: Callable[[str], None] | None = None) -> optuna.Study:
+    """The study of what `tuner` measures, resumed or created (the one every worker joins)."""
+    settings = tuner.settings
+    if not tuner.dims:
+        raise ConfigError("nothing to tune: no knob is 'auto' and autotuning.space is empty; "
+                          "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
+    storage = storage_url(settings.storage, results_dir=settings.out_dir)
+    return open_identified_study(storage=storage, given_name=settings.study_name, overwrite=settings.overwrite,
+                                 identity=tuner.identity(), directions=OBJECTIVES[settings.objective],
+                                 sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
+                                 pruner=make_pruner(settings.pruner), notify=notify or _warn,
+                                 heartbeat_s=settings.heartbeat_s)
+
+
+def tune_results(study: optuna.Study, *, tuner: Tuner) -> TuneResult:
+    """Write the study's results and the best plan's files into the results directory; also
+    what any worker of a shared study renders once the trials are done."""
+    settings = tuner.settings
     best = write_results(study, out_dir=settings.out_dir, objective=settings.objective)
     if best is not None:
         tuner.emit_best(best, params=study.trials[best.provenance.trial_number].params)

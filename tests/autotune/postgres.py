@@ -50,6 +50,15 @@ def missing_reason() -> str | None:
     return None
 
 
+def new_database(url: str, name: str) -> str:
+    """Create the database `name` on the server at `url`; its URL."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.replace("/postgres?", f"/{name}?")
+
+
 @contextmanager
 def server() -> Iterator[str]:
     """Start a server; yield its URL (`postgresql://postgres@/postgres?host=SOCKET_DIR`)."""

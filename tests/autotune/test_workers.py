@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from zeroplan.autotune.storage import open_storage
+from zeroplan.schemas import ConfigError
 
 from . import postgres
 
@@ -104,32 +105,39 @@ def runs(out: Path) -> dict[str, bool]:
     return {p.parent.name: '"summary": true' in p.read_text() for p in (out / "trials").glob("*/trial-*/metrics.jsonl")}
 
 
-@pytest.mark.skipif(postgres.missing_reason() is not None and not os.environ.get("ZEROPLAN_REQUIRE_POSTGRES"),
-                    reason=str(postgres.missing_reason()))  # .ci/run sets it: CI must have a server
-def test_three_workers_on_postgres_measure_each_grid_point_once_and_survive_a_killed_one(tmp_path):
+@pytest.fixture(scope="module")
+def pg_server():
+    """A PostgreSQL server for this module's tests: its URL (each test makes its own database)."""
+    if postgres.missing_reason() is not None and not os.environ.get("ZEROPLAN_REQUIRE_POSTGRES"):
+        pytest.skip(str(postgres.missing_reason()))  # .ci/run sets it: CI must have a server
     assert postgres.missing_reason() is None, "ZEROPLAN_REQUIRE_POSTGRES is set: " + str(postgres.missing_reason())
-    with postgres.server() as storage:
-        victim, *others = start_workers(3, out=tmp_path, storage=storage, grid=GRID)
-        kill_mid_trial(victim, out=tmp_path, storage=storage)
-        finish(others)
-        study = the_study(storage)
-        trials = study.get_trials(deepcopy=False)
-        killed = [t for t in trials if t.user_attrs.get("worker", {}).get("pid") == victim.pid
-                  and t.state != optuna.trial.TrialState.COMPLETE]
-        assert [t.state.name for t in killed] == ["FAIL"]  # failed by the others through its heartbeat
-        retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
-        assert len(retry) == 1 and retry[0].params == killed[0].params and retry[0].state.name == "COMPLETE"
-        measured = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
-        points = sorted(tuple(sorted(t.params.items())) for t in measured)
-        assert len(points) == 8 and len(set(points)) == 8  # every grid point measured, each once
-        assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}  # nothing left running or waiting
-        ran = runs(tmp_path)
-        assert sum(ran.values()) == 8 and ran[f"trial-{killed[0].number:04d}"] is False  # no plan ran twice
-        assert len({t.user_attrs["worker"]["pid"] for t in measured}) >= 2  # the work was shared
-        report = subprocess.run([sys.executable, "-m", "zeroplan", "report", str(tmp_path), "--storage", storage],
-                                capture_output=True, text=True, timeout=120)
-        assert report.returncode == 0, report.stderr
-        assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials)
+    with postgres.server() as url:
+        yield url
+
+
+def test_three_workers_on_postgres_measure_each_grid_point_once_and_survive_a_killed_one(tmp_path, pg_server):
+    storage = postgres.new_database(pg_server, "killed")
+    victim, *others = start_workers(3, out=tmp_path, storage=storage, grid=GRID)
+    kill_mid_trial(victim, out=tmp_path, storage=storage)
+    finish(others)
+    study = the_study(storage)
+    trials = study.get_trials(deepcopy=False)
+    killed = [t for t in trials if t.user_attrs.get("worker", {}).get("pid") == victim.pid
+              and t.state != optuna.trial.TrialState.COMPLETE]
+    assert [t.state.name for t in killed] == ["FAIL"]  # failed by the others through its heartbeat
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retry) == 1 and retry[0].params == killed[0].params and retry[0].state.name == "COMPLETE"
+    measured = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    points = sorted(tuple(sorted(t.params.items())) for t in measured)
+    assert len(points) == 8 and len(set(points)) == 8  # every grid point measured, each once
+    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}  # nothing left running or waiting
+    ran = runs(tmp_path)
+    assert sum(ran.values()) == 8 and ran[f"trial-{killed[0].number:04d}"] is False  # no plan ran twice
+    assert len({t.user_attrs["worker"]["pid"] for t in measured}) >= 2  # the work was shared
+    report = subprocess.run([sys.executable, "-m", "zeroplan", "report", str(tmp_path), "--storage", storage],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials)
 
 
 def test_tuners_started_at_once_on_a_new_sqlite_file_share_one_study(tmp_path):
@@ -141,3 +149,46 @@ def test_tuners_started_at_once_on_a_new_sqlite_file_share_one_study(tmp_path):
     measured = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
     points = [tuple(sorted(t.params.items())) for t in measured]
     assert len(points) == len(set(points)) == 4 and sum(runs(tmp_path).values()) == 4
+
+
+TINY_SPACE = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": "auto"},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "autotuning": {"sampler": "grid", "pruner": "none", "max_trials": 2, "warmup_steps": 1,
+                             "measured_steps": 1, "space": {"zero_optimization.stage": {"choices": [1, 2]}}}}
+
+
+def autotune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zeroplan", "autotune", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_workers_flag_runs_real_two_process_trials_on_one_postgres_study(tmp_path, pg_server):
+    """`--workers 2`: the real `zeroplan train` on 2 processes of the tiny preset, one grid point each."""
+    storage = postgres.new_database(pg_server, "workers")
+    (tmp_path / "c.json").write_text(json.dumps(TINY_SPACE))
+    done = autotune("c.json", "--cluster", "cpu", "--storage", storage, "--workers", "2", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 tuner workers on one study" in done.stdout and "complete" in done.stdout
+    # A worker done first may take the other's point once more: it waits and reuses that result.
+    measured = [t for t in the_study(storage).trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert sorted(t.params["zero_optimization.stage"] for t in measured) == [1, 2]
+    assert len({t.user_attrs["worker"]["pid"] for t in measured}) == 2  # one trial on each worker
+    assert (tmp_path / "out" / "best_plan.json").is_file() and (tmp_path / "out" / "report.md").is_file()
+
+
+def test_an_unreachable_server_is_a_clear_error_with_the_password_masked(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps(TINY_SPACE))
+    url = f"postgresql://tuner:s3cret@/study?host={tmp_path / 'nowhere'}"
+    done = autotune("c.json", "--cluster", "cpu", "--storage", url, "--out", "out", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot open the study storage postgresql://tuner:***@/study?" in done.stderr
+    assert "s3cret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_missing_driver_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg fails as if not installed
+    with pytest.raises(ConfigError) as caught:
+        open_storage("postgresql://tuner:s3cret@db.example/study")
+    text = caught.value.problems[0].render()
+    assert "its database driver is not installed" in text and "zeroplan[postgres]" in text
+    assert "tuner:***@db.example" in text and "s3cret" not in text

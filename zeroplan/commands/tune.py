@@ -56,6 +56,8 @@ def autotune(
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Resume the study of the same name, "
                                          "or start a new one beside it (nothing is deleted).")] = True,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Tuner processes on this machine sharing the study. On other "
+                                         "nodes, the same command with the same --storage joins it.")] = 1,
 ) -> None:
     """Search ZeRO stage, micro-batch, offload and degrees by measuring short runs."""
     from zeroplan.autotune.cluster import resolve_cluster
@@ -85,9 +87,13 @@ def autotune(
         spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
         machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
         typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
-        with live_progress(total=settings.max_trials) as callback:
-            result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback],
-                          notify=lambda text: typer.echo(f"notice: {text}", err=True))
+        notify = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
+        if workers > 1:
+            result = _tune_workers(workers, data=data, model=spec, cluster=machines, settings=settings, notify=notify)
+        else:
+            with live_progress(total=settings.max_trials) as callback:
+                result = tune(data=data, model=spec, cluster=machines, settings=settings, callbacks=[callback],
+                              notify=notify)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     typer.echo(f"study {result.study.study_name}: {counts}")
     if result.best_plan is None:
@@ -95,6 +101,18 @@ def autotune(
         raise typer.Exit(1)
     typer.echo(f"best plan: {result.out_dir / 'best_plan.json'} "
                f"({result.best_plan.provenance.measured_samples_per_s:.2f} samples/s)")
+
+
+def _tune_workers(workers: int, **kwargs):
+    """`--workers N`: N tuner processes on one study (autotune/workers.py); says which ended badly."""
+    from zeroplan.autotune.workers import tune_workers
+
+    typer.echo(f"{workers} tuner workers on one study")
+    result, statuses = tune_workers(workers=workers, **kwargs)
+    for i, status in enumerate(statuses):
+        if status:
+            typer.echo(f"tuner worker {i} ended with status {status}; the others finished the study", err=True)
+    return result
 
 
 @contextlib.contextmanager
