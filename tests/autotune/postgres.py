@@ -25,7 +25,8 @@ START_TIMEOUT_S = 120
 def pg_bin() -> Path | None:
     """$PG_BIN, else the newest /usr/lib/postgresql/<version>/bin holding initdb."""
     if os.environ.get("PG_BIN"):
-        return Path(os.environ["PG_BIN"])
+        given = Path(os.environ["PG_BIN"])
+        return given if (given / "initdb").is_file() else None
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
     return Path(found[-1]).parent if found else None
 
