@@ -9,14 +9,16 @@ gradients) and 3 (also parameters). The bytes are what zeroplan's runtime alloca
 (runtime/zero), which differs from the paper in two ways:
 - gradients accumulate and reduce in fp32 in every training dtype: a flat fp32 buffer of the
   whole model at stage 0; a whole fp32 accumulation buffer plus the fp32 gradient shard the
-  reduce-scatter writes at stage 1; the shard at stages 2-3;
+  reduce-scatter writes at stage 1 with gradient accumulation (without it, stage 2's); the
+  shard at stages 2-3;
 - the optimizer steps a flat fp32 master of its elements (zero/base.py `init_master`), a copy of
   the parameters at stages 1-2 and at stage 0 in bf16/fp16; at stage 0 in fp32 the parameters
   are views of it, and at stage 3 the partition is that master itself in fp32 training (a copy
   in the training dtype otherwise), plus the persistent parameters kept whole.
 Stage 3 is handed the whole model, built on every rank (there is no sharded initialisation yet),
 and releases it in `Stage3.attach`: that set-up moment is a phase of its own (below).
-With AdamW in fp32 at 2 ranks that is 16, 16, 12 and 8 bytes per parameter at stages 0-3
+With AdamW in fp32 at 2 ranks that is 16, 16 (12 with one micro-batch per step), 12 and 8
+bytes per parameter at stages 0-3
 (tests/runtime/test_state_bytes.py checks every stage in fp32 and bf16 against what
 `initialize` allocates; bench/memory_model.py measures the whole peak).
 
@@ -105,7 +107,7 @@ def optimizer_state_bytes(*, optimizer: str, momentum: float) -> int:
 
 
 def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimizer: str = "AdamW",
-                 momentum: float = 0.0, persistent: int = 0) -> dict[str, int]:
+                 momentum: float = 0.0, persistent: int = 0, accumulation: int = 1) -> dict[str, int]:
     """Device bytes of parameters, gradients, optimizer states and masters on one dp rank, as
     zeroplan's runtime allocates them (runtime/zero/__init__.py `build_zero`; module docstring).
 
@@ -113,7 +115,9 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     stage 3 (below the persistence threshold). Shards round up, as DeepSpeed pads partitions.
     Unlike the ZeRO paper's 2-byte 16-bit gradients, the runtime accumulates and reduces into
     fp32 buffers whatever the training dtype: the whole gradient at stage 0, a whole fp32
-    accumulation buffer beside the gradient shard at stage 1, the shard at stages 2-3. At stage 3
+    accumulation buffer beside the gradient shard at stage 1 when `accumulation` (micro-batches
+    per step) is above 1 (with one, stage 1 runs as stage 2: zero/stage12.py), the shard at
+    stages 2-3. At stage 3
     the parameters are the partition (the fp32 master itself in fp32 training, a copy in the
     training dtype otherwise) plus the persistent ones kept whole; at stage 0 in fp32 they are
     views of the master (zero/stage0.py), so they cost nothing beside it.
@@ -122,7 +126,7 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     shard = -(-params // dp)
     state = optimizer_state_bytes(optimizer=optimizer, momentum=momentum)
     opt_elems = shard if stage >= 1 else params
-    grads = {0: params, 1: params + shard}.get(stage, shard)
+    grads = {0: params, 1: params + shard if accumulation > 1 else shard}.get(stage, shard)
     if stage == 3:
         parameters = (persistent + (0 if param_dtype == "fp32" else shard)) * e
     elif stage == 0 and param_dtype == "fp32":  # the parameters are views of the master
@@ -332,7 +336,8 @@ def _stage_estimate(plan: Plan, model: ModelSpec, shape: StageShape, *, overhead
                                       cap=z.model_persistence_threshold) if z.stage == 3 else 0)
     states = model_states(params=shape.params, dp=plan.parallel.dp, stage=z.stage,
                           param_dtype=plan.precision.param_dtype, optimizer=plan.optimizer.type,
-                          momentum=plan.optimizer.momentum, persistent=persistent)
+                          momentum=plan.optimizer.momentum, persistent=persistent,
+                          accumulation=plan.batch.gradient_accumulation_steps)
     device, host, nvme = _offload(plan, states, shape)
     activations, host["activations"] = stage_activations(plan, model, shape)
     # Stage 3 is handed the whole model, built on every rank, and shards it in `initialize`.

@@ -126,6 +126,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     zero = build_zero(model=model, zero=plan.zero, coll=coll, device=groups.device, param_dtype=param_dtype,
                       reduce_dtype=DTYPES[precision.reduce_dtype],
                       predivide=_predivide(plan, dp=groups.dp_size),
+                      accumulation=plan.batch.gradient_accumulation_steps,
                       place_master=offload.place_master, param_store=offload.param_store,
                       materialize=functools.partial(materialize_shard, model, coll=coll, device=groups.device)
                       if meta and plan.zero.stage == 3 else None)

@@ -31,7 +31,7 @@ from .comm import BucketReducer
 from .layout import ShardLayout
 from .pstore import DeviceParams, ParamStore
 from .stage0 import Stage0
-from .stage12 import Stage1, Stage2
+from .stage12 import Stage1, Stage1Direct, Stage2
 from .stage3 import Stage3
 
 __all__ = ["ParamStore", "ZeroStage", "build_zero", "shard_numel"]
@@ -48,10 +48,12 @@ def shard_numel(model: nn.Module, *, stage: int, world: int) -> int:
 
 
 def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: torch.device,
-               param_dtype: torch.dtype, reduce_dtype: torch.dtype, predivide: float,
+               param_dtype: torch.dtype, reduce_dtype: torch.dtype, predivide: float, accumulation: int,
                place_master: PlaceMaster | None = None, param_store: MakeParamStore | None = None,
                materialize: Materialize | None = None) -> ZeroStage:
     """Shard `model` for `zero.stage` over `coll`'s group; the model is cast to `param_dtype`.
+    `accumulation`: micro-batches per optimizer step (stage 1 keeps a whole gradient buffer only
+    when there is more than one).
     `materialize` (stage 3 only): the model's parameters are on the meta device (module docstring)."""
     stage = zero.stage
     named = module_order_parameters(model) if stage == 3 else trainable_parameters(model)
@@ -68,14 +70,15 @@ def build_zero(*, model: nn.Module, zero: ZeroPlan, coll: Collectives, device: t
     try:
         return _build(model=model, zero=zero, layout=layout, rank=rank, persistent=persistent, coll=coll,
                       device=device, param_dtype=param_dtype, reduce_dtype=reduce_dtype, predivide=predivide,
-                      place_master=place_master, param_store=param_store)
+                      accumulation=accumulation, place_master=place_master, param_store=param_store)
     finally:
         layout.initial = None
 
 
 def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, persistent: set[int],
            coll: Collectives, device: torch.device, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-           predivide: float, place_master: PlaceMaster | None, param_store: MakeParamStore | None) -> ZeroStage:
+           predivide: float, accumulation: int, place_master: PlaceMaster | None,
+           param_store: MakeParamStore | None) -> ZeroStage:
     stage = zero.stage
     if place_master is None:
         master = init_master(layout, rank, device)
@@ -87,11 +90,11 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
     grad = torch.zeros(layout.numel, dtype=torch.float32, device=device)
     if stage == 0:
         built = Stage0(grad=grad, **common)
-    elif stage == 1:
+    elif stage == 1 and accumulation > 1:
         total = sum(s.numel for s in layout.slots)
         built = Stage1(grad=grad, accumulation=torch.zeros(total, dtype=torch.float32, device=device), **common)
-    elif stage == 2:
-        built = Stage2(grad=grad, **common)
+    elif stage in (1, 2):
+        built = (Stage1Direct if stage == 1 else Stage2)(grad=grad, **common)
     else:
         store = _partition(layout=layout, rank=rank, master=master, param_dtype=param_dtype,
                            param_store=param_store)
@@ -100,7 +103,8 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
     built.reducer = BucketReducer(layout=layout, coll=coll, bucket_size=zero.reduce_bucket_size,
                                   reduce_dtype=reduce_dtype, scatter=stage == 3 or (stage > 0 and zero.reduce_scatter),
                                   overlap=zero.overlap_comm,
-                                  predivide=predivide, grad_shard=built.grad, accumulate=stage >= 2,
+                                  predivide=predivide, grad_shard=built.grad,
+                                  accumulate=isinstance(built, (Stage2, Stage3)),
                                   source=built.source)
     built.attach()
     return built

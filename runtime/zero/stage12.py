@@ -12,6 +12,10 @@ Stage 1 phases (ZeRO paper, arXiv:1910.02054, P_os):
 Stage 2 (P_os+g) reduce-scatters in phase 2 at every micro-batch and releases each
 parameter's gradient once it is in a launched bucket, so no rank ever holds a full
 gradient buffer; the shard slices are summed into the fp32 gradient shard.
+
+With one micro-batch per step (gradient_accumulation_steps 1) stage 1's buffer would only copy
+each gradient once before the same single reduce-scatter, so stage 1 then runs as stage 2 does
+(`Stage1Direct`): the same collectives and arithmetic, without the whole-model fp32 buffer.
 """
 
 from __future__ import annotations
@@ -72,3 +76,9 @@ class Stage2(ZeroStage):
 
     def publish(self) -> None:
         self.gather_into_model(gather_groups(self.layout, self.allgather_bucket_size))
+
+
+class Stage1Direct(Stage2):
+    """Stage 1 with one micro-batch per step: stage 2's path (module docstring)."""
+
+    stage = 1

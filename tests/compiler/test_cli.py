@@ -51,11 +51,12 @@ def test_user_errors_exit_2_without_traceback(tmp_path, args, message):
 
 def test_estimate_model_states_follow_the_zero_paper():
     """The ZeRO paper's partitioning, with the runtime's fp32 gradient buffers (2 bytes more per
-    gradient element than the paper's 16-bit ones, and stage 1's whole accumulation buffer)."""
+    gradient element than the paper's 16-bit ones). With one micro-batch per step (the default)
+    stage 1 keeps no whole accumulation buffer: its states are stage 2's."""
     result = run("estimate", "--model", "7b", "--cluster", "h100-80", "--nproc-per-node", "8")
     assert result.exit_code == 0, result.output
     psi, n, gib = ModelSpec.load("7b").total_params, 8, 1 << 30
-    expected = {0: 18 * psi, 1: (6 + 16 / n) * psi, 2: (2 + 16 / n) * psi, 3: 18 / n * psi}
+    expected = {0: 18 * psi, 1: (2 + 16 / n) * psi, 2: (2 + 16 / n) * psi, 3: 18 / n * psi}
     rows = [line.split() for line in result.output.splitlines() if re.match(r"^[0-3]\s+none\s+none\s", line)]
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
     for row in rows:

@@ -31,8 +31,9 @@ def per_param(states: dict[str, int]) -> float:
     (3, 8, 18 / 8),
 ])
 def test_mixed_precision_adam_shards_as_the_zero_paper_with_fp32_gradients(stage, dp, expected):
-    """The ZeRO paper's partitioning; the gradients are the runtime's fp32 buffers, not 16-bit."""
-    states = model_states(params=P, dp=dp, stage=stage, param_dtype="bf16")
+    """The ZeRO paper's partitioning with gradient accumulation; the gradients are the runtime's
+    fp32 buffers, not 16-bit."""
+    states = model_states(params=P, dp=dp, stage=stage, param_dtype="bf16", accumulation=2)
     assert per_param(states) == expected
 
 
@@ -56,12 +57,14 @@ def test_fp32_parameters_are_the_master_at_stage_0_as_the_runtime_does():
     (3, 8.0),  # the master shard is the parameters; gradient shard, two moments
 ])
 def test_fp32_states_per_parameter_at_two_ranks(stage, expected):
-    assert per_param(model_states(params=P, dp=2, stage=stage, param_dtype="fp32")) == expected
+    assert per_param(model_states(params=P, dp=2, stage=stage, param_dtype="fp32", accumulation=4)) == expected
 
 
-def test_fp32_stage1_keeps_the_full_accumulation_buffer_and_the_shard():
-    states = model_states(params=P, dp=4, stage=1, param_dtype="fp32")
+def test_fp32_stage1_keeps_the_full_accumulation_buffer_and_the_shard_when_it_accumulates():
+    states = model_states(params=P, dp=4, stage=1, param_dtype="fp32", accumulation=2)
     assert states["gradients"] == 4 * (P + P // 4) and states["master_weights"] == 4 * P // 4
+    one = model_states(params=P, dp=4, stage=1, param_dtype="fp32", accumulation=1)
+    assert one == model_states(params=P, dp=4, stage=2, param_dtype="fp32"), "one micro-batch: stage 2's states"
 
 
 def test_sgd_without_momentum_keeps_no_state():
