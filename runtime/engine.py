@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,8 +38,10 @@ from torch import nn
 from zeroplan.schemas.plan import Plan
 
 from . import engine_checkpoint, export
+from .batches import call_model, cast_floats, count_tokens, loss_of
 from .comm import Collectives
 from .dist import ProcessGroups
+from .grad_norm import squared_norm_of_runs
 from .metrics import StepMeter, StepReporter, peak_memory
 from .monitor import Monitors, StepTimers, log_lines
 from .client_optim import BoundGroups
@@ -111,9 +113,9 @@ class Engine:
         if training and self.window_micro_steps == 0:
             self.meter.begin()
             self.coll.logger.reset()
-        args, kwargs = _cast_floats((args, kwargs), self.param_dtype)
+        args, kwargs = cast_floats((args, kwargs), self.param_dtype)
         if training:
-            self.meter.count_tokens(_tokens((args, kwargs)) * self.groups.dp_size)
+            self.meter.count_tokens(count_tokens((args, kwargs)) * self.groups.dp_size)
         with self._timed("forward"), self.zero.forward_context():
             return self.module(*args, **kwargs)
 
@@ -279,20 +281,16 @@ class Engine:
     def _grad_norm(self) -> float:
         """Global L2 norm: each rank's squared shard norm, summed over dp ranks, and over tp
         ranks for tensor-parallel parameters only: a parameter replicated on every tp rank
-        (a norm, a row-parallel bias) has the same gradient there and counts once.
-
-        Accumulated in float64 (an fp32 accumulation over tens of millions of elements drifts
-        by ~0.3% on this CPU) one 1M-element chunk at a time: a float64 copy of the whole
-        gradient cost an extra pass and 8 bytes per element of peak memory.
-        """
+        (a norm, a row-parallel bias) has the same gradient there and counts once. Each
+        rank's part is accumulated in float64 (grad_norm.py says why)."""
         return float(self._grad_sq().sqrt().item())
 
     def _grad_sq(self) -> torch.Tensor:
         """The squared global norm (one fp32 element) over dp and tp; see `_grad_norm`."""
         if self.tp_coll is None:
-            sq = _squared_norm_of_runs(self.zero.grad, self._norm_runs()[0]).float().reshape(1)
+            sq = squared_norm_of_runs(self.zero.grad, self._norm_runs()[0]).float().reshape(1)
         else:
-            sq = torch.stack([_squared_norm_of_runs(self.zero.grad, runs) for runs in self._norm_runs()]).float()
+            sq = torch.stack([squared_norm_of_runs(self.zero.grad, runs) for runs in self._norm_runs()]).float()
         if not self.zero.grad_norm_replicated:
             self.coll.all_reduce(sq)
         if self.tp_coll is not None:
@@ -324,8 +322,8 @@ class Engine:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; the mean loss."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.accumulation):
-            out = _call(self, next(data_iter))
-            loss = _loss_of(out)
+            out = call_model(self, next(data_iter))
+            loss = loss_of(out)
             self.backward(loss)
             self.step()
             total += loss.detach().float()
@@ -428,63 +426,3 @@ class Engine:
         self.coll.close()
         if self.tp_coll is not None:
             self.tp_coll.close()
-
-
-def _squared_norm(flat: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for part in flat.split(chunk):
-        total += torch.linalg.vector_norm(part, dtype=torch.float64).square()
-    return total
-
-
-def _squared_norm_of_runs(flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for lo, hi in runs:
-        total += _squared_norm(flat[lo:hi])
-    return total
-
-
-def _cast_floats(obj, dtype: torch.dtype):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
-    if isinstance(obj, Mapping):
-        return type(obj)((k, _cast_floats(v, dtype)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
-    return obj
-
-
-def _tokens(obj) -> int:
-    """Tokens in a micro-batch: the elements of its first 2-D integer tensor (ids), else 0."""
-    stack = [obj]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, torch.Tensor):
-            if not item.is_floating_point() and item.dim() == 2:
-                return item.numel()
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return 0
-
-
-def _call(engine: Engine, batch):
-    if isinstance(batch, Mapping):
-        return engine(**batch)
-    if isinstance(batch, (list, tuple)):
-        return engine(*batch)
-    return engine(batch)
-
-
-def _loss_of(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and "loss" in out:
-        return out["loss"]
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"forward returned {type(out).__name__} with "
-                    f"{'loss None' if getattr(out, 'loss', 0) is None else 'no loss'}: pass labels or return the "
-                    "loss (train_batch takes a tensor, a dict with 'loss', or a tuple starting with it; a Hugging "
-                    "Face model computes its loss only when given labels)")

@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..dist import ProcessGroups
-from ..engine import Engine, _cast_floats, _tokens
+from ..batches import cast_floats, count_tokens
+from ..engine import Engine
 from .pipeline import PipelineStage, split_model, tied_stage_sets
 from .pipeline_comm import PipeComm, pp_collectives, sum_tied, tied_groups
 from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
@@ -120,7 +121,7 @@ class PipelineEngine(Engine):
         m = self.accumulation
         batches = [split_batch(next(data_iter)) for _ in range(m)]
         for inputs, _labels in batches:
-            self.meter.count_tokens(_tokens(inputs) * self.groups.dp_size)
+            self.meter.count_tokens(count_tokens(inputs) * self.groups.dp_size)
         with self._timed("schedule"):
             losses = self._run_schedule(batches)
             self.pipe.wait_sends()
@@ -146,7 +147,7 @@ class PipelineEngine(Engine):
             if kind == RECV_FORWARD:
                 inputs[mb] = self.pipe.recv_forward(mb).requires_grad_(True)
             elif kind == FORWARD:
-                x = inputs.setdefault(mb, _cast_floats(batches[mb][0], self.param_dtype))
+                x = inputs.setdefault(mb, cast_floats(batches[mb][0], self.param_dtype))
                 out = stage(x)
                 if stage.is_last:
                     out = self.loss_fn(out, batches[mb][1])
