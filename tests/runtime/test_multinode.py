@@ -1,8 +1,8 @@
 """A plan of two nodes, run on one machine as two nodes: the emitted launch.sh started twice
 (each a `zeroplan train` starting its node's 2 ranks), meeting at 127.0.0.1 through torch's c10d
-rendezvous, trains the tiny GPT at dp 2 x pp 2 (collectives of one degree cross the node
-boundary whichever way the ranks fall) to exactly the parameters a one-node run of the same
-degrees reaches. A dp 4 run whose node is killed mid-run (kill -9 of its `zeroplan train`) ends
+rendezvous, trains the tiny GPT at dp 2 x pp 2 (ranks are laid out pp-major, parallel/topology.py:
+each node holds one pipeline stage's dp pair, so the stages' sends cross the node boundary) to
+exactly the parameters a one-node run of the same degrees reaches. A dp 4 run whose node is killed mid-run (kill -9 of its `zeroplan train`) ends
 the other node's run with an error naming a rank, within a bounded time, and leaves no process
 behind: the two nodes had met and trained a step first. A multi-node launch without MASTER_ADDR is
 refused before anything starts.
