@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.types import is_auto_input
 
 HIDDEN_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
                "zero_optimization.stage3_param_persistence_threshold")
@@ -71,7 +72,7 @@ def _fill(cfg: dict, key: str, value: Any, *, name: str, must_match: bool, misma
     if node is None or leaf not in node:
         return
     given = node[leaf]
-    if _is_auto(given):
+    if is_auto_input(given):
         node[leaf] = value
     elif must_match and not _same(given, value):
         mismatches.append(Problem(key, f"differs from TrainingArguments: {name} is {value!r}",
@@ -86,7 +87,7 @@ def _fill_hidden(cfg: dict, model: Any) -> None:
     stage3 = zero.get("stage") == 3
     sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
              "stage3_param_persistence_threshold": lambda h: 10 * h}
-    wanted = [k for k in (*sizes, "prefetch_bucket_size", "param_persistence_threshold") if _is_auto(zero.get(k))]
+    wanted = [k for k in (*sizes, "prefetch_bucket_size", "param_persistence_threshold") if is_auto_input(zero.get(k))]
     if not wanted:
         return
     hidden = _hidden_size(model)
@@ -122,10 +123,6 @@ def _node(cfg: dict, dotted: str) -> tuple[dict | None, str]:
         if node is None:
             return None, leaf
     return (node, leaf) if isinstance(node, dict) else (None, leaf)
-
-
-def _is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == "auto"
 
 
 def _same(given: Any, value: Any) -> bool:

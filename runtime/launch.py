@@ -41,15 +41,14 @@ from .initialize import PLAN_ENV
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None = None,
-            environ: Mapping[str, str] | None = None) -> list[str]:
+def command(*, plan: Plan, target: list[str], module: bool, log_dir: Path | None = None) -> list[str]:
     """The argv that starts `target` (a module with its args, or a script with its args) on
     every rank of this node."""
     entry = ["-m", *target] if module else ["-m", "zeroplan.runtime.rank", *target]
     if plan.world.world_size == 1:
         return [sys.executable, *entry]
     logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
-    return [sys.executable, "-m", "zeroplan.runtime.agent", *_rendezvous(plan, os.environ if environ is None else environ),
+    return [sys.executable, "-m", "zeroplan.runtime.agent", *_rendezvous(plan, os.environ),
             "--nproc-per-node", str(plan.world.nproc_per_node), "--shutdown-timeout", str(lifeline.AGENT_SHUTDOWN_S),
             *logs, *entry]
 
@@ -62,8 +61,8 @@ def _rendezvous(plan: Plan, environ: Mapping[str, str]) -> list[str]:
     nnodes = plan.world.nnodes
     if nnodes == 1:
         return ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(procs.free_port())]
-    problems, addr = [], environ.get("MASTER_ADDR", "")
-    port, job = environ.get("MASTER_PORT", "29500"), environ.get("JOB_ID") or f"zeroplan-{plan.provenance.config_hash[:12]}"
+    problems, addr, port = [], environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "29500")
+    job = environ.get("JOB_ID") or f"zeroplan-{plan.provenance.config_hash[:12]}"
     if not _HOST.fullmatch(addr):
         problems.append(Problem("MASTER_ADDR", f"the plan spans {nnodes} nodes, which meet at $MASTER_ADDR: "
                                 "it must be the first node's host name or address", given=addr or "(unset)",
