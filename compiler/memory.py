@@ -67,10 +67,6 @@ def runtime_overhead(*, device: str, measured: int | None) -> int:
     """A rank's bytes besides its tensors: the probe's start-up figure plus the first steps'
     allocations, else the default for the device."""
     return RUNTIME_OVERHEAD[device] if measured is None else measured + FIRST_STEPS_OVERHEAD[device]
-GLOO_COPIES = True
-"""gloo's reduce_scatter_tensor and all_gather_into_tensor copy the whole buffer into a
-temporary of their own (measured: +1x the larger buffer of the call's peak RSS; all_reduce
-works in place); counted for cpu plans, whose collectives run on gloo."""
 
 
 @dataclass(frozen=True)
@@ -240,17 +236,16 @@ class CommBuffers:
     """Pipeline send/receive buffers, live with the activations."""
     gathered: int
     """ZeRO-3's gathered parameters in backward: the module in use plus the prefetch bucket,
-    capped by stage3_max_live_parameters, and gloo's copy on cpu. Backward's first gather (the
+    capped by stage3_max_live_parameters. Backward's first gather (the
     LM head's) comes after the loss's backward, so they meet the activations without the loss's
     temporaries."""
     reduction: int
-    """At a gradient bucket's launch: its [W, chunk] buffer, the reduce-scatter's output (1/W of
-    it) at stages 1-3 and gloo's own copy of the input on cpu (GLOO_COPIES); doubled when
-    overlap_comm keeps two buckets in flight. The gradients a bucket gathers are copied into it
+    """At a gradient bucket's launch: its [W, chunk] buffer and the reduce-scatter's output (1/W
+    of it) at stages 1-3 (the collectives work in place, gloo's too: runtime/comm.py); doubled
+    when overlap_comm keeps two buckets in flight. The gradients a bucket gathers are copied into it
     and let go (stages 2-3) or live in the flat fp32 buffer (stages 0-1, model states)."""
     publish: int
-    """After the optimizer step, stages 1-2: the all-gather of updated parameters (its output
-    and gloo's copy)."""
+    """After the optimizer step, stages 1-2: the all-gather's output of updated parameters."""
     overlap: float
     """Share of the stored activations still alive when the first gradient bucket launches:
     buckets fill in reverse layer order, so with a bucket of 1/k of the rank's parameters about
@@ -260,20 +255,19 @@ class CommBuffers:
 def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> CommBuffers:
     z, p = plan.zero, plan.parallel
     e_p, e_r = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype]
-    copies = 1 if plan.world.device == "cpu" and GLOO_COPIES else 0
     pipeline = gathered = reduction = publish = 0
     overlap = 0.0
     if p.dp > 1:
         bucket = min(z.reduce_bucket_size, shape.params)
         scatter = z.stage >= 1
-        reduction = int(bucket * e_r * (1 + (1 / p.dp + copies if scatter else 0)) * (2 if z.overlap_comm else 1))
+        reduction = int(bucket * e_r * (1 + (1 / p.dp if scatter else 0)) * (2 if z.overlap_comm else 1))
         overlap = max(0.0, 1 - bucket / shape.params) if shape.params else 0.0
         if z.stage in (1, 2):
-            publish = min(z.allgather_bucket_size, shape.params) * e_p * (1 + copies)
+            publish = min(z.allgather_bucket_size, shape.params) * e_p
         if z.stage == 3:
             unit = max(shape.units)
             live = unit + min(z.prefetch_bucket_size, shape.params - unit)
-            gathered = min(live, max(unit, z.max_live_parameters)) * e_p * (1 + copies)
+            gathered = min(live, max(unit, z.max_live_parameters)) * e_p
     if p.pp > 1:
         pipeline = 2 * e_p * model.seq_len * plan.batch.micro_batch_size * model.hidden
     return CommBuffers(pipeline=pipeline, gathered=gathered, reduction=reduction, publish=publish, overlap=overlap)

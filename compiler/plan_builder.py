@@ -9,12 +9,13 @@ from __future__ import annotations
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem, TrainConfig, resolve_batch
 from zeroplan.schemas.plan import Estimates, ParallelPlan, Provenance
 
+from .buckets import derive_buckets
 from .calibration import Calibration
 from .comm import comm_volume, summarize
 from .cost import step_time
 from .degrees import degree_problems, degree_warnings, resolve_degrees
 from .memory import MemoryEstimate, estimate_memory
-from .shapes import partition_notes
+from .shapes import partition_notes, stage_shapes
 from .sections import (
     checkpointing_plan,
     deepspeed_plan,
@@ -91,7 +92,7 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
                                                accum=batch.gradient_accumulation_steps)
     if problems + pipe_problems:
         raise ConfigError(problems + pipe_problems)
-    return Plan(
+    plan = Plan(
         world=world_plan(config, cluster), parallel=parallel, batch=batch,
         zero=zero_plan(config, largest=largest_partition(model, dp=dp, tp=tp, pp=pp,
                                                          method=parallel.pipeline_partition_method)),
@@ -99,6 +100,9 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
         scheduler=scheduler_plan(config), kernels=kernels_plan(config, cluster),
         activation_checkpointing=checkpointing_plan(config), logging=logging_plan(config),
         monitors=monitors_plan(config, cluster), deepspeed=deepspeed_plan(config), provenance=provenance)
+    shapes = stage_shapes(model, tp=tp, pp=pp, method=parallel.pipeline_partition_method)
+    return derive_buckets(plan, given=config.zero_optimization.model_fields_set, cluster=cluster,
+                          rank_params=max(shape.params for shape in shapes))
 
 
 def fit_warnings(memory: MemoryEstimate, *, cluster: ClusterSpec) -> list[str]:

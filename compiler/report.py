@@ -63,7 +63,8 @@ def derived_rows(plan: Plan, config: TrainConfig) -> list[tuple[str, str, str]]:
          "fp16/bf16 blocks" + ("; dynamic loss scaling" if plan.precision.loss_scaling.enabled else "")),
         ("ZeRO", f"stage {z.stage}, reduce bucket {z.reduce_bucket_size:,} / all-gather bucket "
                  f"{z.allgather_bucket_size:,} elements, overlap_comm {str(z.overlap_comm).lower()}",
-         "zero_optimization block (DeepSpeed defaults for keys left out)"),
+         "; ".join(f"{k.rsplit('.', 1)[1]}: {v}" for k, v in plan.provenance.derived.items())
+         or "zero_optimization block (DeepSpeed defaults for keys left out)"),
         ("offload", f"optimizer: {plan.offload.optimizer.device}, parameters: {plan.offload.param.device}",
          "zero_optimization.offload_optimizer / offload_param"),
         _optimizer_row(plan, config),

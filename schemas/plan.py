@@ -289,6 +289,9 @@ class Provenance(FrozenModel):
     cluster: str = ""
     resolved_auto: dict[str, str] = {}
     """Dotted config keys that were "auto", with how each was decided."""
+    derived: dict[str, str] = {}
+    """Dotted config keys the config left out whose value compile derived from the model and
+    the cluster instead of taking DeepSpeed's default (compiler/buckets.py), with why."""
     study_name: str | None = None
     study_identity: str = ""
     """sha256 of what the tuning study measured (config, model, world, cluster, zeroplan version,

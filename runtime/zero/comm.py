@@ -104,7 +104,7 @@ class BucketReducer:
             buf.div_(self.predivide)
         if self.scatter:
             out = torch.empty(length, dtype=self.reduce_dtype, device=buf.device)
-            work = self.coll.reduce_scatter(out, buf.view(-1), async_op=self.overlap)
+            work = self.coll.reduce_scatter(out, buf.view(-1), async_op=self.overlap, scratch_input=True)
         else:
             out = buf.view(-1)
             work = self.coll.all_reduce(out, async_op=self.overlap)

@@ -109,23 +109,27 @@ def _buffers(plan, model):
     return comm_buffers(plan, stage_shapes(model, tp=1, pp=1)[0], model=model)
 
 
-def test_gloo_copies_the_reduce_scatter_bucket_on_cpu_only(tiny, compile_dict):
-    """Stage 1 on 2 ranks, one bucket holding the whole model: on cpu the bucket, its 1/2-size
-    output and gloo's copy of it; the publishing all-gather (output + copy) is smaller."""
-    data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}}
+def test_reduction_buffers_are_the_bucket_and_its_output_on_every_device(tiny, compile_dict):
+    """Stage 1 on 2 ranks, one bucket holding the whole model: the bucket and its 1/2-size
+    output, on cpu as on a GPU (gloo's reduce-scatter and all-gather run per rank, in place:
+    runtime/comm.py); the publishing all-gather's output is smaller."""
+    data = {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 1, "reduce_bucket_size": 10**9, "allgather_bucket_size": 10**9}}
     cpu = compile_dict(data, nproc_per_node=2)
     gpu = compile_dict(data, cluster="h100-80", nproc_per_node=2)
     n = tiny.total_params
-    assert _buffers(cpu, tiny).reduction == int(4 * n * (1 + 1 / 2 + 1))
-    assert _buffers(gpu, tiny).reduction == int(4 * n * (1 + 1 / 2))
-    assert _buffers(cpu, tiny).publish == 2 * 4 * n < _buffers(cpu, tiny).reduction
+    assert _buffers(cpu, tiny).reduction == _buffers(gpu, tiny).reduction == int(4 * n * (1 + 1 / 2))
+    assert _buffers(cpu, tiny).publish == 4 * n < _buffers(cpu, tiny).reduction
 
 
 def test_the_peak_is_the_largest_phase_and_its_categories_sum_to_it(tiny, compile_dict):
-    """One micro-batch of the tiny model: the gradient bucket's reduction, after backward has
-    freed every activation, is the peak; eight: the start of backward. Either way the
-    categories are what is live then."""
-    small, large = ({"train_micro_batch_size_per_gpu": m, "zero_optimization": {"stage": 2}} for m in (1, 8))
+    """One micro-batch of the tiny model: the gradient reduction (one bucket for the whole
+    model, launched after backward has freed every activation, two in flight with
+    overlap_comm) is the peak; eight: the start of backward. Either way the categories are
+    what is live then."""
+    small, large = ({"train_micro_batch_size_per_gpu": m,
+                     "zero_optimization": {"stage": 2, "reduce_bucket_size": 10**9, "overlap_comm": True}}
+                    for m in (1, 8))
     at_reduction = compile_dict(small, nproc_per_node=2).estimates.memory_per_rank
     at_backward = compile_dict(large, nproc_per_node=2).estimates.memory_per_rank
     assert at_reduction["activations"] == 0

@@ -159,3 +159,32 @@ def compiled_step_comms(*, plan_json: str, every_rank: bool = False) -> dict | l
     if dist.get_rank():
         return None
     return ranks if every_rank else {"comms": mine["comms"], "skipped": mine["skipped"]}
+
+
+def per_rank_collectives() -> dict:
+    """Collectives' per-rank reduce-scatter and all-gather (gloo) against torch's flat forms on
+    the same inputs: the values, the caller's input left alone unless it is scratch, and the
+    asynchronous handles."""
+    from zeroplan.runtime.comm import Collectives, CommsLogger
+
+    coll = Collectives(group=dist.group.WORLD, logger=CommsLogger())
+    world, rank = coll.size, coll.rank
+    g = torch.Generator().manual_seed(7 + rank)
+    inp = torch.randn(world * 1001, generator=g)
+    kept = inp.clone()
+    native = torch.empty(1001)
+    dist.reduce_scatter_tensor(native, inp.clone())
+    out = torch.empty(1001)
+    coll.reduce_scatter(out, inp)
+    untouched = torch.equal(inp, kept)
+    scratch = inp.clone()
+    later = torch.empty(1001)
+    coll.reduce_scatter(later, scratch, async_op=True, scratch_input=True).wait()
+    part = torch.randn(333, generator=g)
+    gathered_native = torch.empty(world * 333)
+    dist.all_gather_into_tensor(gathered_native, part)
+    gathered = torch.full((world * 333,), float("nan"))
+    coll.all_gather(gathered, part, async_op=True).wait()
+    return {"per_rank": coll.per_rank, "untouched": untouched,
+            "rs_diff": (out - native).abs().max().item(), "rs_async_equal": torch.equal(out, later),
+            "ag_equal": torch.equal(gathered, gathered_native), "logged": coll.logger.snapshot()}

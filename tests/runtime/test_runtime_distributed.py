@@ -28,6 +28,7 @@ def _results(root: str) -> dict:
     jobs += [(f"buckets-{s}-{b}", "bucket_counts", {"stage": s, "bucket": b}) for s, b in BUCKETS]
     jobs += [(f"fp16-{s}", "fp16_overflow", {"stage": s}) for s in (0, 3)]
     jobs.append(("metrics", "metrics_after_training", {"stage": 2}))
+    jobs.append(("collectives", "per_rank_collectives", {}))
     return spawn_jobs(2, jobs)
 
 
@@ -119,3 +120,13 @@ def test_checkpoint_falls_back_to_old_copy(tmp_path):
     assert checkpoint.resolve(tmp_path, None) == tmp_path / ".global_step4.old"
     with pytest.raises(checkpoint.CheckpointError, match="missing or incomplete"):
         checkpoint.resolve(tmp_path, "global_step9")
+
+
+def test_gloo_collectives_per_rank_equal_torch_flat_forms(results):
+    got = job_result(results, "collectives")
+    assert got["per_rank"], "on gloo, reduce-scatter and all-gather should run per rank (runtime/comm.py)"
+    assert got["untouched"], "reduce_scatter changed an input the caller did not mark scratch"
+    assert got["rs_diff"] == 0.0, "a sum over two ranks does not depend on the order"
+    assert got["rs_async_equal"] and got["ag_equal"]
+    assert got["logged"] == {"all_gather_into_tensor": {"count": 1, "bytes": 2 * 333 * 4},
+                             "reduce_scatter_tensor": {"count": 2, "bytes": 2 * 2 * 1001 * 4}}

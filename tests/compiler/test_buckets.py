@@ -1,0 +1,45 @@
+"""Bucket sizes the config leaves out are derived from the rank's model and the cluster (compiler/buckets.py)."""
+
+from __future__ import annotations
+
+from zeroplan.compiler.buckets import BUCKETS, DEEPSPEED_DEFAULT, derived_bucket, latency_floor
+from zeroplan.schemas import ClusterSpec, ModelSpec
+
+
+def test_left_out_buckets_are_an_eighth_of_the_rank_and_recorded(compile_dict):
+    small = ModelSpec.load("small")
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}},
+                        model="small", nproc_per_node=2)
+    share = small.total_params // BUCKETS
+    assert plan.zero.reduce_bucket_size == plan.zero.allgather_bucket_size == share
+    derived = plan.provenance.derived
+    assert set(derived) == {"zero_optimization.reduce_bucket_size", "zero_optimization.allgather_bucket_size"}
+    assert f"{share:,} elements" in derived["zero_optimization.reduce_bucket_size"]
+    assert not any("bucket" in w for w in plan.estimates.warnings)
+
+
+def test_given_buckets_are_kept_and_not_recorded(compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 2,
+                         "zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8}}, nproc_per_node=2)
+    assert plan.zero.reduce_bucket_size == 500_000_000
+    assert "zero_optimization.reduce_bucket_size" not in plan.provenance.derived
+    assert "zero_optimization.allgather_bucket_size" in plan.provenance.derived
+    assert any("reduce_bucket_size" in w and "holds the whole model" in w for w in plan.estimates.warnings)
+
+
+def test_the_latency_floor_keeps_latency_a_tenth_of_the_collective(compile_dict):
+    plan = compile_dict({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}, nproc_per_node=2)
+    cluster = ClusterSpec.load("cpu")
+    floor = latency_floor(op="reduce_scatter", dtype_bytes=4, plan=plan, cluster=cluster)
+    rates = cluster.rates
+    latency = rates.intra_node_latency  # one ring step over 2 ranks
+    transfer = floor * 4 / 2 / rates.collective_bandwidth("reduce_scatter", inter_node=False)  # (n-1)/n of the bucket
+    assert abs(latency / (latency + transfer) - 0.1) < 1e-3
+
+
+def test_derived_bucket_bounds():
+    assert derived_bucket(rank_params=8_000, floor=10)[0] == 1_000
+    assert derived_bucket(rank_params=8_000, floor=4_000)[0] == 4_000
+    size, why = derived_bucket(rank_params=8_000, floor=9_000)
+    assert size == 8_000 and "one bucket" in why
+    assert derived_bucket(rank_params=10 * DEEPSPEED_DEFAULT, floor=10)[0] == DEEPSPEED_DEFAULT
