@@ -146,7 +146,7 @@ def fit_efficiency(rows: tuple[Row, ...] = FIT_ROWS) -> float:
     """The matmul fraction of peak at which `rows`' geometric-mean ratio is 1 (bisection: the
     predicted throughput grows with it)."""
     lo, hi = 0.2, 1.0
-    for _ in range(40):
+    for _ in range(24):
         mid = (lo + hi) / 2
         if statistics.fmean(math.log(ratio(r, efficiency=mid)) for r in rows) < 0:
             lo = mid
