@@ -248,13 +248,14 @@ def _reading(results: list[dict]) -> list[str]:
 def _sources() -> list[str]:
     return ["Sources:",
             "- Table 1 of Narayanan et al. 2021 (arXiv 2104.04473, SC '21): parameters, heads, hidden, layers, tp, "
-            "pp, GPUs, batch and achieved TFLOP/s per GPU, as given in the task and checked against a copy of the "
-            "table (SotaroKaneda/MLCarbon, data/megatron_table.csv: all ten rows equal); the 163 TFLOP/s (52% of "
-            "312) of the 1T row also in the paper's abstract (502 petaFLOP/s on 3072 GPUs).",
+            "pp, GPUs, batch and achieved TFLOP/s per GPU (`TABLE_1`), checked against an independent transcription "
+            "of the table (github.com/SotaroKaneda/MLCarbon, data/megatron_table.csv: all ten rows equal); the 163 "
+            "TFLOP/s (52% of 312) of the 1T row also in the paper's abstract (502 petaFLOP/s on 3072 GPUs).",
             "- s = 2048, V = 51,200, 80 GB A100s, 8 per node: Megatron-LM's README (its scaling section).",
             "- Interleaved schedule for these runs: the paper's section 5.1 (\"interleaved schedule with the "
-            "scatter/gather optimization\"), as quoted by a summary of the paper; the number of chunks per stage "
-            "and the micro-batch size are not in the table and are assumed below.",
+            "scatter/gather optimization\"), as a published summary of the paper quotes it (not checked against "
+            "the paper itself); the number of chunks per stage and the micro-batch size are not in the table and "
+            "are assumed below.",
             "- A100 rates: the `a100-80` preset (schemas/cluster.py: 312 TFLOP/s bf16 dense, 2039 GB/s HBM2e, "
             "NVLink 600 GB/s both directions, one 200 Gb/s HDR InfiniBand port per GPU)."]
 
