@@ -226,8 +226,8 @@ PIPE_HEADER_ELEMENTS = 2 + PIPE_MAX_DIMS
 
 def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
     """What runtime/parallel/pipeline_engine.py sends per step (logged as `pp.<op>`). Per
-    micro-batch, to the next stage a header (shapes may change between micro-batches) and the
-    activation, to the previous one the activation's gradient: [micro, seq, hidden] in the
+    micro-batch and model chunk, to the next stage a header (shapes may change between
+    micro-batches) and the activation, to the previous one the activation's gradient: [micro, seq, hidden] in the
     parameters' dtype, whole on every tp rank. `send_recv` counts the sends; every one is
     received once. At the step, fp32 all-reduces: on the first and last stage the tied
     embedding's gradient, this rank's ZeRO shard of it (the whole matrix at stage 0), over those
@@ -237,7 +237,10 @@ def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     p = plan.parallel
     if p.pp == 1:
         return []
-    m, forward, backward = p.pipeline_micro_batches, shape.index < p.pp - 1, shape.index > 0
+    m, v = p.pipeline_micro_batches, p.pipeline_virtual_stages
+    # Interleaved, each of the rank's v chunks sends on but the model's last (forward) and first
+    # (backward): v times 1F1B's messages (Narayanan et al. 2021, section 2.2.2).
+    forward, backward = v - (shape.index == p.pp - 1), v - (shape.index == 0)
     activation = BYTES[plan.precision.param_dtype] * model.seq_len * plan.batch.micro_batch_size * model.hidden
     out = [Collective("pp", "send_recv", "forward", 2, m * forward * (activation + 8 * PIPE_HEADER_ELEMENTS),
                       2 * m * forward),

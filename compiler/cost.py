@@ -5,7 +5,9 @@ Terms, in seconds per optimizer step on the busiest rank:
   activation checkpointing, the blocks' recomputed forward; about 6 per parameter per token,
   Kaplan et al. 2020, section 2.1, plus attention's score and value products), at the
   cluster's matmul rate for the training dtype.
-- pipeline bubble: (pp - 1) / m of the compute (Narayanan et al. 2021, section 2.2).
+- pipeline bubble: (pp - 1) / m of the compute, (pp - 1) / (v m) with the interleaved schedule's
+  v chunks per stage (Narayanan et al. 2021, section 2.2), whose v times as many point-to-point
+  messages comm.py counts.
 - communication: per collective, calls * ring steps * latency + bytes / bandwidth (comm.py),
   at intra- or inter-node rates depending on whether the group spans nodes (ranks are laid
   out tp fastest, then dp, then pp), at the rate measured for that kind of collective where
@@ -37,6 +39,7 @@ optimistic as the rates (nominal presets more so).
 from __future__ import annotations
 
 from zeroplan.schemas import ClusterSpec, ModelSpec, Plan
+from zeroplan.schemas.plan import ParallelPlan
 
 from .comm import Collective, stage_collectives
 from .flops import peak_flops, step_flops
@@ -172,14 +175,22 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     return accum * per_micro + boundary + publish + gathered
 
 
+def bubble_fraction(parallel: ParallelPlan) -> float:
+    """Idle time of a pipeline step as a share of the compute: (pp - 1) / m for GPipe and 1F1B,
+    (pp - 1) / (v m) interleaved over v chunks per stage (Narayanan et al. 2021, sections 2.2.1
+    and 2.2.2; runtime/parallel/schedules.py `makespan` simulates it)."""
+    if parallel.pp == 1:
+        return 0.0
+    return (parallel.pp - 1) / (parallel.pipeline_virtual_stages * parallel.pipeline_micro_batches)
+
+
 def step_time(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[str, float]:
     """Seconds per step by term for the slowest pipeline stage; the sum is the prediction."""
     best: dict[str, float] = {}
     p = plan.parallel
     for shape in stage_shapes(model, tp=p.tp, pp=p.pp, method=p.pipeline_partition_method):
         compute = compute_seconds(plan, model, cluster, shape)
-        terms = {"compute": compute,
-                 "pipeline_bubble": compute * (p.pp - 1) / p.pipeline_micro_batches if p.pp > 1 else 0.0}
+        terms = {"compute": compute, "pipeline_bubble": compute * bubble_fraction(p)}
         comm = exposed_comm(plan, cluster, stage_collectives(plan, model, shape), compute=compute)
         terms.update({f"{dim}_comm": t for dim, t in comm.items()})
         terms["optimizer_step"] = optimizer_seconds(plan, cluster, shape)

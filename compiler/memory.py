@@ -43,6 +43,7 @@ Measured corrections are applied through a `Calibration` (calibration.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from zeroplan.schemas import ModelSpec, Plan
 
@@ -179,15 +180,23 @@ def head_activation_bytes(*, seq: int, micro: int, hidden: int, vocab: int, tp: 
     return 2 * element_bytes * sb * hidden // (tp if sequence_parallel else 1) + 4 * sb * vocab // tp
 
 
-def in_flight(plan: Plan, stage: int) -> int:
-    """Micro-batches whose activations a stage holds at once: 1F1B keeps pp - stage (at most m),
-    GPipe all m (Narayanan et al. 2021, section 2.2); without pipelining one."""
+def in_flight(plan: Plan, stage: int) -> Fraction:
+    """Micro-batches' worth of its activations a stage holds at once: 1F1B keeps pp - stage (at
+    most m), GPipe all m (Narayanan et al. 2021, section 2.2); without pipelining one. Interleaved
+    over v chunks, rank r holds 2 (pp - r - 1) + (v - 1) pp + 1 chunk-micro-batches (its warm-up
+    and one more, runtime/parallel/schedules.py; every chunk of every micro-batch when m = pp),
+    each 1/v of its layers: on the first stage pp (1 + (pp - 1) / (pp v)) micro-batches,
+    Korthikanti et al. 2022, section 4.2.3."""
     p = plan.parallel
     if p.pp == 1:
-        return 1
+        return Fraction(1)
+    m, v = p.pipeline_micro_batches, p.pipeline_virtual_stages
     if p.pipeline_schedule == "gpipe":
-        return p.pipeline_micro_batches
-    return min(p.pp - stage, p.pipeline_micro_batches)
+        return Fraction(m)
+    if p.pipeline_schedule == "interleaved":
+        chunks = m * v if m == p.pp else min(2 * (p.pp - stage - 1) + (v - 1) * p.pp + 1, m * v)
+        return Fraction(chunks, v)
+    return Fraction(min(p.pp - stage, m))
 
 
 def loss_backward_bytes(*, seq: int, micro: int, vocab: int, tp: int) -> int:
@@ -215,13 +224,13 @@ def stage_activations(plan: Plan, model: ModelSpec, shape: StageShape, *, loss: 
                 + (loss_backward_bytes(seq=s, micro=b, vocab=model.vocab, tp=tp) if loss else 0))
     n = in_flight(plan, shape.index)
     if not ac.enabled:
-        return shape.layers * per_layer * n + head, 0
+        return int(shape.layers * per_layer * n) + head, 0
     # Full recomputation (Korthikanti et al. 2022, section 4.2): keep each block's input
     # (2sbh in 16-bit, split by t when partitioned, or already a 1/t sequence shard with sequence
     # parallelism) and rebuild one block at a time in backward, after the head's backward has
     # freed the head's activations: the peak is the larger of the two moments.
     checkpoint = e * s * b * model.hidden // (tp if ac.partition_activations or sp else 1)
-    stored = shape.layers * checkpoint * n
+    stored = int(shape.layers * checkpoint * n)
     if ac.cpu_checkpointing:
         return max(per_layer, head), stored
     return stored + max(per_layer, head), 0

@@ -46,13 +46,44 @@ def _parallel_plan(config: TrainConfig, *, model: ModelSpec, dp: int, tp: int, p
                                 "step runs every accumulated micro-batch through the stages",
                                 given=micro_batches,
                                 suggestion="remove parallel.pipeline.micro_batches or make them equal"))
+    problems += interleaved_problems(schedule=pipe.schedule, chunks=pipe.virtual_stages, pp=pp,
+                                     micro_batches=micro_batches, layers=model.layers)
     sequence_parallel = config.parallel.sequence_parallel
     if sequence_parallel and tp > 1:
         problems += sequence_parallel_problems(model, tp=tp, pp=pp)
-    plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule,
+    plan = ParallelPlan(dp=dp, tp=tp, pp=pp, pipeline_schedule=pipe.schedule, pipeline_virtual_stages=pipe.virtual_stages,
                         pipeline_micro_batches=micro_batches if pp > 1 else 1,
                         pipeline_partition_method=pipe.partition_method, sequence_parallel=sequence_parallel)
     return plan, problems
+
+
+def interleaved_problems(*, schedule: str, chunks: int, pp: int, micro_batches: int, layers: int) -> list[Problem]:
+    """Why the interleaved schedule cannot run this pipeline (Megatron-LM's own checks): v >= 2
+    chunks per stage with it and 1 without, a pipeline to interleave, micro-batches a multiple of
+    pp (runtime/parallel/schedules.py orders them in groups of pp), and the layers split evenly
+    into pp * v chunks."""
+    key = "parallel.pipeline.virtual_stages"
+    if schedule != "interleaved":
+        return [] if chunks == 1 else [Problem(key, f"virtual_stages({chunks}) > 1 needs schedule 'interleaved', "
+                                               f"the schedule is {schedule!r}", given=chunks,
+                                               suggestion="set parallel.pipeline.schedule 'interleaved' or remove "
+                                               "virtual_stages")]
+    if chunks < 2:
+        return [Problem(key, "the interleaved schedule runs at least 2 model chunks per stage", given=chunks,
+                        suggestion="set parallel.pipeline.virtual_stages to 2 or more")]
+    if pp == 1:
+        return [Problem("parallel.pipeline.schedule", "'interleaved' needs a pipeline: pp is 1", given=schedule,
+                        suggestion="set parallel.pp > 1 or schedule '1f1b'")]
+    problems = []
+    if micro_batches % pp:
+        problems.append(Problem("gradient_accumulation_steps", f"the interleaved schedule runs micro-batches in "
+                                f"groups of pp: {micro_batches} micro-batches is not a multiple of pp({pp})",
+                                given=micro_batches, suggestion=f"make gradient_accumulation_steps a multiple of {pp}"))
+    if layers % (pp * chunks):
+        problems.append(Problem(key, f"layers({layers}) do not split into pp({pp}) * virtual_stages({chunks}) = "
+                                f"{pp * chunks} equal chunks", given=chunks,
+                                suggestion=f"choose virtual_stages so that pp * virtual_stages divides {layers}"))
+    return problems
 
 
 def sequence_parallel_problems(model: ModelSpec, *, tp: int, pp: int) -> list[Problem]:

@@ -33,6 +33,7 @@ from .gathered import attach_engine
 from .host_memory import fix_mmap_threshold
 from .meta_init import check_meta_model, materialize_shard, materialize_whole, meta_tensors
 from .offload import Offload
+from .pipeline_support import check_pipeline
 from .param_groups import GroupStepper
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
@@ -100,7 +101,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
             raise ConfigError(Problem("config", "give plan= or config=, not both"))
         plan = plan_from_config(config, model=model, model_spec=model_spec, cluster=cluster, client=client)
     plan = resolve_plan(plan)
-    _check_pipeline(plan)
+    check_pipeline(plan)
     meta = bool(meta_tensors(model))
     if meta:
         check_meta_model(model, plan=plan)
@@ -193,19 +194,6 @@ def _start_monitors(plan: Plan, *, groups) -> Monitors:
         raise error or ConfigError(Problem("monitors", "rank 0 could not start the plan's monitors; its error "
                                            "names the block"))
     return monitors
-
-
-def _check_pipeline(plan: Plan) -> None:
-    """pp > 1 runs ZeRO stages 0-2 and no sequence parallelism (the compiler refuses both; a
-    hand-made plan is refused here)."""
-    if plan.parallel.pp > 1 and plan.zero.stage == 3:
-        raise ConfigError(Problem("zero.stage", f"ZeRO stage 3 with pp({plan.parallel.pp}) > 1 is not supported: "
-                                  "stage 3 gathers parameters per module while pipeline stages own disjoint modules",
-                                  suggestion="compile the plan with zero_optimization.stage 0, 1 or 2, or parallel.pp 1"))
-    if plan.parallel.pp > 1 and plan.parallel.tp > 1 and plan.parallel.sequence_parallel:
-        raise ConfigError(Problem("parallel.sequence_parallel", f"sequence parallelism with pp({plan.parallel.pp}) > 1 "
-                                  "is not supported: pipeline stages exchange whole-sequence activations", given=True,
-                                  suggestion="compile the plan with parallel.sequence_parallel false, or parallel.pp 1"))
 
 
 def _broadcast_whole(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ from pydantic import PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, Problem
-from .types import AutoPositive, Flag, StrictModel, choice, is_auto
+from .types import AutoPositive, Flag, Positive, StrictModel, choice, is_auto
 
 PARTITION_METHODS = ("parameters", "uniform", "type:<regex>")
 
@@ -45,8 +45,16 @@ PartitionMethod = Annotated[str, PlainValidator(_partition_method),
 
 
 class PipelineConfig(StrictModel):
-    schedule: choice("1f1b", "gpipe") = "1f1b"
-    """Pipeline schedule: 1F1B (less activation memory) or GPipe (all forwards, then all backwards)."""
+    schedule: choice("1f1b", "gpipe", "interleaved") = "1f1b"
+    """Pipeline schedule: 1F1B (less activation memory), GPipe (all forwards, then all backwards),
+    or interleaved 1F1B over `virtual_stages` model chunks per stage (Narayanan et al. 2021,
+    section 2.2.2: a bubble 1/virtual_stages of 1F1B's for as many more point-to-point messages).
+    zeroplan compiles and estimates an interleaved plan; its runtime does not run one yet and
+    refuses the plan at initialize."""
+    virtual_stages: Positive = 1
+    """Model chunks per pipeline stage, the interleaved schedule's v (Megatron-LM's virtual pipeline
+    stages: `--num-layers-per-virtual-pipeline-stage` = layers / (pp * v)); at least 2 with
+    schedule 'interleaved', 1 otherwise. Its micro-batch count must be a multiple of pp."""
     partition_method: PartitionMethod = "parameters"
     """How layers are cut into stages (DeepSpeed's PipelineModule `partition_method`): 'parameters'
     balances trainable parameter counts, 'uniform' layer counts, 'type:<regex>' the layers whose

@@ -52,7 +52,11 @@ class ParallelPlan(FrozenModel):
     dp: int = Field(ge=1)
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
-    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pipeline_schedule: Literal["1f1b", "gpipe", "interleaved"] = "1f1b"
+    """The order a stage runs its forwards and backwards (runtime/parallel/schedules.py);
+    'interleaved' is compiled and estimated but refused by the runtime (parallel.pipeline.schedule)."""
+    pipeline_virtual_stages: int = Field(default=1, ge=1)
+    """Model chunks per stage: >= 2 with the interleaved schedule, 1 otherwise."""
     pipeline_micro_batches: int = Field(default=1, ge=1)
     """Micro-batches per step through the pipeline (the accumulation count when pp > 1)."""
     pipeline_partition_method: str = "parameters"
@@ -334,6 +338,12 @@ class Plan(FrozenModel):
             raise ValueError(f"parallel.pipeline_micro_batches({p.pipeline_micro_batches}) != "
                              f"batch.gradient_accumulation_steps({b.gradient_accumulation_steps}): a pipeline step "
                              "runs every accumulated micro-batch through the stages")
+        if (p.pipeline_schedule == "interleaved") != (p.pipeline_virtual_stages > 1):
+            raise ValueError(f"parallel.pipeline_virtual_stages({p.pipeline_virtual_stages}) with schedule "
+                             f"{p.pipeline_schedule!r}: model chunks >= 2 go with the interleaved schedule only")
+        if p.pipeline_schedule == "interleaved" and p.pipeline_micro_batches % p.pp:
+            raise ValueError(f"parallel.pipeline_micro_batches({p.pipeline_micro_batches}) is not a multiple of "
+                             f"pp({p.pp}), as the interleaved schedule needs")
         return self
 
     def to_json(self) -> str:

@@ -78,7 +78,7 @@ def test_simulate_finds_a_deadlock_and_a_mismatched_receive():
 
 def test_schedule_arguments_are_checked():
     with pytest.raises(ValueError, match="none of"):
-        build_schedule("interleaved", stage=0, stages=2, micro_batches=2)
+        build_schedule("zigzag", stage=0, stages=2, micro_batches=2)
     with pytest.raises(ValueError, match="outside a pipeline"):
         build_schedule("1f1b", stage=2, stages=2, micro_batches=2)
 

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from zeroplan.schemas import ConfigError, Plan, Problem
+from zeroplan.runtime.pipeline_support import check_pipeline
 from zeroplan.schemas.paths import writable_file
 
 from .common import user_errors
@@ -36,6 +37,10 @@ def train(
     if not plan.is_file():
         raise ConfigError(Problem("", f"plan file {plan} not found", suggestion="run `zeroplan compile` first"))
     loaded = Plan.load(plan)  # a plan that does not load is reported here, before any process starts
+    try:
+        check_pipeline(loaded)  # a pipeline this runtime cannot run, too
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(plan)) from e
     _refuse_another_model(loaded, path=plan, model=model, script=script)
     if metrics is not None:
         metrics = writable_file(metrics, key="--metrics").resolve()
