@@ -306,16 +306,17 @@ class Engine:
     def _norm_runs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Shard ranges [lo, hi) of tp-replicated and of tp-split parameters (merged when adjacent)."""
         if self._runs is None:
-            runs: tuple[list, list] = ([], [])
+            replicated: list[tuple[int, int]] = []
+            split: list[tuple[int, int]] = []
             for slot, p in zip(self.zero.layout.slots, self.zero.layout.params):
                 if not self._counts_in_norm(slot.index):
                     continue
-                kind = runs[tp_split_of(p) is not None]
+                kind = split if tp_split_of(p) is not None else replicated
                 if kind and kind[-1][1] == slot.offset:
                     kind[-1] = (kind[-1][0], slot.offset + slot.chunk)
                 else:
                     kind.append((slot.offset, slot.offset + slot.chunk))
-            self._runs = runs
+            self._runs = (replicated, split)
         return self._runs
 
     def train_batch(self, data_iter: Iterator) -> torch.Tensor:

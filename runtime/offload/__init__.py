@@ -25,7 +25,7 @@ from ..optim import build_optimizer
 from ..optim_lamb import ShardSegments
 from ..zero import ZeroStage
 from ..zero.layout import ShardLayout
-from ..zero.pstore import ParamStore
+from ..zero.param_store import ParamStore
 from .master import MasterOptimizer, ShardMaster
 from .nvme import NvmeMaster, SwapState, tile_elements, write_initial_master
 from .params import HostParams, NvmeParams

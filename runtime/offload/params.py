@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 import torch
 
-from ..zero.pstore import ParamStore
+from ..zero.param_store import ParamStore
 from .swap import IOThread, SwapDir, SwapFile
 
 

@@ -29,7 +29,7 @@ from ..comm import Collectives
 from .base import ZeroStage, init_master, module_order_parameters, trainable_parameters
 from .comm import BucketReducer
 from .layout import ShardLayout
-from .pstore import DeviceParams, ParamStore
+from .param_store import DeviceParams, ParamStore
 from .stage0 import Stage0
 from .stage12 import Stage1, Stage1Direct, Stage2
 from .stage3 import Stage3
@@ -98,7 +98,7 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
     else:
         store = _partition(layout=layout, rank=rank, master=master, param_dtype=param_dtype,
                            param_store=param_store)
-        built = _stage3(model=model, zero=zero, layout=layout, persistent=persistent, grad=grad, pstore=store,
+        built = _stage3(model=model, zero=zero, layout=layout, persistent=persistent, grad=grad, param_store=store,
                         common=common)
     built.reducer = BucketReducer(layout=layout, coll=coll, bucket_size=zero.reduce_bucket_size,
                                   reduce_dtype=reduce_dtype, scatter=stage == 3 or (stage > 0 and zero.reduce_scatter),
@@ -130,13 +130,13 @@ def _persistent(layout: ShardLayout, zero: ZeroPlan) -> set[int]:
 
 
 def _stage3(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, persistent: set[int], grad: torch.Tensor,
-            pstore: ParamStore, common: dict) -> Stage3:
+            param_store: ParamStore, common: dict) -> Stage3:
     units: dict[nn.Module, list[int]] = {}
     for module in model.modules():
         own = [layout.index_of(p) for p in module.parameters(recurse=False)]
         own = [i for i in own if i is not None and i not in persistent]
         if own:
             units[module] = sorted(own)
-    return Stage3(grad=grad, units=units, persistent=persistent, pstore=pstore,
+    return Stage3(grad=grad, units=units, persistent=persistent, param_store=param_store,
                   prefetch_bucket_size=zero.prefetch_bucket_size, max_live_parameters=zero.max_live_parameters,
                   max_reuse_distance=zero.max_reuse_distance, **common)

@@ -1,7 +1,7 @@
 """ZeRO stage 3: parameters partitioned too (ZeRO paper, arXiv:1910.02054, P_os+g+p).
 
 Each rank keeps only its chunk of every parameter (in the parameters' dtype, the partition in
-`pstore`; on the device it is the fp32 master itself when training in fp32). A module's own
+`param_store`; on the device it is the fp32 master itself when training in fp32). A module's own
 parameters (and its external ones, below) are gathered whole just before they are used and
 released right after:
 
@@ -17,8 +17,8 @@ released right after:
             modules the recorded first backward gathered next). A parameter is released as soon as its
             gradient is accumulated (post-accumulate-grad hook), after the gradient is handed
             to the bucketed reduce-scatter of stage 2.
-  step      the fp32 master shard is updated and written to the partition (`pstore`, see
-            pstore.py: device memory, or host memory / NVMe files with `offload_param`, read
+  step      the fp32 master shard is updated and written to the partition (`param_store`, see
+            param_store.py: device memory, or host memory / NVMe files with `offload_param`, read
             back ahead of each gather); parameters under
             `param_persistence_threshold` elements stay whole on every rank and are
             all-gathered after the step, like stage 1-2 parameters.
@@ -53,7 +53,7 @@ from torch import nn
 
 from .base import ZeroStage
 from .comm import GatherHandle, gather_groups, gather_slots
-from .pstore import ParamStore
+from .param_store import ParamStore
 from .released import ParameterNotGathered, mark_gathered, mark_released
 from .stage12 import Stage2
 
@@ -65,7 +65,7 @@ EXTERNAL = "_zeroplan_external_parameters"
 class Stage3(Stage2):
     stage = 3
 
-    def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], pstore: ParamStore,
+    def __init__(self, *, units: dict[nn.Module, list[int]], persistent: set[int], param_store: ParamStore,
                  prefetch_bucket_size: int, max_live_parameters: int = 2**63 - 1,
                  max_reuse_distance: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -81,7 +81,7 @@ class Stage3(Stage2):
         self._names: dict[int, list[str]] = defaultdict(list)
         self._rerecord = False
         self.persistent = persistent
-        self.pstore = pstore
+        self.param_store = param_store
         self.prefetch_bucket_size = prefetch_bucket_size
         self.max_live_parameters = max_live_parameters
         self.max_reuse_distance = max_reuse_distance
@@ -92,7 +92,7 @@ class Stage3(Stage2):
         for module, slots in units.items():
             for i in slots:
                 self._home.setdefault(i, module)
-        nan = torch.full((1,), float("nan"), dtype=pstore.dtype, device=pstore.device)
+        nan = torch.full((1,), float("nan"), dtype=param_store.dtype, device=param_store.device)
         self._released = [nan.expand(slot.shape) for slot in self.layout.slots]
         self._gathered: set[int] = set(persistent)
         self._inflight: dict[int, GatherHandle] = {}
@@ -140,7 +140,7 @@ class Stage3(Stage2):
     def _launch(self, indices: list[int], *, async_op: bool) -> None:
         need = [i for i in indices if i not in self._gathered and i not in self._inflight]
         for start, end in self.layout.runs(need):
-            part = self.pstore.read(*self.layout.span(start, end))
+            part = self.param_store.read(*self.layout.span(start, end))
             handle = gather_slots(layout=self.layout, coll=self.coll, part=part, start=start, end=end,
                                   async_op=async_op)
             for i in range(start, end):
@@ -196,7 +196,7 @@ class Stage3(Stage2):
         budget, reads, room = self.prefetch_bucket_size, [], self.max_live_parameters - self._live()
         table = self.units if self._in_backward else self._gathers  # backward gathers owners only
         for module in order:
-            if budget <= (-self.prefetch_bucket_size if self.pstore.reads_ahead else 0):
+            if budget <= (-self.prefetch_bucket_size if self.param_store.reads_ahead else 0):
                 break
             need = [i for i in table[module] if i not in self._gathered and i not in self._inflight]
             if not need:
@@ -211,7 +211,7 @@ class Stage3(Stage2):
                 reads += [self.layout.span(s, e) for s, e in self.layout.runs(need)]
             budget -= numel
         if reads:
-            self.pstore.prefetch(reads)
+            self.param_store.prefetch(reads)
         self._note_live()
 
     # -- forward hooks ---------------------------------------------------------------------
@@ -372,7 +372,7 @@ class Stage3(Stage2):
     def publish(self) -> None:
         self.release_all()
         if self.master is not None:
-            self.pstore.write(0, self.master)
+            self.param_store.write(0, self.master)
         held = sorted(i for i, n in self._held.items() if n > 0)
         if held:  # a gathered() block open across the step sees the new values
             self._gathered.difference_update(held)
@@ -383,14 +383,14 @@ class Stage3(Stage2):
             self.gather_into_model(ranges)
 
     def write_params(self, lo: int, values: torch.Tensor) -> None:
-        self.pstore.write(lo, values)
+        self.param_store.write(lo, values)
 
     def publish_parts(self):
-        return self.pstore.read
+        return self.param_store.read
 
     def close(self) -> None:
         super().close()
-        self.pstore.close()
+        self.param_store.close()
 
 
 def _split(groups: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ def start_up(engine, model: nn.Module, eager: nn.Module) -> dict:
     rank = zero.rank
     named = dict(eager.named_parameters())
     want = torch.cat([layout.chunk_of(named[s.name].detach().reshape(-1).float(), s, rank) for s in layout.slots])
-    master = zero.master if zero.master is not None else zero.pstore.read(0, layout.numel)
+    master = zero.master if zero.master is not None else zero.param_store.read(0, layout.numel)
     buffers = dict(eager.named_buffers())
     return {"world": layout.world, "stage": zero.stage, "shard_numel": layout.numel,
             "chunks_numel": sum(-(-s.numel // layout.world) for s in layout.slots),

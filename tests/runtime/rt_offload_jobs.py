@@ -19,7 +19,7 @@ def _swap_dirs(engine) -> list[Path]:
     state = getattr(engine.optimizer, "state", None)
     if state is not None:
         out.append(state.folder.path)
-    store = getattr(engine.zero, "pstore", None)
+    store = getattr(engine.zero, "param_store", None)
     if hasattr(store, "folder"):
         out.append(store.folder.path)
     return out
@@ -33,7 +33,7 @@ def swap_lifecycle(*, case: dict, root: str) -> dict | None:
     during = {str(d.relative_to(root)): {"mode": stat.S_IMODE(d.stat().st_mode),
                                          "files": {f.name: f.stat().st_size for f in d.iterdir()}} for d in dirs}
     _train(engine, case, range(3))
-    reads = dict(getattr(engine.zero.pstore, "reads", {}))
+    reads = dict(getattr(engine.zero.param_store, "reads", {}))
     numel = engine.zero.layout.numel
     engine.close()
     closed = [d.exists() for d in dirs]
