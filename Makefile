@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # reductions, softmax and norms a forward and backward are made of).
 CAPABILITY ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo avx2 || echo default)
 
-.PHONY: setup browser postgres demo test test-capability clean
+.PHONY: setup browser postgres slurm demo test test-capability clean
 
 setup: $(STAMP)
 
@@ -48,13 +48,25 @@ postgres:
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	else echo "no apt-get here: install PostgreSQL (or set PG_BIN) for the tuner workers' test"; fi
 
+# Slurm, for the test that runs `sbatch --test-only` on the emitted launch.sbatch against a
+# throw-away two-node cluster of this machine's own daemons (tests/compiler/slurm_cluster.py):
+# Debian's `slurm-wlm` package, without its recommends (no munge key is needed: the test's
+# cluster uses auth/none). Elsewhere, or not as root, that test skips saying why, except under
+# .ci/run, where a missing Slurm fails it.
+slurm:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && exit 0; \
+	if command -v apt-get >/dev/null; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm; \
+	else echo "no apt-get here: install Slurm (slurmctld, slurmd, sbatch) for the launch.sbatch test"; fi
+
 demo: setup
 	$(BIN)/zeroplan validate examples/hf_zero2.json --world-size 2 > /dev/null
 	$(BIN)/zeroplan autotune examples/autotune_tiny.yaml --model tiny --nproc-per-node 2 --out out/tuned
 	$(BIN)/zeroplan train out/tuned/best_plan.json --model tiny --steps 30 --metrics out/tuned/train.jsonl
 	@echo "tuned plan, trials.csv and report.md in out/tuned/"
 
-test: setup browser postgres
+test: setup browser postgres slurm
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The tests that compare floating-point results (marker `numerics`) once more, with ATen's

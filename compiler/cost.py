@@ -9,8 +9,8 @@ Terms, in seconds per optimizer step on the busiest rank:
   v chunks per stage (Narayanan et al. 2021, section 2.2), whose v times as many point-to-point
   messages comm.py counts.
 - communication: per collective, calls * ring steps * latency + bytes / bandwidth (comm.py),
-  at intra- or inter-node rates depending on whether the group spans nodes (ranks are laid
-  out tp fastest, then dp, then pp), at the rate measured for that kind of collective where
+  at intra- or inter-node rates depending on whether the group spans nodes (the plan's
+  layout, schemas/layout.py), at the rate measured for that kind of collective where
   the cluster has one (gloo's all-gather and reduce-scatter are several times slower than its
   all-reduce). Stage 3 gathers each module's parameters on its own, forward and backward of
   every micro-step, so its calls, and their latency, grow with modules x micro-steps. Gradient reductions overlap the backward when
@@ -39,6 +39,7 @@ optimistic as the rates (nominal presets more so).
 from __future__ import annotations
 
 from zeroplan.schemas import ClusterSpec, ModelSpec, Plan
+from zeroplan.schemas.layout import Topology, crossing_dims
 from zeroplan.schemas.plan import ParallelPlan
 
 from .comm import Collective, stage_collectives
@@ -48,10 +49,10 @@ from .shapes import StageShape, persistent_elements, stage_shapes
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
-    p, per_node = plan.parallel, plan.world.nproc_per_node
-    if plan.world.nnodes == 1:
-        return False
-    return {"tp": p.tp, "dp": p.tp * p.dp, "pp": p.tp * p.dp * p.pp}[dim] > per_node
+    """Whether a group along `dim` has ranks on two nodes, by the layout the runtime builds."""
+    p = plan.parallel
+    topology = Topology(dp=p.dp, tp=p.tp, pp=p.pp, order=plan.layout.order)
+    return dim in crossing_dims(topology, nproc_per_node=plan.world.nproc_per_node)
 
 
 def collective_time(c: Collective, *, plan: Plan, cluster: ClusterSpec) -> float:

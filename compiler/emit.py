@@ -21,6 +21,7 @@ from zeroplan.schemas import MODEL_PRESETS, ClusterSpec, ConfigError, ModelSpec,
 from zeroplan.schemas.atomic import atomic_write_text
 
 from .deepspeed import ds_config
+from .placement import crossing_line
 from .report import report_context
 
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -41,7 +42,9 @@ def _launch_context(plan: Plan, model: ModelSpec) -> dict[str, Any]:
     return {"short_hash": plan.provenance.config_hash[:12] or "plan", "world_size": plan.world.world_size,
             "nnodes": plan.world.nnodes, "nproc": plan.world.nproc_per_node, "device": plan.world.device,
             "backend": plan.world.backend, "version": plan.provenance.zeroplan_version,
-            "model_arg": f" --model {model.name}" if preset else ""}
+            "model_arg": f" --model {model.name}" if preset else "",
+            "layout": f"node n runs ranks n x {plan.world.nproc_per_node} onwards; layout {', '.join(plan.layout.order)} "
+                      f"(slowest first): {crossing_line(plan.layout)}"}
 
 
 def render(plan: Plan, *, config: TrainConfig, model: ModelSpec, cluster: ClusterSpec,

@@ -15,6 +15,7 @@ from .comm import comm_volume, summarize
 from .cost import step_time
 from .degrees import degree_problems, degree_warnings, resolve_degrees
 from .memory import MemoryEstimate, estimate_memory
+from .placement import layout_plan, layout_warnings
 from .shapes import partition_notes, stage_shapes
 from .sections import (
     checkpointing_plan,
@@ -121,10 +122,12 @@ def build_plan(config: TrainConfig, model: ModelSpec, cluster: ClusterSpec, *, p
         raise ConfigError(problems + e.problems) from e
     parallel, pipe_problems = _parallel_plan(config, model=model, dp=dp, tp=tp, pp=pp,
                                                accum=batch.gradient_accumulation_steps)
-    if problems + pipe_problems:
-        raise ConfigError(problems + pipe_problems)
+    world = world_plan(config, cluster)
+    layout, layout_problems = layout_plan(world=world, parallel=parallel, order=config.parallel.layout)
+    if problems + pipe_problems + layout_problems:
+        raise ConfigError(problems + pipe_problems + layout_problems)
     plan = Plan(
-        world=world_plan(config, cluster), parallel=parallel, batch=batch,
+        world=world, parallel=parallel, layout=layout, batch=batch,
         zero=zero_plan(config, largest=largest_partition(model, dp=dp, tp=tp, pp=pp,
                                                          method=parallel.pipeline_partition_method)),
         offload=offload_plan(config), precision=precision_plan(config), optimizer=optimizer_plan(config),
@@ -195,6 +198,7 @@ def attach_estimates(plan: Plan, model: ModelSpec, cluster: ClusterSpec, *,
                                micro_batches=p.pipeline_micro_batches)
     warnings += fit_warnings(memory, cluster=cluster) + bucket_warnings(plan, model) + swap_warnings(plan, model)
     warnings += partition_notes(p.pipeline_partition_method, pp=p.pp)
+    warnings += layout_warnings(world=plan.world, parallel=p, layout=plan.layout)
     estimates = Estimates(
         memory_per_rank=memory.device, host_bytes_per_node=memory.host_per_node,
         nvme_bytes_per_node=memory.nvme_per_node, host_memory_per_rank=memory.host,

@@ -7,6 +7,8 @@ from typing import Any
 
 from zeroplan.schemas import ClusterSpec, ModelSpec, Plan, TrainConfig
 
+from .placement import crossing_line, node_lines
+
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
     rows = []
@@ -29,7 +31,14 @@ def _degrees_row(plan: Plan, config: TrainConfig) -> tuple[str, str, str]:
                     for d in ("dp", "tp", "pp"))
     sp = ", sequence parallel" if p.sequence_parallel and p.tp > 1 else ""
     return ("degrees", f"dp {p.dp} x tp {p.tp} x pp {p.pp}{sp}",
-            f"{how}; dp = world_size / (tp x pp); ranks laid out tp fastest, then dp, then pp")
+            f"{how}; dp = world_size / (tp x pp)")
+
+
+def _layout_row(plan: Plan, config: TrainConfig) -> tuple[str, str, str]:
+    order = plan.layout.order
+    how = "parallel.layout" if config.parallel.layout is not None else "default (Megatron-LM's: tp within a node)"
+    return ("rank layout", f"{', '.join(order)} (slowest first, {order[-1]} fastest); {crossing_line(plan.layout)}",
+            f"{how}; " + "; ".join(node_lines(world=plan.world, parallel=plan.parallel, layout=plan.layout)))
 
 
 def _optimizer_row(plan: Plan, config: TrainConfig) -> tuple[str, str, str]:
@@ -54,6 +63,7 @@ def derived_rows(plan: Plan, config: TrainConfig) -> list[tuple[str, str, str]]:
         ("world size", str(w.world_size), f"nnodes({w.nnodes}) x nproc_per_node({w.nproc_per_node}); "
                                           f"{w.backend} on {w.device}"),
         _degrees_row(plan, config),
+        _layout_row(plan, config),
         ("batch", f"global {b.global_batch_size} = micro {b.micro_batch_size} x accumulation "
                   f"{b.gradient_accumulation_steps} x dp {plan.parallel.dp}",
          f"train_batch_size {_tag('train_batch_size', b.derived)}, "

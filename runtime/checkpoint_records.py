@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from zeroplan.schemas.layout import DEFAULT_ORDER
+
 FORMAT = 2
 """Format 1 (no hashes, no layout) was written before checkpoints could be verified or resharded."""
 
@@ -103,6 +105,9 @@ class WorldRecord(_Record):
     tp: int
     pp: int
     stage: int
+    order: tuple[str, str, str] = DEFAULT_ORDER
+    """The saving run's rank layout (the plan's `layout.order`); checkpoints written before it
+    was recorded used the default."""
 
 
 class Identity(_Record):

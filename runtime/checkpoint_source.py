@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from zeroplan.schemas import Problem
+from zeroplan.schemas.layout import Topology, order_problem
 
 from .checkpoint import CheckpointError, file_name, sha256_file
 from .checkpoint_records import FORMAT, FileRecord, GroupLayout, Identity, Manifest, Meta, unseal
 from .offload.master import MASTER
-from .parallel.topology import Topology
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
@@ -43,7 +43,7 @@ class Checkpoint:
         self.path = Path(path)
         self.meta = _read_meta(self.path)
         w = self.meta.world
-        self.topology = Topology(dp=w.dp, tp=w.tp, pp=w.pp)
+        self.topology = Topology(dp=w.dp, tp=w.tp, pp=w.pp, order=w.order)
         self._manifests: dict[int, Manifest] = {}
         self._tensors: dict[int, object] = {}
 
@@ -201,6 +201,8 @@ def _meta_problems(meta: Meta) -> list[str]:
     w = meta.world
     if min(w.dp, w.tp, w.pp) < 1 or w.world_size != w.dp * w.tp * w.pp or w.stage not in (0, 1, 2, 3):
         return [f"world {w.model_dump()} is not dp x tp x pp with a ZeRO stage 0-3"]
+    if order_problem(w.order):
+        return [f"world order {order_problem(w.order)}"]
     problems = []
     if len(meta.manifests) != w.world_size:
         problems.append(f"records {len(meta.manifests)} manifests for a world of {w.world_size}")

@@ -1,9 +1,11 @@
 """Process groups for a run: torch.distributed set up from the torchrun environment.
 
 One object, `ProcessGroups`, carries every group the runtime uses and is passed down
-explicitly; nothing here is module-global. The dp, tp and pp groups follow the layout of
-`parallel.topology` (tp fastest, then dp, then pp); with tp = pp = 1 the dp group is the
-whole world.
+explicitly; nothing here is module-global. The dp, tp and pp groups follow the plan's
+`layout.order` (parallel/topology.py); with tp = pp = 1 the dp group is the whole world.
+Each rank checks that the ranks its launcher started on its node are the ones the plan's
+`layout.nodes` puts there (a plan for 2 nodes x 4 ranks launched as 4 x 2 has the same world
+size but another layout).
 
 Set-up rules:
 - torch.distributed already initialised (a test harness, a user script): use it as it is.
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from zeroplan.schemas import ConfigError, Problem
-from zeroplan.schemas.plan import ParallelPlan, WorldPlan
+from zeroplan.schemas.plan import LayoutPlan, ParallelPlan, WorldPlan
 
 from .parallel import Topology, build_mesh_groups
 
@@ -87,8 +89,9 @@ class ProcessGroups:
         return self.topology.pp
 
 
-def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGroups:
-    """Initialise (or adopt) torch.distributed for `world`; check it matches the plan."""
+def init_distributed(*, world: WorldPlan, parallel: ParallelPlan, layout: LayoutPlan) -> ProcessGroups:
+    """Initialise (or adopt) torch.distributed for `world`; check it matches the plan; build the
+    groups of `parallel`'s degrees laid out as `layout` says."""
     device = _device(world)  # before any NCCL set-up: a cuda plan on a machine without GPUs is a user error
     timeout = timedelta(seconds=world.collective_timeout_s)
     join = timedelta(seconds=max(world.collective_timeout_s, JOIN_TIMEOUT_S))
@@ -116,13 +119,32 @@ def init_distributed(*, world: WorldPlan, parallel: ParallelPlan) -> ProcessGrou
                                   f"{size} processes were launched",
                                   suggestion="launch as many processes as the plan says, or recompile it"))
     rank = dist.get_rank()
-    topology = Topology(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp)
+    check_node(layout, rank=rank, environ=os.environ)
+    topology = Topology(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, order=layout.order)
     _set_group_default(join)  # the ranks may reach the groups' creation at different times
     groups = build_mesh_groups(topology, device=device)
     _bound_collectives([dist.group.WORLD] if owns else [], groups=groups, timeout=timeout)
     return ProcessGroups(rank=rank, world_size=size, dp_group=groups["dp"], dp_rank=topology.coords(rank)["dp"],
                          dp_size=parallel.dp, device=device, topology=topology, tp_group=groups["tp"],
                          pp_group=groups["pp"], owns_init=owns)
+
+
+def check_node(layout: LayoutPlan, *, rank: int, environ) -> None:
+    """ConfigError when the launcher started `rank` beside other ranks than the plan's node holds.
+    A launcher's node runs global ranks RANK - LOCAL_RANK to that + LOCAL_WORLD_SIZE - 1; without
+    those variables (a one-process run, a script's own group) there is nothing to compare."""
+    if "LOCAL_RANK" not in environ or "LOCAL_WORLD_SIZE" not in environ:
+        return
+    first = rank - int(environ["LOCAL_RANK"])
+    launched = (first, first + int(environ["LOCAL_WORLD_SIZE"]) - 1)
+    node = next(n for n, (lo, hi) in enumerate(layout.nodes) if lo <= rank <= hi)
+    if tuple(layout.nodes[node]) != launched:
+        lo, hi = layout.nodes[node]
+        raise ConfigError(Problem("layout.nodes", f"the plan puts rank {rank} on node {node} with ranks {lo}-{hi}, "
+                                  f"but its launcher started ranks {launched[0]}-{launched[1]} on its node "
+                                  f"(LOCAL_WORLD_SIZE={environ['LOCAL_WORLD_SIZE']})",
+                                  suggestion=f"launch {hi - lo + 1} ranks per node, or recompile the plan for "
+                                  "the nodes you have"))
 
 
 def _bound_collectives(owned: list, *, groups: dict, timeout: timedelta) -> None:

@@ -163,7 +163,7 @@ def _meta(engine) -> dict:
     g, optimizer = engine.groups, engine.optimizer.optimizer
     return {"step": engine.global_steps,
             "world": {"world_size": g.world_size, "dp": g.dp_size, "tp": g.tp_size, "pp": g.pp_size,
-                      "stage": engine.zero.stage},
+                      "stage": engine.zero.stage, "order": list(g.topology.order)},
             "param_dtype": str(engine.param_dtype).removeprefix("torch."),
             "optimizer": {"moments": list(optimizer.state_names), "counters": list(optimizer.counters())},
             "model": _model_record(engine.module)}

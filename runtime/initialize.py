@@ -116,7 +116,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     offload.preflight(numel=shard_numel(model, stage=plan.zero.stage, world=plan.parallel.dp),
                       param_itemsize=torch.empty((), dtype=param_dtype).element_size(),
                       ranks_per_node=plan.world.nproc_per_node)
-    groups = init_distributed(world=plan.world, parallel=plan.parallel)
+    groups = init_distributed(world=plan.world, parallel=plan.parallel, layout=plan.layout)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
     model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
     # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):

@@ -12,6 +12,7 @@ from pydantic import PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, Problem
+from .layout import DIMS, order_problem
 from .types import AutoPositive, Flag, Positive, StrictModel, choice, is_auto
 
 PARTITION_METHODS = ("parameters", "uniform", "type:<regex>")
@@ -42,6 +43,20 @@ def _partition_method(value: object) -> str:
 
 PartitionMethod = Annotated[str, PlainValidator(_partition_method),
                             WithJsonSchema({"type": "string", "pattern": "^(parameters|uniform|type:.+)$"})]
+
+
+def _layout(value: object) -> list[str]:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        problem = order_problem(tuple(value))
+        if problem is None:
+            return list(value)
+        raise PydanticCustomError("value_error", "{reason}", {"reason": problem})
+    raise PydanticCustomError("type", "expected a list naming pp, dp and tp, slowest-varying first")
+
+
+Layout = Annotated[list[str], PlainValidator(_layout),
+                   WithJsonSchema({"type": "array", "items": {"enum": list(DIMS)}, "minItems": 3, "maxItems": 3,
+                                   "uniqueItems": True})]
 
 
 class PipelineConfig(StrictModel):
@@ -78,6 +93,12 @@ class ParallelConfig(StrictModel):
     effect at tp 1, as in Megatron. Not DeepSpeed-Ulysses (DeepSpeed's `sequence_parallel_size`)."""
     pipeline: PipelineConfig = PipelineConfig()
     """zeroplan's pipeline-parallel settings, read when pp > 1."""
+    layout: Layout | None = None
+    """zeroplan's rank layout: pp, dp and tp, slowest-varying first; ranks are numbered row-major
+    over them and node n holds ranks n * nproc_per_node onwards. None means ["pp", "dp", "tp"]
+    (Megatron-LM's): tp groups are consecutive ranks, inside a node whenever tp divides
+    nproc_per_node, and pipeline stages are the first to sit on separate nodes. An order that
+    splits tp groups across nodes where the default would not is refused."""
 
 
 class TensorParallelConfig(StrictModel):

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 from .atomic import atomic_write_text
 from .batch import BatchPlan
 from .errors import ConfigError, Problem
+from .layout import DEFAULT_ORDER, Dim, Topology, crossing_dims, node_ranks, order_problem
 from .types import FrozenModel
 
 PLAN_VERSION = 2
@@ -47,7 +48,7 @@ class WorldPlan(FrozenModel):
 
 
 class ParallelPlan(FrozenModel):
-    """Degrees; rank layout is tp fastest, then dp, then pp (Megatron's order)."""
+    """Degrees; which rank holds which coordinate is the plan's `layout`."""
 
     dp: int = Field(ge=1)
     tp: int = Field(default=1, ge=1)
@@ -64,6 +65,35 @@ class ParallelPlan(FrozenModel):
     sequence_parallel: bool = False
     """Megatron-style sequence parallelism within the tp group (parallel.sequence_parallel): norms
     and the residual stream hold 1/tp of the sequence; no effect at tp 1."""
+
+
+class LayoutPlan(FrozenModel):
+    """Which global rank holds which (pp, dp, tp) coordinate and which ranks share a node
+    (schemas/layout.py has the arithmetic). `nodes` and `crosses_nodes` follow from `order`,
+    the world and the degrees; they are written out so a reader, and the launch script, see them."""
+
+    order: tuple[Dim, Dim, Dim] = DEFAULT_ORDER
+    """The parallel dimensions slowest-varying first; ranks are numbered row-major over them and
+    the runtime builds its process groups in this order. ("pp", "dp", "tp") is Megatron's."""
+    nodes: tuple[tuple[int, int], ...]
+    """Per node, its first and last global rank (what each node's launcher starts)."""
+    crosses_nodes: tuple[Dim, ...]
+    """The dimensions with a group whose ranks are on more than one node: their collectives use
+    the inter-node link."""
+
+    @classmethod
+    def derive(cls, *, world: "WorldPlan", parallel: "ParallelPlan",
+               order: tuple[str, str, str] = DEFAULT_ORDER) -> "LayoutPlan":
+        topology = Topology(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, order=order)
+        return cls(order=topology.order, nodes=node_ranks(nnodes=world.nnodes, nproc_per_node=world.nproc_per_node),
+                   crosses_nodes=crossing_dims(topology, nproc_per_node=world.nproc_per_node))
+
+    @model_validator(mode="after")
+    def _an_order(self) -> "LayoutPlan":
+        problem = order_problem(self.order)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ZeroPlan(FrozenModel):
@@ -312,6 +342,8 @@ class Plan(FrozenModel):
     plan_version: Literal[2] = PLAN_VERSION
     world: WorldPlan
     parallel: ParallelPlan
+    layout: LayoutPlan
+    """Filled with Megatron's order when a plan is built without it (see `_derive_layout`)."""
     batch: BatchPlan
     zero: ZeroPlan
     offload: OffloadPlan = OffloadPlan()
@@ -326,11 +358,29 @@ class Plan(FrozenModel):
     estimates: Estimates = Estimates()
     provenance: Provenance = Provenance()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_layout(cls, data):
+        """A plan given without a layout (built by hand, or compiled before the section existed)
+        gets the default order's, derived from its world and degrees, as the compiler writes it."""
+        if isinstance(data, dict) and data.get("layout") is None and "world" in data and "parallel" in data:
+            try:
+                world, parallel = WorldPlan.model_validate(data["world"]), ParallelPlan.model_validate(data["parallel"])
+                data = {**data, "layout": LayoutPlan.derive(world=world, parallel=parallel)}
+            except (ValidationError, ValueError):
+                pass  # the sections' own validation reports what is wrong
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
         p, w, b = self.parallel, self.world, self.batch
         if p.dp * p.tp * p.pp != w.world_size:
             raise ValueError(f"dp({p.dp}) * tp({p.tp}) * pp({p.pp}) != world_size({w.world_size})")
+        derived = LayoutPlan.derive(world=w, parallel=p, order=self.layout.order)
+        if self.layout != derived:
+            raise ValueError(f"layout {self.layout.model_dump(exclude={'order'})} does not follow from nnodes({w.nnodes}), "
+                             f"nproc_per_node({w.nproc_per_node}) and order {list(self.layout.order)}: expected "
+                             f"{derived.model_dump(exclude={'order'})}; recompile the plan")
         if b.micro_batch_size * b.gradient_accumulation_steps * p.dp != b.global_batch_size:
             raise ValueError(f"batch {b.global_batch_size} != micro {b.micro_batch_size} x accumulation "
                              f"{b.gradient_accumulation_steps} x dp {p.dp}")

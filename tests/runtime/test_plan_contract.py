@@ -21,6 +21,8 @@ NOT_FOR_THE_RUNTIME = {
     ("Plan", "deepspeed"): "the ds_config.json export's pass-through section",
     ("BatchPlan", "derived"): "which batch keys the config left to the compiler, for the report",
     ("PrecisionPlan", "master_dtype"): "its one allowed value, fp32, is what the runtime keeps",
+    ("LayoutPlan", "crosses_nodes"): "follows from order and nodes (the plan checks it); for the reader, the report "
+                                      "and the cost model's inter-node rates",
 }
 
 

@@ -167,7 +167,7 @@ def test_world_without_launcher_is_a_clear_error():
 
     plan = make_plan(stage=1, world=2)
     with pytest.raises(ConfigError, match="world.world_size.*torchrun"):
-        init_distributed(world=plan.world, parallel=plan.parallel)
+        init_distributed(world=plan.world, parallel=plan.parallel, layout=plan.layout)
 
 
 def test_topology_lays_out_tp_fastest_then_dp_then_pp():

@@ -80,6 +80,7 @@ def tp_plan(case: dict) -> Plan:
     data = base.model_dump()
     data["world"] = WorldPlan(nnodes=1, nproc_per_node=dp * tp, world_size=dp * tp).model_dump()
     data["parallel"] = ParallelPlan(dp=dp, tp=tp, sequence_parallel=case.get("sp", False)).model_dump()
+    del data["layout"]  # the plan derives it anew from this world and these degrees
     return Plan.model_validate(data)
 
 
