@@ -46,11 +46,12 @@ import optuna
 from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.emit import emit
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, TrainConfig, validate_config
+from zeroplan.schemas.steps import StepRecord
 
 from .identity import model_identity, study_identity
 from .models import Workload
 from .results import trial_dir, write_results
-from .runner import StepReport, TrialOutcome, run_trial
+from .runner import TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
 from .study import (HEARTBEAT_S, experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler,
                     mark_worker, open_identified_study, storage_url)
@@ -224,10 +225,10 @@ class Tuner:
                          on_step=self._pruning_callback(trial) if single else (lambda _: False),
                          env=workload.env(), cwd=workload.run_dir(workdir))
 
-    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepReport], bool]:
+    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepRecord], bool]:
         warmup = self.settings.warmup_steps
 
-        def on_step(report: StepReport) -> bool:  # steps count from 1
+        def on_step(report: StepRecord) -> bool:  # steps count from 1
             if report.step <= warmup:
                 return False
             trial.report(self._step_value(report), step=report.step)
@@ -235,7 +236,7 @@ class Tuner:
 
         return on_step
 
-    def _step_value(self, report: StepReport) -> float:
+    def _step_value(self, report: StepRecord) -> float:
         if self.settings.objective == "latency":
             return report.step_time_s
         if self.settings.objective == "memory":
