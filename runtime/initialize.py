@@ -37,15 +37,14 @@ from .pipeline_support import check_pipeline
 from .param_groups import GroupStepper
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
+from . import model_info
+from .model_info import ModelInfoRun
 from .monitor import Monitors
 from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
+from .run_env import PLAN_ENV
 from .schedulers import build_schedule
 from .zero import build_zero, shard_numel
-
-PLAN_ENV = "ZEROPLAN_PLAN"
-"""Environment variable `zeroplan train PLAN -- script.py` sets to the plan's path."""
-
 
 def resolve_plan(plan: Plan | str | Path | None) -> Plan:
     if isinstance(plan, Plan):
@@ -53,7 +52,7 @@ def resolve_plan(plan: Plan | str | Path | None) -> Plan:
     if plan is None:
         path = os.environ.get(PLAN_ENV)
         if not path:
-            raise ConfigError(Problem("plan", "no plan given and $ZEROPLAN_PLAN is not set",
+            raise ConfigError(Problem("plan", f"no plan given and ${PLAN_ENV} is not set",
                                       suggestion="pass plan=PATH, or launch with `zeroplan train PLAN -- script.py`"))
         plan = path
     return Plan.load(plan)
@@ -64,7 +63,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                model_spec: ModelSpec | str | Path | None = None,
                cluster: ClusterSpec | str | Path | None = None,
                tp_plan: Mapping[str, Any] | None = None, model_parameters: Iterable | None = None,
-               optimizer: Any = None, lr_scheduler: Any = None) -> Engine:
+               optimizer: Any = None, lr_scheduler: Any = None) -> Engine | ModelInfoRun:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
     `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
@@ -86,14 +85,14 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     its slice of the full model built on every rank, and ZeRO then shards the slices over the dp
     group.
 
-    Under `zeroplan autotune --script`, $ZEROPLAN_MODEL_INFO makes this return a stand-in that
-    measures the model at its first forward and ends the run (user_model.ModelInfoRun), and
-    $ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS make the engine report steps and stop (metrics.py).
+    Only in the model-info run of `zeroplan autotune --script`, a process started as `python -m
+    zeroplan.runtime.rank --model-info FILE script.py`, this returns a stand-in that measures
+    the model at its first forward and ends the run (model_info.py). Under `zeroplan train
+    --steps N --metrics FILE -- script.py` the engine reports steps and stops (metrics.py;
+    run_env.py lists the variables a launch sets).
     """
-    from .user_model import MODEL_INFO_ENV, ModelInfoRun  # here: `python -m ...user_model` imports this module
-
-    if os.environ.get(MODEL_INFO_ENV):
-        return ModelInfoRun(model, output=Path(os.environ[MODEL_INFO_ENV]))
+    if (output := model_info.requested()) is not None:
+        return ModelInfoRun(model, output=output)
     client = ClientOptimizer(model=model, model_parameters=model_parameters, optimizer=optimizer,
                              lr_scheduler=lr_scheduler)
     if config is not None:

@@ -35,8 +35,7 @@ from zeroplan.schemas.steps import FailureRecord
 from . import lifeline, procs, rundir
 from .diagnose import RunFailure, diagnose, oom_kill_count
 from .dist import check_device
-from .failure import REPORT_DIR_ENV
-from .initialize import PLAN_ENV
+from .run_env import PLAN_ENV, REPORT_DIR_ENV
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 

@@ -26,6 +26,8 @@ import torch
 from zeroplan.schemas import ConfigError, Problem
 from zeroplan.schemas.steps import StepRecord, SummaryRecord
 
+from .run_env import MAX_STEPS_ENV, METRICS_ENV
+
 
 def peak_rss_bytes() -> int:
     """This process image's peak resident memory in bytes."""
@@ -95,12 +97,6 @@ class StepMeter:
 
 # -- metrics for the tuner from any training script ------------------------------------------
 
-METRICS_ENV = "ZEROPLAN_METRICS"
-"""Path rank 0 appends one JSON line per optimizer step to (and a summary line at the end)."""
-MAX_STEPS_ENV = "ZEROPLAN_MAX_STEPS"
-"""Optimizer steps after which `engine.step()` ends the run (raises TrialComplete)."""
-
-
 class TrialComplete(SystemExit):
     """Raised by `engine.step()` when $ZEROPLAN_MAX_STEPS optimizer steps are done.
 
@@ -129,7 +125,7 @@ class StepReporter:
     """Per-step metrics for `zeroplan autotune`'s trial runner, from inside the Engine.
 
     Set up by `initialize` when $ZEROPLAN_METRICS or $ZEROPLAN_MAX_STEPS is set (`zeroplan train
-    PLAN --steps N --metrics FILE -- script.py` sets both). Rank 0 writes a StepRecord
+    PLAN --steps N --metrics FILE -- script.py` sets both; run_env.py). Rank 0 writes a StepRecord
     (schemas/steps.py) after every optimizer step (steps from 1, the loss being
     engine.last_loss), and at the last step a SummaryRecord with every rank's peak memory; then
     `step()` raises TrialComplete.

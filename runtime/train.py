@@ -30,10 +30,11 @@ from zeroplan.schemas.paths import writable_file
 from zeroplan.schemas.steps import StepRecord, SummaryRecord
 
 from .initialize import initialize
-from .metrics import MAX_STEPS_ENV, METRICS_ENV, gather_peaks
+from .metrics import gather_peaks
 from .models import GPT, MarkovChainData
 from .precision import NonFiniteError
 from .rank import run_rank
+from .run_env import MAX_STEPS_ENV, METRICS_ENV
 from .user_model import build_user_model, tokens_per_sample, user_batches
 
 MIB = 2 ** 20

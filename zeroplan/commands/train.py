@@ -45,7 +45,7 @@ def train(
     if metrics is not None:
         metrics = writable_file(metrics, key="--metrics").resolve()
     from zeroplan.runtime.launch import launch  # torch: after the checks, which answer at once
-    from zeroplan.runtime.metrics import MAX_STEPS_ENV, METRICS_ENV
+    from zeroplan.runtime.run_env import MAX_STEPS_ENV, METRICS_ENV
 
     env = {}
     if script:
