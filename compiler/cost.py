@@ -51,7 +51,7 @@ def _spans_nodes(plan: Plan, dim: str) -> bool:
     p, per_node = plan.parallel, plan.world.nproc_per_node
     if plan.world.nnodes == 1:
         return False
-    return {"tp": p.tp, "dp": p.tp * p.dp, "pp": p.tp * p.dp * p.pp}[dim] > per_node
+    return {"tp": p.tp, "dp": p.tp * p.dp, "pp": p.tp * p.dp * p.pp, "world": p.tp * p.dp * p.pp}[dim] > per_node
 
 
 def collective_time(c: Collective, *, plan: Plan, cluster: ClusterSpec) -> float:
@@ -89,7 +89,7 @@ def exposed_comm(plan: Plan, cluster: ClusterSpec, collectives: list[Collective]
     window = {"forward": compute / 3, "backward": 2 * compute / 3}
     hidden_load = {"forward": 0.0, "backward": 0.0}
     last_bucket = {"forward": 0.0, "backward": 0.0}
-    exposed = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    exposed = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "world": 0.0}
     for c in collectives:
         t = collective_time(c, plan=plan, cluster=cluster)
         if _overlappable(plan, c):

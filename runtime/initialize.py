@@ -25,7 +25,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem
 
 from .checkpointing import ActivationCheckpointing, install as install_checkpointing
 from .client_optim import ClientOptimizer
-from .comm import Collectives, CommsLogger
+from .comm import Collectives, CommsLogger, world_collectives
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
@@ -136,7 +136,8 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     stepper = GroupStepper(param_groups=param_groups.holder.param_groups, group_of=param_groups.group_of(whole_model),
                            plan=plan.optimizer, layout=zero.layout, coll=coll, device=groups.device)
     coll.logger.reset()
-    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=master,
+    world_coll = world_collectives(coll=coll, spans_world=groups.tp_size == groups.pp_size == 1)
+    parts = dict(model=model, plan=plan, groups=groups, coll=coll, world_coll=world_coll, zero=zero, optimizer=master,
                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll, stepper=stepper,
                  param_groups=param_groups)
     engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
