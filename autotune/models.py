@@ -40,8 +40,9 @@ MEASURE_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
-class Workload:
-    """What every trial runs."""
+class TrialWorkload:
+    """What every trial of `zeroplan autotune` runs: the built-in GPT, a model function or a
+    script (bench/workload.py's Workload is a benchmark's, unrelated)."""
 
     model: str = "tiny"
     """`zeroplan train --model`: a preset, a ModelSpec JSON, or module:function."""
@@ -71,7 +72,7 @@ class Workload:
         return self.cwd.resolve() if self.script else trial_dir
 
 
-def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
+def resolve_model(workload: TrialWorkload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
     """The ModelSpec the compiler uses for this workload (see the module docstring)."""
     if model_spec is not None:
         return ModelSpec.load(model_spec)

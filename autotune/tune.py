@@ -49,7 +49,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec,
 from zeroplan.schemas.steps import StepRecord
 
 from .identity import model_identity, study_identity
-from .models import Workload
+from .models import TrialWorkload
 from .results import trial_dir, write_results
 from .runner import TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
@@ -98,12 +98,15 @@ class TuneSettings:
     is failed by another worker and run once more (storage.py)."""
 
     @property
-    def workload(self) -> Workload:
-        return Workload(model=self.model_name, script=self.script, cwd=self.launch_dir)
+    def workload(self) -> TrialWorkload:
+        return TrialWorkload(model=self.model_name, script=self.script, cwd=self.launch_dir)
 
 
 @dataclass
-class Candidate:
+class TrialCandidate:
+    """A point Optuna suggested: its parameters, and the plan compiled from them or why none
+    can run (`reason`: refused by the compiler or over the memory limit)."""
+
     params: dict[str, Any]
     plan: Plan | None = None
     reason: str = ""
@@ -151,15 +154,15 @@ class Tuner:
         self.config: TrainConfig = validate_config(copy.deepcopy(data))
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
 
-    def candidate(self, params: dict[str, Any]) -> Candidate:
+    def candidate(self, params: dict[str, Any]) -> TrialCandidate:
         """Validate and compile a choice of knob values; a refusal becomes the reason."""
         try:
             cfg = validate_config(apply(self.data, params), world_size=self.world_size)
             plan = compile_plan(cfg, self.model, self.cluster, nnodes=self.settings.nnodes,
                                 nproc_per_node=self.settings.nproc_per_node, resolve_auto=True)
         except ConfigError as e:
-            return Candidate(params, reason="; ".join(p.render() for p in e.problems))
-        return Candidate(params, plan, self._memory_reason(plan))
+            return TrialCandidate(params, reason="; ".join(p.render() for p in e.problems))
+        return TrialCandidate(params, plan, self._memory_reason(plan))
 
     def _memory_reason(self, plan: Plan) -> str:
         """Why the memory model says the plan will not fit, or ""."""

@@ -108,16 +108,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     whole_model = model
     if plan.world.device == "cpu":  # resident memory follows the tensors the plan counts
         fix_mmap_threshold()
-    precision = plan.precision
+    precision, zero_stage = plan.precision, plan.zero.stage
     param_dtype = DTYPES[precision.param_dtype]
     offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
                       cuda=plan.world.device == "cuda")
-    offload.preflight(numel=shard_numel(model, stage=plan.zero.stage, world=plan.parallel.dp),
+    offload.preflight(numel=shard_numel(model, stage=zero_stage, world=plan.parallel.dp),
                       param_itemsize=torch.empty((), dtype=param_dtype).element_size(),
                       ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
-    model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
+    model, pipe_stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
     # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):
     # partition_activations keeps it as it is rather than slicing it again.
     checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing,
@@ -129,7 +129,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                       accumulation=plan.batch.gradient_accumulation_steps,
                       place_master=offload.place_master, param_store=offload.param_store,
                       materialize=functools.partial(materialize_shard, model, coll=coll, device=groups.device)
-                      if meta and plan.zero.stage == 3 else None)
+                      if meta and zero_stage == 3 else None)
     master = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
@@ -140,7 +140,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     parts = dict(model=model, plan=plan, groups=groups, coll=coll, world_coll=world_coll, zero=zero, optimizer=master,
                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll, stepper=stepper,
                  param_groups=param_groups)
-    engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
+    engine = Engine(**parts) if pipe_stage is None else PipelineEngine(pipe_stage=pipe_stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
     engine.monitors = _start_monitors(plan, groups=groups)
     engine.checkpointing = checkpointing
@@ -151,12 +151,12 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
 def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
                  tp_plan: Mapping[str, Any] | None, meta: bool = False) -> tuple[nn.Module, Any, Collectives | None]:
     """Move `model` to the device, make every rank's copy rank 0's, split it over tp and, with
-    pp, keep this rank's pipeline stage: (the module this rank trains, its stage or None, the
+    pp, keep this rank's pipeline stage: (the module this rank trains, its pipeline stage or None, the
     tp group's collectives or None). A `meta` model (tp = pp = 1: check_meta_model) is made whole
     at stages 0-2, equal on every rank with nothing to broadcast, and left on meta at stage 3,
     where build_zero materialises this rank's shards."""
     if meta:
-        if plan.zero.stage < 3:
+        if plan.zero.stage < 3:  # the ZeRO stage
             materialize_whole(model, coll=coll, device=groups.device)
         return model, None, None
     model.to(groups.device)
@@ -169,8 +169,8 @@ def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
             for t in list(model.parameters()) + list(model.buffers()):
                 coll.broadcast(t.data, src=0)
         return model, None, tp_coll
-    stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
-    return stage.module, stage, tp_coll
+    pipe_stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
+    return pipe_stage.module, pipe_stage, tp_coll
 
 
 def _predivide(plan: Plan, *, dp: int) -> float:

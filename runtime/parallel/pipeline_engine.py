@@ -44,7 +44,7 @@ from ..engine import Engine
 from .pipeline import PipelineStage, split_model, tied_stage_sets
 from .pipeline_comm import PipeComm, pp_collectives, sum_tied, tied_groups
 from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
-                        build_schedule)
+                        pipeline_actions)
 
 
 @dataclass
@@ -83,15 +83,15 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
 class PipelineEngine(Engine):
     """Built by `initialize` when plan.parallel.pp > 1; `__init__` only stores."""
 
-    def __init__(self, *, stage: StageSetup, **kwargs):
+    def __init__(self, *, pipe_stage: StageSetup, **kwargs):
         super().__init__(**kwargs)
-        self.stage = stage.module
+        self.stage = pipe_stage.module
         self.pp_coll = pp_collectives(group=self.groups.pp_group, logger=self.coll.logger)
         self.pipe = PipeComm(coll=self.pp_coll, stage=self.stage.stage, stages=self.stage.stages, device=self.device)
-        self.loss_fn = stage.loss_fn
-        self.tied_spans, self._uncounted = self._tied_spans(stage.tied)
-        self.actions = build_schedule(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
-                                      stages=self.stage.stages, micro_batches=self.plan.parallel.pipeline_micro_batches)
+        self.loss_fn = pipe_stage.loss_fn
+        self.tied_spans, self._uncounted = self._tied_spans(pipe_stage.tied)
+        self.actions = pipeline_actions(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
+                                        stages=self.stage.stages, micro_batches=self.plan.parallel.pipeline_micro_batches)
         self.max_in_flight = 0
         """The most micro-batches whose activations this stage held at once in the last step."""
 
