@@ -178,7 +178,7 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
 def bubble_fraction(parallel: ParallelPlan) -> float:
     """Idle time of a pipeline step as a share of the compute: (pp - 1) / m for GPipe and 1F1B,
     (pp - 1) / (v m) interleaved over v chunks per stage (Narayanan et al. 2021, sections 2.2.1
-    and 2.2.2; runtime/parallel/schedules.py `makespan` simulates it)."""
+    and 2.2.2; runtime/parallel/pipeline_schedules.py `makespan` simulates it)."""
     if parallel.pp == 1:
         return 0.0
     return (parallel.pp - 1) / (parallel.pipeline_virtual_stages * parallel.pipeline_micro_batches)

@@ -4,8 +4,8 @@
   forward:  send_forward(t, mb) on stage s   -> recv_forward(mb) on stage s + 1
   backward: send_backward(g, mb) on stage s  -> recv_backward(mb, like=output) on stage s - 1
 Sends are asynchronous (`isend`; the tensor is kept alive until `wait_sends`, called before
-the optimizer step) and receives block, the contract schedules.simulate checks the schedules
-against. Each message has its own tag (micro-batch and direction), so matching never depends
+the optimizer step) and receives block, the contract pipeline_schedules.simulate checks the
+schedules against. Each message has its own tag (micro-batch and direction), so matching never depends
 on the order two messages travel in.
 
 Shapes: an activation's shape and dtype are not known to the next stage in advance (a user's

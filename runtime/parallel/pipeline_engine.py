@@ -6,7 +6,7 @@
 A step (`train_batch`):
   1. every stage reads the same m = gradient_accumulation_steps micro-batches from its
      iterator (the first stage uses the inputs, the last the labels, see `split_batch`);
-  2. the stage runs its schedule (schedules.py: 1F1B or GPipe): forwards and backwards of its
+  2. the stage runs its schedule (pipeline_schedules.py: 1F1B or GPipe): forwards and backwards of its
      layers, activations and their gradients passed to the neighbours (pipeline_comm.py). The
      last stage computes the loss and backpropagates it scaled by loss_scale / m. Around each
      backward the ZeRO stage reduces gradients over the dp group as in the plain Engine, the
@@ -43,8 +43,8 @@ from ..batches import cast_floats, count_tokens
 from ..engine import Engine
 from .pipeline import PipelineStage, split_model, tied_stage_sets
 from .pipeline_comm import PipeComm, pp_collectives, sum_tied, tied_groups
-from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
-                        pipeline_actions)
+from .pipeline_schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
+                                 pipeline_actions)
 
 
 @dataclass

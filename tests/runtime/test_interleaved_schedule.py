@@ -1,4 +1,4 @@
-"""Interleaved 1F1B as data (runtime/parallel/schedules.py): its order, its bubble by simulation
+"""Interleaved 1F1B as data (runtime/parallel/pipeline_schedules.py): its order, its bubble by simulation
 against the cost model's, and the refusal of an interleaved plan by `initialize` and `zeroplan
 train` (the runtime has no executor for it)."""
 
@@ -14,8 +14,8 @@ from zeroplan.compiler.cost import bubble_fraction
 from zeroplan.compiler.memory import in_flight
 from zeroplan.runtime import initialize
 from zeroplan.runtime.models import GPT
-from zeroplan.runtime.parallel.schedules import (Action, interleaved, makespan, max_in_flight, one_f_one_b,
-                                                 pipeline_actions, simulate)
+from zeroplan.runtime.parallel.pipeline_schedules import (Action, interleaved, makespan, max_in_flight,
+                                                          one_f_one_b, pipeline_actions, simulate)
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, validate_config
 
 SHAPES = [(2, 2, 2), (2, 2, 6), (4, 2, 8), (4, 3, 12), (3, 2, 9), (8, 4, 16), (4, 2, 4)]

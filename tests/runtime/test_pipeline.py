@@ -18,7 +18,7 @@ from zeroplan.runtime import initialize
 from zeroplan.runtime.models import GPT
 from zeroplan.runtime.parallel import PipelineModule
 from zeroplan.runtime.parallel.pipeline import model_layers, partition, split_model
-from zeroplan.runtime.parallel.schedules import Action, gpipe, max_in_flight, one_f_one_b, pipeline_actions, simulate
+from zeroplan.runtime.parallel.pipeline_schedules import Action, gpipe, max_in_flight, one_f_one_b, pipeline_actions, simulate
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, validate_config
 
 from rt_pipeline import pipe_plan
