@@ -18,7 +18,7 @@ import subprocess
 from typing import IO, Sequence
 
 from zeroplan.runtime import procs
-from zeroplan.runtime.lifeline import PARENT_ENV
+from zeroplan.runtime.run_env import PARENT_ENV
 
 KILL_GRACE_S = 5.0
 """Seconds a stopped child has to end before its group is killed: more than `zeroplan train`

@@ -30,7 +30,7 @@ import zeroplan
 from zeroplan.schemas import ClusterSpec, ModelSpec, TrainConfig
 from zeroplan.schemas.model import is_model_function
 
-from .models import Workload
+from .models import TrialWorkload
 from .space import Dimension
 
 NOT_MEASURED_CONFIG = ("autotuning", "json_schema")
@@ -54,7 +54,7 @@ def shape_digest(spec: ModelSpec) -> str:
     return _digest(spec.model_dump(mode="json", exclude={"name"}))[:16]
 
 
-def model_identity(workload: Workload, spec: ModelSpec | None) -> dict[str, str]:
+def model_identity(workload: TrialWorkload, spec: ModelSpec | None) -> dict[str, str]:
     """The model part of a study's identity (see the module docstring); without `spec` (what
     `zeroplan train` knows before it builds anything) a builder or script has no shape."""
     shape = {"name": spec.name, "shape": shape_digest(spec), "params": str(spec.total_params)} if spec else {}
@@ -110,7 +110,7 @@ def describe(model: dict[str, str] | None) -> str:
     return model.get("ref", "?") + (f" ({', '.join(extra)})" if extra else "")
 
 
-def model_mismatch(recorded: dict[str, str], given: Workload) -> str | None:
+def model_mismatch(recorded: dict[str, str], given: TrialWorkload) -> str | None:
     """Why the model `given` to `zeroplan train` is not the one a plan was tuned for, or None.
 
     Compared where it can be known before anything is built: a preset or spec by its shape, a

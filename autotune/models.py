@@ -6,10 +6,10 @@ Three kinds of workload, one per `zeroplan autotune` form:
   contract); its spec is measured from the nn.Module in a subprocess
   (`python -m zeroplan.runtime.user_model`), so the tuner itself never imports torch;
 - `--script train.py [-- ARGS]`: your training script, which calls `zeroplan.initialize`;
-  its spec comes from one "model info" run of the script ($ZEROPLAN_MODEL_INFO: the first
-  forward measures the model, writes the spec and ends the run), as DeepSpeed's autotuner
-  starts with a model-info experiment. The script runs as a trial's rank runs it
-  (`python -m zeroplan.runtime.rank train.py ARGS`).
+  its spec comes from one "model info" run of the script (`python -m zeroplan.runtime.rank
+  --model-info FILE train.py ARGS`, runtime/model_info.py: the first forward measures the
+  model, writes the spec and ends the run), as DeepSpeed's autotuner starts with a model-info
+  experiment. The script runs as a trial's rank runs it.
 Either measurement is a child of the tuner like a trial (child.py): it ends with the tuner,
 kill -9 included.
 `--model-spec PRESET|FILE` skips the measurement. The measured spec is kept in
@@ -37,12 +37,12 @@ from . import child
 
 SPEC_FILE = "model_spec.json"
 MEASURE_TIMEOUT_S = 600
-MODEL_INFO_ENV = "ZEROPLAN_MODEL_INFO"  # runtime.user_model.MODEL_INFO_ENV (not imported: it imports torch)
 
 
 @dataclass(frozen=True)
-class Workload:
-    """What every trial runs."""
+class TrialWorkload:
+    """What every trial of `zeroplan autotune` runs: the built-in GPT, a model function or a
+    script (bench/workload.py's Workload is a benchmark's, unrelated)."""
 
     model: str = "tiny"
     """`zeroplan train --model`: a preset, a ModelSpec JSON, or module:function."""
@@ -72,7 +72,7 @@ class Workload:
         return self.cwd.resolve() if self.script else trial_dir
 
 
-def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
+def resolve_model(workload: TrialWorkload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
     """The ModelSpec the compiler uses for this workload (see the module docstring)."""
     if model_spec is not None:
         return ModelSpec.load(model_spec)
@@ -83,9 +83,8 @@ def resolve_model(workload: Workload, *, model_spec: str | None, out_dir: Path) 
     output.unlink(missing_ok=True)
     env = workload.env()
     if workload.script:  # run as a trial runs it (a rank's entry point binds it to the tuner)
-        command = [sys.executable, "-m", "zeroplan.runtime.rank", *workload.script]
+        command = [sys.executable, "-m", "zeroplan.runtime.rank", "--model-info", str(output), *workload.script]
         what = f"script {workload.script[0]}"
-        env[MODEL_INFO_ENV] = str(output)
     else:
         command = [sys.executable, "-m", "zeroplan.runtime.user_model", workload.model, "-o", str(output)]
         what = workload.model

@@ -1,17 +1,10 @@
 """Run one trial as a real subprocess, watch its per-step reports, and survive anything it does.
 
 The child (normally `zeroplan train PLAN ... --metrics FILE`, which launches torchrun) appends
-one JSON object per optimizer step to a metrics file, steps counted from 1, and may end with a
-summary object (`"summary": true`, with every rank's peak memory):
-
-    {"step": 3, "step_time_s": 0.41, "loss": 2.93, "samples_per_s": 19.5, "peak_rss_bytes": 123456}
-    {"summary": true, "peak_rss_bytes_per_rank": [123456, 120000], ...}
-
-Peak memory is the accelerator's reserved bytes when reported (`max_memory_reserved_bytes`),
-else the process's peak RSS. When the run fails, `zeroplan train` appends what its ranks
-reported (runtime/diagnose.py): which rank failed and why, and that rank's traceback:
-
-    {"failure": true, "rank": 1, "kind": "crash", "cause": "rank 1: killed by SIGSEGV ...", "detail": "..."}
+one record per line to a metrics file: a StepRecord per optimizer step, a SummaryRecord at the
+end, and, when `zeroplan train` saw the run fail, a FailureRecord naming the failing rank, why,
+and its traceback (schemas/steps.py defines them, with examples). Peak memory is the
+accelerator's reserved bytes when reported, else the process's peak RSS.
 
 The parent polls that file; each new step goes to `on_step`, which returns True to prune
 (Optuna's `trial.report` + `trial.should_prune`). The child is started as every child of
@@ -24,7 +17,6 @@ log), so a failed trial explains itself ("DeepSpeed's tuner says only 'model not
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import subprocess
@@ -34,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from zeroplan.runtime import procs
+from zeroplan.schemas import ConfigError
+from zeroplan.schemas.steps import FailureRecord, MetricsTail, StepRecord, SummaryRecord
 
 from . import child
 
@@ -42,46 +36,16 @@ _POLL_S = 0.2
 
 
 @dataclass
-class StepReport:
-    step: int
-    step_time_s: float
-    loss: float | None = None
-    samples_per_s: float | None = None
-    peak_memory_bytes: int | None = None
-
-
-@dataclass
 class TrialOutcome:
     state: Literal["complete", "pruned", "failed"]
     reason: str = ""
-    steps: list[StepReport] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
     log_tail: str = ""
     wall_s: float = 0.0
     peak_memory_bytes: int | None = None
     """Largest peak over all ranks when the child wrote a summary, else over rank 0's steps."""
-    failure: dict | None = None
+    failure: FailureRecord | None = None
     """What the child said about its failure (`zeroplan train`'s failure line), if it did."""
-
-
-def _peak(record: dict) -> int | None:
-    return record.get("max_memory_reserved_bytes") or record.get("peak_rss_bytes")
-
-
-def _read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
-    """Complete lines appended since `offset` (a line being written is left for next time)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = chunk.rfind(b"\n") + 1
-    return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()], offset + end
-
-
-def _step(record: dict) -> StepReport:
-    return StepReport(step=int(record["step"]), step_time_s=float(record["step_time_s"]), loss=record.get("loss"),
-                      samples_per_s=record.get("samples_per_s"), peak_memory_bytes=_peak(record))
 
 
 def _failure_reason(returncode: int, log_tail: str) -> str:
@@ -99,7 +63,7 @@ def run_trial(
     metrics: Path,
     workdir: Path,
     timeout_s: float,
-    on_step: Callable[[StepReport], bool] = lambda _: False,
+    on_step: Callable[[StepRecord], bool] = lambda _: False,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> TrialOutcome:
@@ -116,38 +80,36 @@ def run_trial(
         finally:
             child.stop(proc)
     outcome.wall_s = time.monotonic() - start
-    told = outcome.failure or {}
-    outcome.log_tail = told.get("detail") or procs.tail(log_path, lines=20)
+    told = outcome.failure
+    outcome.log_tail = (told and told.detail) or procs.tail(log_path, lines=20)
     if outcome.state == "failed" and not outcome.reason:
-        outcome.reason = told.get("cause") or _failure_reason(proc.returncode, outcome.log_tail)
+        outcome.reason = (told and told.cause) or _failure_reason(proc.returncode, outcome.log_tail)
     return outcome
 
 
 def _watch(proc: subprocess.Popen, *, metrics: Path, timeout_s: float,
-           on_step: Callable[[StepReport], bool], start: float) -> TrialOutcome:
-    steps: list[StepReport] = []
+           on_step: Callable[[StepRecord], bool], start: float) -> TrialOutcome:
+    steps: list[StepRecord] = []
     summary_peak: int | None = None
-    failure: dict | None = None
-    offset = 0
+    failure: FailureRecord | None = None
+    tail = MetricsTail(metrics)
     while True:
         finished = proc.poll() is not None
         try:
-            records, offset = _read_new_records(metrics, offset)
-            new = [(_step(r), r.get("skipped", False)) for r in records
-                   if not r.get("summary") and not r.get("failure")]
-        except (ValueError, TypeError, KeyError) as e:
-            return TrialOutcome("failed", f"unreadable step report: {e!r}", steps)
+            records = tail.read_new()
+        except ConfigError as e:
+            return TrialOutcome("failed", f"unreadable step report: {e}", steps)
         for record in records:
-            if record.get("summary") and record.get("peak_rss_bytes_per_rank"):
-                summary_peak = max(record["peak_rss_bytes_per_rank"])
-            if record.get("failure"):
+            if isinstance(record, SummaryRecord):
+                summary_peak = record.peak_memory_bytes or summary_peak
+            elif isinstance(record, FailureRecord):
                 failure = record
-        for report, skipped in new:
-            steps.append(report)
-            if report.loss is not None and not math.isfinite(report.loss) and not skipped:
-                return TrialOutcome("failed", f"loss is {report.loss} at step {report.step}", steps)
-            if on_step(report):
-                return TrialOutcome("pruned", f"pruned after step {report.step}", steps)
+            else:
+                steps.append(record)
+                if record.loss is not None and not math.isfinite(record.loss) and not record.skipped:
+                    return TrialOutcome("failed", f"loss is {record.loss} at step {record.step}", steps)
+                if on_step(record):
+                    return TrialOutcome("pruned", f"pruned after step {record.step}", steps)
         if finished:
             if proc.returncode != 0:
                 return TrialOutcome("failed", "", steps, failure=failure)

@@ -46,11 +46,12 @@ import optuna
 from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.emit import emit
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, TrainConfig, validate_config
+from zeroplan.schemas.steps import StepRecord
 
 from .identity import model_identity, study_identity
-from .models import Workload
+from .models import TrialWorkload
 from .results import trial_dir, write_results
-from .runner import StepReport, TrialOutcome, run_trial
+from .runner import TrialOutcome, run_trial
 from .space import Dimension, apply, search_space, suggest
 from .study import (HEARTBEAT_S, experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler,
                     mark_worker, open_identified_study, storage_url)
@@ -97,12 +98,15 @@ class TuneSettings:
     is failed by another worker and run once more (storage.py)."""
 
     @property
-    def workload(self) -> Workload:
-        return Workload(model=self.model_name, script=self.script, cwd=self.launch_dir)
+    def workload(self) -> TrialWorkload:
+        return TrialWorkload(model=self.model_name, script=self.script, cwd=self.launch_dir)
 
 
 @dataclass
-class Candidate:
+class TrialCandidate:
+    """A point Optuna suggested: its parameters, and the plan compiled from them or why none
+    can run (`reason`: refused by the compiler or over the memory limit)."""
+
     params: dict[str, Any]
     plan: Plan | None = None
     reason: str = ""
@@ -150,15 +154,15 @@ class Tuner:
         self.config: TrainConfig = validate_config(copy.deepcopy(data))
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
 
-    def candidate(self, params: dict[str, Any]) -> Candidate:
+    def candidate(self, params: dict[str, Any]) -> TrialCandidate:
         """Validate and compile a choice of knob values; a refusal becomes the reason."""
         try:
             cfg = validate_config(apply(self.data, params), world_size=self.world_size)
             plan = compile_plan(cfg, self.model, self.cluster, nnodes=self.settings.nnodes,
                                 nproc_per_node=self.settings.nproc_per_node, resolve_auto=True)
         except ConfigError as e:
-            return Candidate(params, reason="; ".join(p.render() for p in e.problems))
-        return Candidate(params, plan, self._memory_reason(plan))
+            return TrialCandidate(params, reason="; ".join(p.render() for p in e.problems))
+        return TrialCandidate(params, plan, self._memory_reason(plan))
 
     def _memory_reason(self, plan: Plan) -> str:
         """Why the memory model says the plan will not fit, or ""."""
@@ -224,10 +228,10 @@ class Tuner:
                          on_step=self._pruning_callback(trial) if single else (lambda _: False),
                          env=workload.env(), cwd=workload.run_dir(workdir))
 
-    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepReport], bool]:
+    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[StepRecord], bool]:
         warmup = self.settings.warmup_steps
 
-        def on_step(report: StepReport) -> bool:  # steps count from 1
+        def on_step(report: StepRecord) -> bool:  # steps count from 1
             if report.step <= warmup:
                 return False
             trial.report(self._step_value(report), step=report.step)
@@ -235,7 +239,7 @@ class Tuner:
 
         return on_step
 
-    def _step_value(self, report: StepReport) -> float:
+    def _step_value(self, report: StepRecord) -> float:
         if self.settings.objective == "latency":
             return report.step_time_s
         if self.settings.objective == "memory":

@@ -18,7 +18,8 @@ import multiprocessing
 import os
 from typing import Callable
 
-from zeroplan.runtime.lifeline import PARENT_ENV, bind_to_parent
+from zeroplan.runtime.lifeline import bind_to_parent
+from zeroplan.runtime.run_env import PARENT_ENV
 from zeroplan.schemas import ClusterSpec, ModelSpec
 
 from .tune import Tuner, TuneResult, TuneSettings, open_tuner_study, tune, tune_results

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from zeroplan.schemas.steps import read_summary
+
 from .report import machine_lines, result_path, table, write
 
 CONFIG = """\
@@ -69,11 +71,11 @@ def measure(*, work: Path, stage: int, target: str, steps: int, nvme_path: Path,
     plan = json.loads((out / "plan.json").read_text())
     metrics = out / "metrics.jsonl"
     zeroplan(["train", str(out / "plan.json"), "--model", "medium", "--steps", str(steps), "--metrics", str(metrics)])
-    summary = json.loads(metrics.read_text().splitlines()[-1])
+    summary = read_summary(metrics)
     left = sorted(os.listdir(nvme_path))
     return {"stage": stage, "target": target, "kernel": plan["kernels"]["optimizer"],
-            "peaks": summary["peak_rss_bytes_per_rank"], "step_s": summary["mean_step_time_s"],
-            "loss_end": summary["loss_end"], "swap_left": left}
+            "peaks": summary.peak_rss_bytes_per_rank, "step_s": summary.mean_step_time_s,
+            "loss_end": summary.loss_end, "swap_left": left}
 
 
 def to_markdown(rows: list[dict], *, command: str, steps: int, sub_group: int, buffers: int) -> list[str]:

@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zeroplan.schemas.steps import SummaryRecord, read_summary
+
 from .launch import exit_on_sigterm
 from .report import machine_lines, result_path, table, write
 
@@ -44,7 +46,7 @@ CONFIG = {
 class Layout:
     name: str
     sets: dict[str, object]
-    runs: list[dict] = field(default_factory=list)
+    runs: list[SummaryRecord] = field(default_factory=list)
     plan: dict | None = None
     skipped: str | None = None
 
@@ -85,7 +87,7 @@ def measure(layout: Layout, *, args, work: Path, config: Path, round_: int) -> N
         layout.skipped = "train: " + _last_error(run)
         return
     layout.plan = json.loads((out / "plan.json").read_text())
-    layout.runs.append(json.loads(metrics.read_text().splitlines()[-1]))
+    layout.runs.append(read_summary(metrics))
 
 
 def _last_error(proc: subprocess.CompletedProcess) -> str:
@@ -102,23 +104,23 @@ def _last_error(proc: subprocess.CompletedProcess) -> str:
 def row(layout: Layout, base: float | None) -> list[str]:
     p = layout.plan["parallel"]
     m, pp = p["pipeline_micro_batches"], p["pp"]
-    step = statistics.median(r["mean_step_time_s"] for r in layout.runs)
+    step = statistics.median(r.mean_step_time_s for r in layout.runs)
     samples = layout.plan["batch"]["global_batch_size"] / step
-    sent = layout.runs[-1]["comms_per_step"].get("pp.send", {}).get("bytes", 0)
+    sent = getattr((layout.runs[-1].comms_per_step or {}).get("pp.send"), "bytes", 0)
     bubble = (pp - 1) / (m + pp - 1) if pp > 1 else 0.0
     predicted = layout.plan["estimates"]["predicted_step_time_s"]
-    peak = max(max(r["peak_rss_bytes_per_rank"]) for r in layout.runs) / 2 ** 20
+    peak = max(r.peak_memory_bytes for r in layout.runs) / 2 ** 20
     return [layout.name, f"{p['dp']}x{p['tp']}x{pp}", str(m if pp > 1 else "-"), f"{bubble:.0%}",
             f"{step * 1000:.0f}", f"{samples:.2f}", f"{samples / base:.2f}x" if base else "1.00x",
             f"{sent / 2 ** 20:.1f}", f"{predicted * 1000:.0f}", f"{peak:.0f}",
-            f"{statistics.median(r['loss_end'] for r in layout.runs):.4f}", str(len(layout.runs))]
+            f"{statistics.median(r.loss_end for r in layout.runs):.4f}", str(len(layout.runs))]
 
 
 def report(all_layouts: list[Layout], *, args, command: str) -> list[str]:
     done = [x for x in all_layouts if x.runs and not x.skipped]
     base = next((x for x in done if x.plan["parallel"]["pp"] == 1 and x.plan["parallel"]["tp"] == 1), None)
     base_samples = base and base.plan["batch"]["global_batch_size"] / statistics.median(
-        r["mean_step_time_s"] for r in base.runs)
+        r.mean_step_time_s for r in base.runs)
     lines = ["# Parallel layouts at one world size: dp-only vs pipeline vs tensor parallel", "",
              *machine_lines({}), f"- command: `{command}`",
              f"- {args.nproc} processes on gloo, OMP_NUM_THREADS=1 per rank; the machine has {os.cpu_count()} "
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             for layout in all_layouts:
                 if layout.skipped is None:
                     measure(layout, args=args, work=work, config=config, round_=round_)
-                    status = layout.skipped or f"{layout.runs[-1]['mean_step_time_s']:.2f} s/step"
+                    status = layout.skipped or f"{layout.runs[-1].mean_step_time_s:.2f} s/step"
                     print(f"round {round_ + 1}: {layout.name}: {status}", flush=True)
     path = write(args.out or result_path("parallel_degrees"), report(all_layouts, args=args, command=command))
     print(f"wrote {path}")

@@ -39,7 +39,7 @@ class Collective:
     """One kind of collective a rank takes part in during a step."""
 
     dim: str
-    """Parallel dimension of its group: dp, tp or pp."""
+    """Parallel dimension of its group: dp, tp, pp, or world (every rank, when tp or pp > 1)."""
     op: str
     """all_reduce, reduce_scatter, all_gather or send_recv."""
     phase: str
@@ -100,8 +100,8 @@ def _dp_collectives(plan: Plan, shape: StageShape) -> list[Collective]:
                                   1))
     if plan.optimizer.missing_grads == "skip":  # which parameters got a gradient on some rank: a byte each
         out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", len(shape.tensors), n), 1))
-    if plan.precision.loss_scaling.enabled:  # the overflow flag, agreed by every dp rank
-        out.append(Collective("dp", "all_reduce", "step", n, ring_bytes("all_reduce", 4, n), 1))
+    if plan.precision.loss_scaling.enabled and plan.parallel.tp == plan.parallel.pp == 1:
+        out.append(_overflow_flag("dp", n))  # dp is the world
     if z.stage in (1, 2):
         out.append(Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", sharded * e_p, n),
                               _buckets(shape, world=n, bucket=z.allgather_bucket_size, reverse=False)))
@@ -152,8 +152,7 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     the row maxima, then [sum of exp, target logit]); backward, two per block (attention and MLP
     inputs) and one for the LM head's input (last stage), and with `partition_activations` the
     all-gather of each recomputed block's input from its tp slices (runtime/checkpointing.py);
-    at the step, the squared norm of the tp-split gradients and, with loss scaling, the
-    overflow flag (`_tp_step`)."""
+    at the step, the squared norm of the tp-split gradients (`_tp_step`)."""
     t = plan.parallel.tp
     if t == 1:
         return []
@@ -179,11 +178,24 @@ def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
 
 
 def _tp_step(plan: Plan) -> list[Collective]:
-    """At the step, over tp: the squared norm of the tp-split gradients (fp32) and, with loss
-    scaling, the overflow flag every tp rank must agree on (runtime/engine.py `_overflow`)."""
+    """At the step, over tp: the squared norm of the tp-split gradients (fp32)."""
     t = plan.parallel.tp
-    calls = 2 if plan.precision.loss_scaling.enabled else 1
-    return [Collective("tp", "all_reduce", "step", t, calls * ring_bytes("all_reduce", 4, t), calls)]
+    return [Collective("tp", "all_reduce", "step", t, ring_bytes("all_reduce", 4, t), 1)]
+
+
+def _overflow_flag(dim: str, group: int) -> Collective:
+    """fp16's overflow flag (one fp32 element), agreed by every rank in one all-reduce
+    (runtime/engine.py `_overflow`, runtime/comm.py `world_collectives`)."""
+    return Collective(dim, "all_reduce", "step", group, ring_bytes("all_reduce", 4, group), 1)
+
+
+def _world_collectives(plan: Plan) -> list[Collective]:
+    """Over every rank, when tp or pp > 1 (with dp alone, the dp group is the world and
+    `_dp_collectives` counts it): fp16's overflow flag."""
+    p = plan.parallel
+    if not plan.precision.loss_scaling.enabled or p.tp == p.pp == 1:
+        return []
+    return [_overflow_flag("world", p.dp * p.tp * p.pp)]
 
 
 def _sp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
@@ -231,9 +243,9 @@ def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     parameters' dtype, whole on every tp rank. `send_recv` counts the sends; every one is
     received once. At the step, fp32 all-reduces: on the first and last stage the tied
     embedding's gradient, this rank's ZeRO shard of it (the whole matrix at stage 0), over those
-    two stages (Megatron's embedding group); over the pp group the fp16 overflow flag (after
-    the dp and tp groups': together, the world's) and the squared gradient norm. The loss the
-    last stage broadcasts is reporting, after the step's count, as the dp loss average is."""
+    two stages (Megatron's embedding group); over the pp group the squared gradient norm (fp16's
+    overflow flag is the world's, `_world_collectives`). The loss the last stage broadcasts is
+    reporting, after the step's count, as the dp loss average is."""
     p = plan.parallel
     if p.pp == 1:
         return []
@@ -248,14 +260,14 @@ def _pp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Col
     if model.tied_embeddings and (shape.index == 0 or shape.last):
         tied = chunk(embedding_tensors(model, tp=p.tp)[0], p.dp if plan.zero.stage else 1)
         out.append(Collective("pp", "all_reduce", "step", 2, ring_bytes("all_reduce", 4 * tied, 2), 1))
-    scalars = 1 + plan.precision.loss_scaling.enabled
-    out.append(Collective("pp", "all_reduce", "step", p.pp, scalars * ring_bytes("all_reduce", 4, p.pp), scalars))
+    out.append(Collective("pp", "all_reduce", "step", p.pp, ring_bytes("all_reduce", 4, p.pp), 1))
     return out
 
 
 def stage_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:
     """Every collective one rank of this stage takes part in per step."""
-    return [*_dp_collectives(plan, shape), *_tp_collectives(plan, model, shape), *_pp_collectives(plan, model, shape)]
+    return [*_dp_collectives(plan, shape), *_tp_collectives(plan, model, shape), *_pp_collectives(plan, model, shape),
+            *_world_collectives(plan)]
 
 
 def comm_volume(plan: Plan, model: ModelSpec) -> list[Collective]:

@@ -49,7 +49,10 @@ from .shapes import StageShape, persistent_elements, stage_shapes
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
-    """Whether a group along `dim` has ranks on two nodes, by the layout the runtime builds."""
+    """Whether a group along `dim` has ranks on two nodes, by the layout the runtime builds;
+    the `world` group (every rank) whenever there are several nodes."""
+    if dim == "world":
+        return plan.world.nnodes > 1
     p = plan.parallel
     topology = Topology(dp=p.dp, tp=p.tp, pp=p.pp, order=plan.layout.order)
     return dim in crossing_dims(topology, nproc_per_node=plan.world.nproc_per_node)
@@ -90,7 +93,7 @@ def exposed_comm(plan: Plan, cluster: ClusterSpec, collectives: list[Collective]
     window = {"forward": compute / 3, "backward": 2 * compute / 3}
     hidden_load = {"forward": 0.0, "backward": 0.0}
     last_bucket = {"forward": 0.0, "backward": 0.0}
-    exposed = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    exposed = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "world": 0.0}
     for c in collectives:
         t = collective_time(c, plan=plan, cluster=cluster)
         if _overlappable(plan, c):
@@ -179,7 +182,7 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
 def bubble_fraction(parallel: ParallelPlan) -> float:
     """Idle time of a pipeline step as a share of the compute: (pp - 1) / m for GPipe and 1F1B,
     (pp - 1) / (v m) interleaved over v chunks per stage (Narayanan et al. 2021, sections 2.2.1
-    and 2.2.2; runtime/parallel/schedules.py `makespan` simulates it)."""
+    and 2.2.2; runtime/parallel/pipeline_schedules.py `makespan` simulates it)."""
     if parallel.pp == 1:
         return 0.0
     return (parallel.pp - 1) / (parallel.pipeline_virtual_stages * parallel.pipeline_micro_batches)

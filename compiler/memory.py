@@ -184,7 +184,7 @@ def in_flight(plan: Plan, stage: int) -> Fraction:
     """Micro-batches' worth of its activations a stage holds at once: 1F1B keeps pp - stage (at
     most m), GPipe all m (Narayanan et al. 2021, section 2.2); without pipelining one. Interleaved
     over v chunks, rank r holds 2 (pp - r - 1) + (v - 1) pp + 1 chunk-micro-batches (its warm-up
-    and one more, runtime/parallel/schedules.py; every chunk of every micro-batch when m = pp),
+    and one more, runtime/parallel/pipeline_schedules.py; every chunk of every micro-batch when m = pp),
     each 1/v of its layers: on the first stage pp (1 + (pp - 1) / (pp v)) micro-batches,
     Korthikanti et al. 2022, section 4.2.3."""
     p = plan.parallel

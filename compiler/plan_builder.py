@@ -61,7 +61,7 @@ def _parallel_plan(config: TrainConfig, *, model: ModelSpec, dp: int, tp: int, p
 def interleaved_problems(*, schedule: str, chunks: int, pp: int, micro_batches: int, layers: int) -> list[Problem]:
     """Why the interleaved schedule cannot run this pipeline (Megatron-LM's own checks): v >= 2
     chunks per stage with it and 1 without, a pipeline to interleave, micro-batches a multiple of
-    pp (runtime/parallel/schedules.py orders them in groups of pp), and the layers split evenly
+    pp (runtime/parallel/pipeline_schedules.py orders them in groups of pp), and the layers split evenly
     into pp * v chunks."""
     key = "parallel.pipeline.virtual_stages"
     if schedule != "interleaved":

@@ -34,7 +34,10 @@ _DEGREES = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parall
 
 
 @dataclass(frozen=True)
-class Candidate:
+class EstimatedCandidate:
+    """One combination of `compile`'s own search over "auto" fields, judged by the estimates
+    alone (nothing is run): its values, plan, predicted device memory and throughput."""
+
     values: dict[str, Any]
     plan: Plan
     device_bytes: int
@@ -108,7 +111,7 @@ def _plausible(values: dict[str, Any], data: dict) -> bool:
 
 
 def _evaluate(data: dict, values: dict, model: ModelSpec, cluster: ClusterSpec, *, margin: float,
-              calibration: Calibration | None) -> Candidate:
+              calibration: Calibration | None) -> EstimatedCandidate:
     trial = copy.deepcopy(data)
     for key, value in values.items():
         set_path(trial, key, value)
@@ -121,16 +124,17 @@ def _evaluate(data: dict, values: dict, model: ModelSpec, cluster: ClusterSpec, 
     seconds = sum(step_time(plan, model, cluster).values())
     fits = (memory.device_total <= (1 - margin) * cluster.memory_per_rank()
             and not fit_warnings(memory, cluster=cluster))
-    return Candidate(values=values, plan=plan, device_bytes=memory.device_total,
+    return EstimatedCandidate(values=values, plan=plan, device_bytes=memory.device_total,
                      samples_per_s=plan.batch.global_batch_size / seconds, fits=fits)
 
 
-def _describe(best: Candidate, *, fitting: int, total: int, limit: int) -> str:
+def _describe(best: EstimatedCandidate, *, fitting: int, total: int, limit: int) -> str:
     return (f"fastest of {fitting} fitting candidates ({total} compiled): {best.samples_per_s:.4g} samples/s "
             f"predicted, {best.device_bytes / GiB:.2f} of {limit / GiB:.2f} GiB per rank")
 
 
-def _decisions(best: Candidate, autos: list[str], *, fitting: int, total: int, limit: int) -> dict[str, Any]:
+def _decisions(best: EstimatedCandidate, autos: list[str], *, fitting: int, total: int,
+               limit: int) -> dict[str, Any]:
     """The chosen concrete value of every searched key, and why."""
     plan = best.plan
     concrete = {
@@ -173,7 +177,7 @@ def search(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec,
     return _decisions(best, autos, fitting=len(fitting), total=len(candidates), limit=limit)
 
 
-def _nothing_fits(autos: list[str], candidates: list[Candidate], refused: list[ConfigError], *,
+def _nothing_fits(autos: list[str], candidates: list[EstimatedCandidate], refused: list[ConfigError], *,
                   limit: int) -> list[Problem]:
     keys = ", ".join(autos)
     if not candidates:

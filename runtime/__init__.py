@@ -16,7 +16,7 @@ import types
 from importlib import import_module
 from typing import Any
 
-_LAZY = {"Engine": "engine", "PLAN_ENV": "initialize", "initialize": "initialize"}
+_LAZY = {"Engine": "engine", "PLAN_ENV": "run_env", "initialize": "initialize"}
 
 __all__ = ["Engine", "PLAN_ENV", "initialize"]
 

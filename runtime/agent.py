@@ -21,7 +21,7 @@ from pathlib import Path
 from zeroplan.schemas.atomic import atomic_write_text
 
 from . import lifeline
-from .failure import REPORT_DIR_ENV
+from .run_env import REPORT_DIR_ENV
 
 EXITS_FILE = "exits.json"
 """{rank: {"exitcode", "pid", "time"}} of the ranks whose failure ended the run."""

@@ -1,13 +1,16 @@
 """Collectives over one process group, each counted by a comms logger.
 
-`Collectives` is what the ZeRO stages call instead of torch.distributed directly: it binds
-the group (passed in, never global) and records every call in a `CommsLogger` under the
-torch.distributed function name, the keys DeepSpeed's `comms_logger` reports
-(`all_reduce`, `reduce_scatter_tensor`, `all_gather_into_tensor`, `broadcast`).
+`Collectives` is what the ZeRO stages, tensor and pipeline parallelism call instead of
+torch.distributed directly: it binds the group (passed in, never global) and records every
+call in a `CommsLogger` under the torch.distributed function name, the keys DeepSpeed's
+`comms_logger` reports (`all_reduce`, `reduce_scatter_tensor`, `all_gather_into_tensor`,
+`broadcast`), and `send` / `recv` for the pipeline's point-to-point messages. Peers and roots
+are ranks within the group; Collectives maps them to global ranks.
 
 Bytes are the message size as DeepSpeed's logger counts it: the full (unsharded) buffer of
 the collective, i.e. the input of an all-reduce or reduce-scatter and the output of an
-all-gather.
+all-gather; a send's or receive's tensor. Objects (`all_gather_object`) are counted as calls
+with no bytes: torch pickles them out of sight.
 
 On gloo the flat reduce-scatter and all-gather run as one `reduce` / `broadcast` per rank, each
 on that rank's contiguous slice, all launched before any is waited. Gloo implements the flat
@@ -38,9 +41,10 @@ class CommsLogger:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def record(self, op: str, tensor: torch.Tensor) -> None:
+    def record(self, op: str, tensor: torch.Tensor | None) -> None:
+        """One call of `op` moving `tensor` (None: an object, counted without bytes)."""
         self.calls[op] += 1
-        self.bytes[op] += tensor.numel() * tensor.element_size()
+        self.bytes[op] += 0 if tensor is None else tensor.numel() * tensor.element_size()
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {op: {"count": self.calls[op], "bytes": self.bytes[op]} for op in sorted(self.calls)}
@@ -63,6 +67,17 @@ class _Works:
         if self.then is not None:
             then, self.then = self.then, None
             then()
+
+
+class PrefixedLogger:
+    """Records into another comms logger under "<prefix>.<op>" (tp, pp and world collectives
+    beside dp's, which are unprefixed)."""
+
+    def __init__(self, logger: CommsLogger, prefix: str):
+        self.logger, self.prefix = logger, prefix
+
+    def record(self, op: str, tensor: torch.Tensor | None) -> None:
+        self.logger.record(f"{self.prefix}.{op}", tensor)
 
 
 class Collectives:
@@ -129,6 +144,24 @@ class Collectives:
         if self.size > 1:
             dist.broadcast(tensor, src=dist.get_global_rank(self.group, src), group=self.group)
 
+    def send(self, tensor: torch.Tensor, *, dst: int, tag: int):
+        """Start sending `tensor` to group rank `dst`; the work to wait on (keep `tensor` alive until then)."""
+        self.logger.record("send", tensor)
+        return dist.isend(tensor, dst=dist.get_global_rank(self.group, dst), group=self.group, tag=tag)
+
+    def recv(self, tensor: torch.Tensor, *, src: int, tag: int) -> torch.Tensor:
+        """Receive into `tensor` from group rank `src` (blocking); returns it."""
+        self.logger.record("recv", tensor)
+        dist.recv(tensor, src=dist.get_global_rank(self.group, src), group=self.group, tag=tag)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable `obj`, in group-rank order."""
+        self.logger.record("all_gather_object", None)
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def any_true(self, flag: bool, *, device: torch.device) -> bool:
         """True on every rank when `flag` is true on any (e.g. an fp16 overflow)."""
         t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -139,3 +172,13 @@ class Collectives:
         """Sum a one-element fp32 tensor over ranks (in place) and return it."""
         self.all_reduce(value)
         return value
+
+
+def world_collectives(*, coll: Collectives, spans_world: bool) -> Collectives:
+    """Collectives over every rank that steps together, for a flag all of them must agree on
+    (fp16's overflow): `coll` itself when its group already spans the world (dp only), else the
+    default group's, logged as "world.<op>", so one all-reduce replaces one per dimension."""
+    if spans_world:
+        return coll
+    return Collectives(group=dist.group.WORLD, logger=PrefixedLogger(coll.logger, "world"))
+

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zeroplan.schemas import Problem
+from zeroplan.schemas.steps import FailureRecord
 
 from .agent import EXITS_FILE
 from .failure import fault_path, interesting, record_path
@@ -47,10 +48,9 @@ class RunFailure:
     exit_code: int = 1
     """2 for a user error, 128 + signal for an interrupted run, else 1."""
 
-    def record(self) -> dict:
+    def record(self) -> FailureRecord:
         """The failure's line in the metrics file the tuner reads (autotune/runner.py)."""
-        return {"failure": True, "rank": self.rank, "kind": self.kind, "cause": self.cause,
-                "detail": self.detail[-4000:]}
+        return FailureRecord(rank=self.rank, kind=self.kind, cause=self.cause, detail=self.detail[-4000:])
 
 
 @dataclass

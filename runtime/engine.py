@@ -60,8 +60,11 @@ class Engine:
     def __init__(self, *, model: nn.Module, plan: Plan, groups: ProcessGroups, coll: Collectives,
                  zero: ZeroStage, optimizer: MasterOptimizer, schedule: Schedule, scaler: LossScaler,
                  param_dtype: torch.dtype, stepper: GroupStepper, param_groups: BoundGroups,
-                 tp_coll: Collectives | None = None):
+                 world_coll: Collectives, tp_coll: Collectives | None = None):
         self.module, self.plan, self.groups, self.coll = model, plan, groups, coll
+        self.world_coll = world_coll
+        """Collectives over every rank (`coll` itself when dp is the only dimension): the fp16
+        overflow flag is agreed there in one all-reduce (comm.world_collectives)."""
         self.stepper, self._client = stepper, param_groups
         """Groups, gradients received and step counts -> the optimizer's runs; the torch optimizer
         holding the groups and the user's LR scheduler (client_optim.py)."""
@@ -224,12 +227,9 @@ class Engine:
             self.reporter.on_step(self)
 
     def _overflow(self) -> bool:
-        """An inf/nan in the gradient of any rank that steps with this one: agreed over dp, then
-        over tp (tp ranks hold different gradients; all skip or none)."""
-        overflow = self.coll.any_true(not bool(torch.isfinite(self.zero.grad).all()), device=self.device)
-        if self.tp_coll is not None:
-            overflow = self.tp_coll.any_true(overflow, device=self.device)
-        return overflow
+        """An inf/nan in the gradient of any rank: dp, tp and pp ranks hold different gradients,
+        and all of them skip the step or none does. One all-reduce over the world."""
+        return self.world_coll.any_true(not bool(torch.isfinite(self.zero.grad).all()), device=self.device)
 
     def _optimizer_step(self) -> None:
         received = self.zero.take_received()
@@ -425,5 +425,6 @@ class Engine:
         self.optimizer.close()
         self.groups.close()
         self.coll.close()
+        self.world_coll.close()
         if self.tp_coll is not None:
             self.tp_coll.close()

@@ -34,10 +34,8 @@ from zeroplan.schemas.atomic import atomic_write_text
 from zeroplan.schemas.errors import NOT_GIVEN
 
 from .lifeline import Terminated
+from .run_env import REPORT_DIR_ENV
 from .precision import NonFiniteError
-
-REPORT_DIR_ENV = "ZEROPLAN_REPORT_DIR"
-"""The run's private directory the ranks report into (set by `zeroplan train`)."""
 
 _TORCH = f"{os.sep}torch{os.sep}"
 _DISTRIBUTED = f"{os.sep}torch{os.sep}distributed{os.sep}"

@@ -25,7 +25,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem
 
 from .checkpointing import ActivationCheckpointing, install as install_checkpointing
 from .client_optim import ClientOptimizer
-from .comm import Collectives, CommsLogger
+from .comm import Collectives, CommsLogger, world_collectives
 from .dist import init_distributed
 from .engine import Engine
 from .from_config import plan_from_config
@@ -37,15 +37,14 @@ from .pipeline_support import check_pipeline
 from .param_groups import GroupStepper
 from .parallel import apply_tensor_parallel, default_plan, sync_tp_replicas, tp_collectives
 from .metrics import StepReporter
+from . import model_info
+from .model_info import ModelInfoRun
 from .monitor import Monitors
 from .parallel.pipeline_engine import PipelineEngine, build_stage
 from .precision import DTYPES, build_loss_scaler
+from .run_env import PLAN_ENV
 from .schedulers import build_schedule
 from .zero import build_zero, shard_numel
-
-PLAN_ENV = "ZEROPLAN_PLAN"
-"""Environment variable `zeroplan train PLAN -- script.py` sets to the plan's path."""
-
 
 def resolve_plan(plan: Plan | str | Path | None) -> Plan:
     if isinstance(plan, Plan):
@@ -53,7 +52,7 @@ def resolve_plan(plan: Plan | str | Path | None) -> Plan:
     if plan is None:
         path = os.environ.get(PLAN_ENV)
         if not path:
-            raise ConfigError(Problem("plan", "no plan given and $ZEROPLAN_PLAN is not set",
+            raise ConfigError(Problem("plan", f"no plan given and ${PLAN_ENV} is not set",
                                       suggestion="pass plan=PATH, or launch with `zeroplan train PLAN -- script.py`"))
         plan = path
     return Plan.load(plan)
@@ -64,7 +63,7 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                model_spec: ModelSpec | str | Path | None = None,
                cluster: ClusterSpec | str | Path | None = None,
                tp_plan: Mapping[str, Any] | None = None, model_parameters: Iterable | None = None,
-               optimizer: Any = None, lr_scheduler: Any = None) -> Engine:
+               optimizer: Any = None, lr_scheduler: Any = None) -> Engine | ModelInfoRun:
     """Shard `model` as `plan` says and return the Engine that trains it.
 
     `config=` (a config file or dict whose fields are all concrete) is compiled into the plan
@@ -86,14 +85,14 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     its slice of the full model built on every rank, and ZeRO then shards the slices over the dp
     group.
 
-    Under `zeroplan autotune --script`, $ZEROPLAN_MODEL_INFO makes this return a stand-in that
-    measures the model at its first forward and ends the run (user_model.ModelInfoRun), and
-    $ZEROPLAN_METRICS / $ZEROPLAN_MAX_STEPS make the engine report steps and stop (metrics.py).
+    Only in the model-info run of `zeroplan autotune --script`, a process started as `python -m
+    zeroplan.runtime.rank --model-info FILE script.py`, this returns a stand-in that measures
+    the model at its first forward and ends the run (model_info.py). Under `zeroplan train
+    --steps N --metrics FILE -- script.py` the engine reports steps and stops (metrics.py;
+    run_env.py lists the variables a launch sets).
     """
-    from .user_model import MODEL_INFO_ENV, ModelInfoRun  # here: `python -m ...user_model` imports this module
-
-    if os.environ.get(MODEL_INFO_ENV):
-        return ModelInfoRun(model, output=Path(os.environ[MODEL_INFO_ENV]))
+    if (output := model_info.requested()) is not None:
+        return ModelInfoRun(model, output=output)
     client = ClientOptimizer(model=model, model_parameters=model_parameters, optimizer=optimizer,
                              lr_scheduler=lr_scheduler)
     if config is not None:
@@ -109,16 +108,16 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
     whole_model = model
     if plan.world.device == "cpu":  # resident memory follows the tensors the plan counts
         fix_mmap_threshold()
-    precision = plan.precision
+    precision, zero_stage = plan.precision, plan.zero.stage
     param_dtype = DTYPES[precision.param_dtype]
     offload = Offload(offload=plan.offload, zero=plan.zero, optimizer=plan.optimizer, kernels=plan.kernels,
                       cuda=plan.world.device == "cuda")
-    offload.preflight(numel=shard_numel(model, stage=plan.zero.stage, world=plan.parallel.dp),
+    offload.preflight(numel=shard_numel(model, stage=zero_stage, world=plan.parallel.dp),
                       param_itemsize=torch.empty((), dtype=param_dtype).element_size(),
                       ranks_per_node=plan.world.nproc_per_node)
     groups = init_distributed(world=plan.world, parallel=plan.parallel, layout=plan.layout)
     coll = Collectives(group=groups.dp_group, logger=CommsLogger())
-    model, stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
+    model, pipe_stage, tp_coll = _place_model(model, plan=plan, groups=groups, coll=coll, tp_plan=tp_plan, meta=meta)
     # With sequence parallelism a block's input is already this rank's 1/tp (of the sequence):
     # partition_activations keeps it as it is rather than slicing it again.
     checkpointing = ActivationCheckpointing(plan=plan.activation_checkpointing,
@@ -130,17 +129,18 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
                       accumulation=plan.batch.gradient_accumulation_steps,
                       place_master=offload.place_master, param_store=offload.param_store,
                       materialize=functools.partial(materialize_shard, model, coll=coll, device=groups.device)
-                      if meta and plan.zero.stage == 3 else None)
+                      if meta and zero_stage == 3 else None)
     master = offload.master_optimizer(zero)
     schedule = build_schedule(scheduler=plan.scheduler, optimizer=plan.optimizer)
     scaler = build_loss_scaler(loss_scaling=precision.loss_scaling, param_dtype=precision.param_dtype)
     stepper = GroupStepper(param_groups=param_groups.holder.param_groups, group_of=param_groups.group_of(whole_model),
                            plan=plan.optimizer, layout=zero.layout, coll=coll, device=groups.device)
     coll.logger.reset()
-    parts = dict(model=model, plan=plan, groups=groups, coll=coll, zero=zero, optimizer=master,
+    world_coll = world_collectives(coll=coll, spans_world=groups.tp_size == groups.pp_size == 1)
+    parts = dict(model=model, plan=plan, groups=groups, coll=coll, world_coll=world_coll, zero=zero, optimizer=master,
                  schedule=schedule, scaler=scaler, param_dtype=param_dtype, tp_coll=tp_coll, stepper=stepper,
                  param_groups=param_groups)
-    engine = Engine(**parts) if stage is None else PipelineEngine(stage=stage, **parts)
+    engine = Engine(**parts) if pipe_stage is None else PipelineEngine(pipe_stage=pipe_stage, **parts)
     engine.reporter = StepReporter.from_env(rank=groups.rank)
     engine.monitors = _start_monitors(plan, groups=groups)
     engine.checkpointing = checkpointing
@@ -151,12 +151,12 @@ def initialize(model: nn.Module, *, plan: Plan | str | Path | None = None,
 def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
                  tp_plan: Mapping[str, Any] | None, meta: bool = False) -> tuple[nn.Module, Any, Collectives | None]:
     """Move `model` to the device, make every rank's copy rank 0's, split it over tp and, with
-    pp, keep this rank's pipeline stage: (the module this rank trains, its stage or None, the
+    pp, keep this rank's pipeline stage: (the module this rank trains, its pipeline stage or None, the
     tp group's collectives or None). A `meta` model (tp = pp = 1: check_meta_model) is made whole
     at stages 0-2, equal on every rank with nothing to broadcast, and left on meta at stage 3,
     where build_zero materialises this rank's shards."""
     if meta:
-        if plan.zero.stage < 3:
+        if plan.zero.stage < 3:  # the ZeRO stage
             materialize_whole(model, coll=coll, device=groups.device)
         return model, None, None
     model.to(groups.device)
@@ -169,8 +169,8 @@ def _place_model(model: nn.Module, *, plan: Plan, groups, coll: Collectives,
             for t in list(model.parameters()) + list(model.buffers()):
                 coll.broadcast(t.data, src=0)
         return model, None, tp_coll
-    stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
-    return stage.module, stage, tp_coll
+    pipe_stage = build_stage(model, groups=groups, method=plan.parallel.pipeline_partition_method)
+    return pipe_stage.module, pipe_stage, tp_coll
 
 
 def _predivide(plan: Plan, *, dp: int) -> float:

@@ -20,7 +20,6 @@ launch. The failure is also appended to the metrics file, where the tuner reads 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,12 +30,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from zeroplan.schemas import ConfigError, Plan, Problem
+from zeroplan.schemas.steps import FailureRecord
 
 from . import lifeline, procs, rundir
 from .diagnose import RunFailure, diagnose, oom_kill_count
 from .dist import check_device
-from .failure import REPORT_DIR_ENV
-from .initialize import PLAN_ENV
+from .run_env import PLAN_ENV, REPORT_DIR_ENV
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -146,11 +145,11 @@ def _run(argv: list[str], *, env: dict) -> tuple[int | None, int | None]:
             signal.signal(sig, handler)
 
 
-def _append(path: Path | None, record: dict) -> None:
+def _append(path: Path | None, record: FailureRecord) -> None:
     if path is None:
         return
     try:
         with Path(path).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(record.to_line())
     except OSError:
         pass

@@ -28,8 +28,7 @@ import threading
 import time
 from typing import Callable
 
-PARENT_ENV = "ZEROPLAN_PARENT_PID"
-"""Pid of the process whose death must end this one (set by the launcher that started it)."""
+from .run_env import PARENT_ENV
 
 GRACE_S = 2.0
 """Seconds a rank told to end (SIGTERM, or its parent gone) has to end by itself before its

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -25,6 +24,9 @@ from pathlib import Path
 import torch
 
 from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.steps import StepRecord, SummaryRecord
+
+from .run_env import MAX_STEPS_ENV, METRICS_ENV
 
 
 def peak_rss_bytes() -> int:
@@ -95,12 +97,6 @@ class StepMeter:
 
 # -- metrics for the tuner from any training script ------------------------------------------
 
-METRICS_ENV = "ZEROPLAN_METRICS"
-"""Path rank 0 appends one JSON line per optimizer step to (and a summary line at the end)."""
-MAX_STEPS_ENV = "ZEROPLAN_MAX_STEPS"
-"""Optimizer steps after which `engine.step()` ends the run (raises TrialComplete)."""
-
-
 class TrialComplete(SystemExit):
     """Raised by `engine.step()` when $ZEROPLAN_MAX_STEPS optimizer steps are done.
 
@@ -129,10 +125,10 @@ class StepReporter:
     """Per-step metrics for `zeroplan autotune`'s trial runner, from inside the Engine.
 
     Set up by `initialize` when $ZEROPLAN_METRICS or $ZEROPLAN_MAX_STEPS is set (`zeroplan train
-    PLAN --steps N --metrics FILE -- script.py` sets both). Rank 0 writes, after every optimizer
-    step, `{"step", "step_time_s", "samples_per_s", "loss", "peak_rss_bytes", ...}` (steps from 1,
-    the loss being engine.last_loss), and at the last step a summary line with every rank's peak
-    memory; then `step()` raises TrialComplete.
+    PLAN --steps N --metrics FILE -- script.py` sets both; run_env.py). Rank 0 writes a StepRecord
+    (schemas/steps.py) after every optimizer step (steps from 1, the loss being
+    engine.last_loss), and at the last step a SummaryRecord with every rank's peak memory; then
+    `step()` raises TrialComplete.
     """
 
     def __init__(self, *, path: Path | None, max_steps: int | None, rank0: bool):
@@ -157,22 +153,20 @@ class StepReporter:
 
     def on_step(self, engine) -> None:
         """After an optimizer step (every rank): write its line; end the run at the last step."""
-        line = {"step": engine.global_steps, **engine.metrics()}
-        if engine.last_loss is not None:
-            line["loss"] = engine.last_loss
-        self._times.append(line.get("step_time_s", 0.0))
+        line = StepRecord(step=engine.global_steps, loss=engine.last_loss, **engine.metrics())
+        self._times.append(line.step_time_s)
         self._write(line)
         if self.max_steps is not None and engine.global_steps >= self.max_steps:
-            peaks = gather_peaks(peak_bytes=line["peak_rss_bytes"], group=None)  # every rank, all stages
+            peaks = gather_peaks(peak_bytes=line.peak_rss_bytes, group=None)  # every rank, all stages
             times = self._times[1:] or self._times  # the first step includes warm-up
             mean = sum(times) / len(times)
-            self._write({"summary": True, "steps": engine.global_steps, "mean_step_time_s": mean,
-                         "samples_per_s": engine.plan.batch.global_batch_size / mean if mean else 0.0,
-                         "peak_rss_bytes_per_rank": peaks})
+            self._write(SummaryRecord(steps=engine.global_steps, mean_step_time_s=mean,
+                                      samples_per_s=engine.plan.batch.global_batch_size / mean if mean else 0.0,
+                                      peak_rss_bytes_per_rank=peaks))
             engine.close()
             raise TrialComplete(engine.global_steps)
 
-    def _write(self, record: dict) -> None:
+    def _write(self, record: StepRecord | SummaryRecord) -> None:
         if self.path is not None and self.rank0:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(record.to_line())

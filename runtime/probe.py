@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 from zeroplan.schemas import ClusterRates, ClusterSpec
 
 from . import lifeline, rundir
+from .run_env import PARENT_ENV
 
 MiB = 1 << 20
 
@@ -181,14 +182,14 @@ def _spawn_bound(worker, *, nprocs: int, args: tuple) -> None:
     """`mp.spawn(worker, args, nprocs)` with the workers bound to this process (lifeline.py):
     they end when it dies, and when it stops waiting for them (an exception: SIGTERM raised
     as lifeline.Terminated, Ctrl-C) it ends them, rather than have Python's exit wait for them."""
-    before = os.environ.get(lifeline.PARENT_ENV)
+    before = os.environ.get(PARENT_ENV)
     os.environ.update(lifeline.child_env({}))  # the spawned workers inherit this environment
     try:
         context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
     finally:
-        os.environ.pop(lifeline.PARENT_ENV)
+        os.environ.pop(PARENT_ENV)
         if before is not None:
-            os.environ[lifeline.PARENT_ENV] = before
+            os.environ[PARENT_ENV] = before
     try:
         while not context.join():
             pass

@@ -1,9 +1,12 @@
 """A rank's entry point under `zeroplan train`.
 
     python -m zeroplan.runtime.rank script.py ARGS     # a training script as one rank
+    python -m zeroplan.runtime.rank --model-info FILE script.py ARGS
 
-(the built-in loop, runtime/train.py, calls `run_rank` itself; `zeroplan autotune --script`
-runs its model-info run of the script this way too, bound to the tuner). `run_rank(body)`:
+(the built-in loop, runtime/train.py, calls `run_rank` itself). The second form is the
+model-info run of `zeroplan autotune --script`, bound to the tuner: the script's
+`zeroplan.initialize(model)` measures the model into FILE at its first forward and ends the
+run (model_info.py). `run_rank(body)`:
 1. binds the rank to the process that started it (lifeline.py): it ends when the torchrun
    agent or `zeroplan train` ends, within lifeline.GRACE_S even when stuck in a collective,
    and SIGTERM becomes an exception, so swap directories are removed on the way out;
@@ -18,11 +21,12 @@ import os
 import runpy
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from zeroplan.schemas import ConfigError
 
-from . import lifeline
+from . import lifeline, model_info
 from .failure import RankReport
 from .precision import NonFiniteError
 
@@ -67,8 +71,11 @@ def _ended(exc: BaseException, report: RankReport | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("usage: python -m zeroplan.runtime.rank SCRIPT [ARGS...]", file=sys.stderr)
+    if argv[:1] == ["--model-info"] and len(argv) > 2:
+        model_info.request(Path(argv[1]))
+        argv = argv[2:]
+    if not argv or argv[0].startswith("--"):
+        print("usage: python -m zeroplan.runtime.rank [--model-info FILE] SCRIPT [ARGS...]", file=sys.stderr)
         return 2
     script = argv[0]
     sys.argv = argv

@@ -6,8 +6,8 @@ process) by `zeroplan train`.
     python -m zeroplan.runtime.train --plan plan.json --model my_model:build --steps 50
 
 Rank 0 shows a progress bar (loss, samples/s, peak memory), prints a line every
-`logging.steps_per_print` steps, and writes one JSON line per step to --metrics, then a
-summary line with every rank's peak memory and the mean step time. Each rank runs under
+`logging.steps_per_print` steps, and writes a StepRecord per step to --metrics, then a
+SummaryRecord with every rank's peak memory and the mean step time (schemas/steps.py). Each rank runs under
 `rank.run_rank` (bound to its launcher, reporting how it ended). A run whose loss is not
 finite never ends with status 0: `precision.nonfinite` "stop" ends it at that step; with
 "skip" the skipped steps are counted and left out of the summary's losses.
@@ -16,7 +16,6 @@ finite never ends with status 0: `precision.nonfinite` "stop" ends it at that st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,12 +27,14 @@ import torch
 from zeroplan.schemas import ModelSpec, Plan
 from zeroplan.schemas.model import is_model_function
 from zeroplan.schemas.paths import writable_file
+from zeroplan.schemas.steps import StepRecord, SummaryRecord
 
 from .initialize import initialize
-from .metrics import MAX_STEPS_ENV, METRICS_ENV, gather_peaks
+from .metrics import gather_peaks
 from .models import GPT, MarkovChainData
 from .precision import NonFiniteError
 from .rank import run_rank
+from .run_env import MAX_STEPS_ENV, METRICS_ENV
 from .user_model import build_user_model, tokens_per_sample, user_batches
 
 MIB = 2 ** 20
@@ -67,7 +68,7 @@ def _workload(args: argparse.Namespace, plan: Plan):
     return engine, data, spec.name, spec.seq_len
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> SummaryRecord:
     plan = Plan.load(args.plan)
     for name in (METRICS_ENV, MAX_STEPS_ENV):  # this loop has --steps and --metrics of its own
         os.environ.pop(name, None)
@@ -82,10 +83,10 @@ def run(args: argparse.Namespace) -> dict:
             engine.train_batch(data)
             losses.append(engine.last_loss)  # over the dp ranks; with pp > 1 the last stage's
             taken.append(engine.skipped_steps == skipped)  # False: skipped as non-finite
-            line = {"step": step + 1, "loss": losses[-1], "lr": engine.get_lr(), **engine.metrics(),
-                    "skipped": not taken[-1]}
+            line = StepRecord(step=step + 1, loss=losses[-1], lr=engine.get_lr(), skipped=not taken[-1],
+                              **engine.metrics())
             if out:
-                out.write(json.dumps(line) + "\n")
+                out.write(line.to_line())
                 out.flush()
             if rank0:
                 bar(line)
@@ -94,10 +95,10 @@ def run(args: argparse.Namespace) -> dict:
     summary = _summary(engine, _taken_losses(losses, taken), wall=time.perf_counter() - started, name=name,
                        tokens_per_sample=tokens)
     if out:
-        out.write(json.dumps(summary) + "\n")
+        out.write(summary.to_line())
         out.close()
     if rank0:
-        print(json.dumps(summary), flush=True)
+        print(summary.to_line(), end="", flush=True)
     engine.close()
     return summary
 
@@ -114,26 +115,24 @@ def _taken_losses(losses: list[float], taken: list[bool]) -> list[float]:
     return kept
 
 
-def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_sample: int) -> dict:
+def _summary(engine, losses: list[float], *, wall: float, name: str, tokens_per_sample: int) -> SummaryRecord:
     """`losses`: those of the steps taken."""
     peaks = gather_peaks(peak_bytes=engine.metrics()["peak_rss_bytes"], group=None)  # every rank: all stages
     times = engine.meter.times[1:] or engine.meter.times  # the first step includes warm-up
     mean = sum(times) / len(times)
     p = engine.plan.parallel
-    return {"summary": True, "model": name, "stage": engine.plan.zero.stage,
-            "world_size": engine.groups.world_size, "dp": p.dp, "tp": p.tp, "pp": p.pp,
-            "pipeline_schedule": p.pipeline_schedule if p.pp > 1 else None, "dtype": engine.plan.precision.param_dtype,
-            "steps": engine.global_steps, "skipped_steps": engine.skipped_steps, "loss_start": losses[0],
-            "loss_end": losses[-1],
-            "mean_step_time_s": mean, "samples_per_s": engine.plan.batch.global_batch_size / mean,
-            "tokens_per_s": engine.plan.batch.global_batch_size * tokens_per_sample / mean,
-            "peak_rss_bytes_per_rank": peaks, "wall_s": wall,
-            "comms_per_step": engine.last_comms}
+    return SummaryRecord(model=name, stage=engine.plan.zero.stage, world_size=engine.groups.world_size,
+                         dp=p.dp, tp=p.tp, pp=p.pp, pipeline_schedule=p.pipeline_schedule if p.pp > 1 else None,
+                         dtype=engine.plan.precision.param_dtype, steps=engine.global_steps,
+                         skipped_steps=engine.skipped_steps, loss_start=losses[0], loss_end=losses[-1],
+                         mean_step_time_s=mean, samples_per_s=engine.plan.batch.global_batch_size / mean,
+                         tokens_per_s=engine.plan.batch.global_batch_size * tokens_per_sample / mean,
+                         peak_rss_bytes_per_rank=peaks, wall_s=wall, comms_per_step=engine.last_comms)
 
 
-def _text(line: dict, total: int) -> str:
-    return (f"step {line['step']}/{total}  loss {line['loss']:.4f}  lr {line['lr']:.3g}  "
-            f"{line.get('samples_per_s', 0):.1f} samples/s  peak {line['peak_rss_bytes'] / MIB:.0f} MiB")
+def _text(line: StepRecord, total: int) -> str:
+    return (f"step {line.step}/{total}  loss {line.loss:.4f}  lr {line.lr:.3g}  "
+            f"{line.samples_per_s or 0:.1f} samples/s  peak {line.peak_rss_bytes / MIB:.0f} MiB")
 
 
 class _progress:
@@ -153,9 +152,9 @@ class _progress:
         self.progress.__enter__()
         task = self.progress.add_task("train", total=self.total, info="")
 
-        def update(line: dict) -> None:
-            info = (f"loss {line['loss']:.3f}  {line.get('samples_per_s', 0):.1f} samples/s  "
-                    f"{line['peak_rss_bytes'] / MIB:.0f} MiB")
+        def update(line: StepRecord) -> None:
+            info = (f"loss {line.loss:.3f}  {line.samples_per_s or 0:.1f} samples/s  "
+                    f"{line.peak_rss_bytes / MIB:.0f} MiB")
             self.progress.update(task, advance=1, info=info)
         return update
 

@@ -47,8 +47,6 @@ from . import lifeline
 from .model_shape import spec_from_hf_config
 
 BatchFn = Callable[[int, int], Any]
-MODEL_INFO_ENV = "ZEROPLAN_MODEL_INFO"
-"""Set by `zeroplan autotune --script` for one run of the script that only measures the model."""
 HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads")
 
 
@@ -204,56 +202,6 @@ def _fit_block(per_layer: int, *, hidden: int, heads: int) -> tuple[int, int, in
         heads = 1
     ffn = max(round((per_layer - 4 * hidden * hidden - 9 * hidden) / (2 * hidden + 1)), 1)
     return hidden, heads, ffn
-
-
-class ModelInfoRun:
-    """What `zeroplan.initialize` returns while $ZEROPLAN_MODEL_INFO is set.
-
-    `zeroplan autotune --script train.py` first runs the script once, one process, to learn
-    the model's shape (DeepSpeed's autotuner starts with the same "model info" run). The
-    script's first forward (`engine(batch)` or `engine.train_batch(it)`) measures the model
-    with that batch, writes the ModelSpec to the file the variable names, and ends the run
-    with TrialComplete (exit status 0); nothing is trained.
-    """
-
-    def __init__(self, model: nn.Module, *, output: Path):
-        self.module, self.output = model, output
-
-    def __call__(self, *args, **kwargs):
-        from .metrics import TrialComplete
-
-        name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else type(self.module).__name__
-        spec = measure_spec(self.module, sample=(args, kwargs), name=name)
-        atomic_write_text(self.output, spec.model_dump_json(indent=2) + "\n")
-        raise TrialComplete(0)
-
-    forward = __call__
-
-    def train(self, mode: bool = True) -> "ModelInfoRun":
-        """The model's mode, as engine.train() sets it before a first forward."""
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> "ModelInfoRun":
-        return self.train(False)
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return 1
-
-    def gradient_accumulation_steps(self) -> int:
-        return 1
-
-    def train_batch(self, data_iter: Iterator) -> None:
-        batch = next(data_iter)
-        if isinstance(batch, dict):
-            self(**batch)
-        elif isinstance(batch, (list, tuple)):
-            self(*batch)
-        self(batch)
-
-    def __getattr__(self, name: str):
-        raise AttributeError(f"engine.{name} before the first forward: the model-info run of `zeroplan autotune "
-                             "--script` ends at the first forward (engine(batch) or engine.train_batch)")
 
 
 def measure_ref(ref: str) -> ModelSpec:

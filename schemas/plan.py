@@ -54,7 +54,7 @@ class ParallelPlan(FrozenModel):
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     pipeline_schedule: Literal["1f1b", "gpipe", "interleaved"] = "1f1b"
-    """The order a stage runs its forwards and backwards (runtime/parallel/schedules.py);
+    """The order a stage runs its forwards and backwards (runtime/parallel/pipeline_schedules.py);
     'interleaved' is compiled and estimated but refused by the runtime (parallel.pipeline.schedule)."""
     pipeline_virtual_stages: int = Field(default=1, ge=1)
     """Model chunks per stage: >= 2 with the interleaved schedule, 1 otherwise."""

@@ -4,8 +4,8 @@
   forward:  send_forward(t, mb) on stage s   -> recv_forward(mb) on stage s + 1
   backward: send_backward(g, mb) on stage s  -> recv_backward(mb, like=output) on stage s - 1
 Sends are asynchronous (`isend`; the tensor is kept alive until `wait_sends`, called before
-the optimizer step) and receives block, the contract schedules.simulate checks the schedules
-against. Each message has its own tag (micro-batch and direction), so matching never depends
+the optimizer step) and receives block, the contract pipeline_schedules.simulate checks the
+schedules against. Each message has its own tag (micro-batch and direction), so matching never depends
 on the order two messages travel in.
 
 Shapes: an activation's shape and dtype are not known to the next stage in advance (a user's
@@ -14,13 +14,15 @@ forward message is preceded by a fixed-size int64 header (dtype code, ndim, dims
 the compiler's, compiler/comm.py, which counts it). A gradient has its output's shape, which
 the receiver holds: no header.
 
-On gloo (torch 2.13, CPU) `isend`/`irecv` between any two ranks of a subgroup work, with
-global ranks as peers; `batch_isend_irecv` works as well but adds nothing here since sends
-never block. NCCL takes the same calls.
+The messages go through the pp group's logged Collectives (`send`, `recv`; runtime/comm.py).
+On gloo (torch 2.13, CPU) `isend`/`recv` between any two ranks of a subgroup work, with global
+ranks as peers; `batch_isend_irecv` works as well but adds nothing here since sends never
+block. NCCL takes the same calls.
 
 Tied parameters (the GPT's embedding, on the first and last stage): `tied_groups` builds one
 group per set of stages sharing a parameter, for every (dp, tp) coordinate (Megatron's
-embedding group); `sum_tied` all-reduces each tied parameter's gradient shard slice over it.
+embedding group), and `sum_tied` all-reduces each tied parameter's gradient shard slice over
+it through that group's Collectives.
 
 Everything here is logged as `pp.<op>` (`pp.send`, `pp.recv`, `pp.all_reduce`) beside the dp
 group's collectives, as tensor parallelism's are as `tp.<op>`.
@@ -33,8 +35,7 @@ import torch.distributed as dist
 
 from zeroplan.compiler.comm import PIPE_HEADER_ELEMENTS, PIPE_MAX_DIMS
 
-from ..comm import Collectives, CommsLogger
-from .tensor_comm import PrefixedLogger
+from ..comm import Collectives, CommsLogger, PrefixedLogger
 from .topology import Topology
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
@@ -42,14 +43,13 @@ _FORWARD, _HEADER, _BACKWARD = 0, 1, 2
 
 
 class PipeComm:
-    """Sends and receives of one stage to and from its neighbours in the pp group."""
+    """Sends and receives of one stage to and from its neighbours in the pp group (`coll`:
+    its Collectives, whose group ranks are the stages)."""
 
-    def __init__(self, *, group: dist.ProcessGroup, stage: int, stages: int, device: torch.device,
-                 logger: CommsLogger):
-        self.group, self.stage, self.stages, self.device = group, stage, stages, device
-        self.logger = pp_logger(logger)
-        self.prev = dist.get_global_rank(group, stage - 1) if stage > 0 else None
-        self.next = dist.get_global_rank(group, stage + 1) if stage < stages - 1 else None
+    def __init__(self, *, coll: Collectives, stage: int, stages: int, device: torch.device):
+        self.coll, self.stage, self.stages, self.device = coll, stage, stages, device
+        self.prev = stage - 1 if stage > 0 else None
+        self.next = stage + 1 if stage < stages - 1 else None
         self._pending: list[tuple[object, torch.Tensor]] = []
 
     @staticmethod
@@ -57,13 +57,10 @@ class PipeComm:
         return 3 * mb + kind
 
     def _isend(self, tensor: torch.Tensor, *, dst: int, tag: int) -> None:
-        self.logger.record("send", tensor)
-        self._pending.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor))
+        self._pending.append((self.coll.send(tensor, dst=dst, tag=tag), tensor))
 
     def _recv(self, tensor: torch.Tensor, *, src: int, tag: int) -> torch.Tensor:
-        self.logger.record("recv", tensor)
-        dist.recv(tensor, src=src, group=self.group, tag=tag)
-        return tensor
+        return self.coll.recv(tensor, src=src, tag=tag)
 
     def send_forward(self, activation: torch.Tensor, mb: int) -> None:
         t = activation.detach().contiguous()
@@ -98,20 +95,17 @@ class PipeComm:
         self._pending.clear()
 
 
-def pp_logger(logger: CommsLogger) -> PrefixedLogger:
-    """`logger` recording as "pp.<op>"."""
-    return PrefixedLogger(logger, "pp")
-
-
 def pp_collectives(*, group: dist.ProcessGroup, logger: CommsLogger) -> Collectives:
-    """Collectives over the pp group (the norm's, the overflow flag's and the loss's sums), logged as "pp.<op>"."""
-    return Collectives(group=group, logger=pp_logger(logger))
+    """Collectives over a pipeline group (the pp group: messages, the norm's sum, the loss's
+    broadcast; a tied-parameter group: its gradient's sum), logged as "pp.<op>"."""
+    return Collectives(group=group, logger=PrefixedLogger(logger, "pp"))
 
 
 def tied_groups(*, topology: Topology, stage_sets: list[tuple[int, ...]],
                 rank: int) -> dict[tuple[int, ...], dist.ProcessGroup]:
     """This rank's group for each stage set it belongs to (a collective: every rank calls it,
-    creating every group of every set in the same order)."""
+    creating every group of every set in the same order; group creation moves no data and is
+    not logged)."""
     here = topology.coords(rank)
     mine = {}
     for stages in stage_sets:
@@ -124,10 +118,8 @@ def tied_groups(*, topology: Topology, stage_sets: list[tuple[int, ...]],
     return mine
 
 
-def sum_tied(grad: torch.Tensor, *, spans: list[tuple[int, int, dist.ProcessGroup]], logger: CommsLogger) -> None:
-    """Sum each (offset, length) slice of the (fp32) gradient shard over its group, in place;
-    logged as "pp.all_reduce"."""
-    for offset, length, group in spans:
-        part = grad[offset:offset + length]
-        pp_logger(logger).record("all_reduce", part)
-        dist.all_reduce(part, group=group)
+def sum_tied(grad: torch.Tensor, *, spans: list[tuple[int, int, Collectives]]) -> None:
+    """Sum each (offset, length) slice of the (fp32) gradient shard over its tied group's
+    Collectives (`pp_collectives`: logged as "pp.all_reduce"), in place."""
+    for offset, length, coll in spans:
+        coll.all_reduce(grad[offset:offset + length])

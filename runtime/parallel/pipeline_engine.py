@@ -6,7 +6,7 @@
 A step (`train_batch`):
   1. every stage reads the same m = gradient_accumulation_steps micro-batches from its
      iterator (the first stage uses the inputs, the last the labels, see `split_batch`);
-  2. the stage runs its schedule (schedules.py: 1F1B or GPipe): forwards and backwards of its
+  2. the stage runs its schedule (pipeline_schedules.py: 1F1B or GPipe): forwards and backwards of its
      layers, activations and their gradients passed to the neighbours (pipeline_comm.py). The
      last stage computes the loss and backpropagates it scaled by loss_scale / m. Around each
      backward the ZeRO stage reduces gradients over the dp group as in the plain Engine, the
@@ -14,7 +14,7 @@ A step (`train_batch`):
   3. the gradients of tied parameters (the GPT's embedding on the first and last stage) are
      summed over their stages, so both copies take the same step;
   4. the plain Engine's optimizer step: fp16 overflow skips the step on every rank of the world
-     (the flag agreed over dp, tp, then pp); the global gradient norm sums the squared shard
+     (the flag agreed in one all-reduce over the world); the global gradient norm sums the squared shard
      norms over dp and pp, counting a tied parameter once; clip, step, publish;
   5. the mean loss of the m micro-batches is broadcast from the last stage to the pp group, so
      every rank returns it.
@@ -43,8 +43,8 @@ from ..batches import cast_floats, count_tokens
 from ..engine import Engine
 from .pipeline import PipelineStage, split_model, tied_stage_sets
 from .pipeline_comm import PipeComm, pp_collectives, sum_tied, tied_groups
-from .schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
-                        build_schedule)
+from .pipeline_schedules import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
+                                 pipeline_actions)
 
 
 @dataclass
@@ -83,26 +83,26 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
 class PipelineEngine(Engine):
     """Built by `initialize` when plan.parallel.pp > 1; `__init__` only stores."""
 
-    def __init__(self, *, stage: StageSetup, **kwargs):
+    def __init__(self, *, pipe_stage: StageSetup, **kwargs):
         super().__init__(**kwargs)
-        self.stage = stage.module
-        self.pipe = PipeComm(group=self.groups.pp_group, stage=self.stage.stage, stages=self.stage.stages,
-                             device=self.device, logger=self.coll.logger)
+        self.stage = pipe_stage.module
         self.pp_coll = pp_collectives(group=self.groups.pp_group, logger=self.coll.logger)
-        self.loss_fn = stage.loss_fn
-        self.tied_spans, self._uncounted = self._tied_spans(stage.tied)
-        self.actions = build_schedule(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
-                                      stages=self.stage.stages, micro_batches=self.plan.parallel.pipeline_micro_batches)
+        self.pipe = PipeComm(coll=self.pp_coll, stage=self.stage.stage, stages=self.stage.stages, device=self.device)
+        self.loss_fn = pipe_stage.loss_fn
+        self.tied_spans, self._uncounted = self._tied_spans(pipe_stage.tied)
+        self.actions = pipeline_actions(self.plan.parallel.pipeline_schedule, stage=self.stage.stage,
+                                        stages=self.stage.stages, micro_batches=self.plan.parallel.pipeline_micro_batches)
         self.max_in_flight = 0
         """The most micro-batches whose activations this stage held at once in the last step."""
 
     def _tied_spans(self, groups: dict[tuple[int, ...], dist.ProcessGroup]) -> tuple[list, set[int]]:
-        """(offset, length, group) of each tied parameter's shard slice; the slots this stage
-        leaves out of the gradient norm."""
+        """(offset, length, the tied group's Collectives) of each tied parameter's shard slice;
+        the slots this stage leaves out of the gradient norm."""
         spans, uncounted = [], set()
+        colls = {stages: pp_collectives(group=group, logger=self.coll.logger) for stages, group in groups.items()}
         for tied in self.stage.tied:
             slot = self.zero.layout.slots[self.zero.layout.index_of(self.stage.get_parameter(tied.local_name))]
-            spans.append((slot.offset, slot.chunk, groups[tied.stages]))
+            spans.append((slot.offset, slot.chunk, colls[tied.stages]))
             if tied.stages[0] != self.stage.stage:
                 uncounted.add(slot.index)
         return spans, uncounted
@@ -175,20 +175,14 @@ class PipelineEngine(Engine):
 
     def _broadcast_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float32, device=self.device)
-        last = dist.get_global_rank(self.groups.pp_group, self.stage.stages - 1)
-        dist.broadcast(loss, src=last, group=self.groups.pp_group)  # after the step: not in its comms
+        self.pp_coll.broadcast(loss, src=self.stage.stages - 1)  # after the step's snapshot: not in its comms
         return loss
 
     # -- the optimizer step: the Engine's, with the pipeline's reductions ---------------------------
     def _optimizer_step(self) -> None:
         if self.tied_spans:
-            sum_tied(self.zero.grad, spans=self.tied_spans, logger=self.coll.logger)
+            sum_tied(self.zero.grad, spans=self.tied_spans)
         super()._optimizer_step()
-
-    def _overflow(self) -> bool:
-        """An inf/nan in any stage's gradient skips the step on every rank: the Engine's flag,
-        agreed over dp and tp, agreed over pp too (the three groups together span the world)."""
-        return self.pp_coll.any_true(super()._overflow(), device=self.device)
 
     def _counts_in_norm(self, index: int) -> bool:
         """A tied parameter's copies hold the same summed gradient: only its first stage counts it."""
@@ -203,10 +197,8 @@ class PipelineEngine(Engine):
         """The plain model's whole state_dict in fp32, on every rank (a collective over the world:
         each stage gathers its shards over dp, then the stages exchange theirs over pp)."""
         mine = {self.stage.plain_names[k]: v for k, v in super().full_state_dict().items()}
-        parts: list[dict | None] = [None] * self.stage.stages
-        dist.all_gather_object(parts, mine, group=self.groups.pp_group)
         out: dict[str, torch.Tensor] = {}
-        for part in parts:
+        for part in self.pp_coll.all_gather_object(mine):
             out.update(part)
         return out
 
@@ -214,5 +206,6 @@ class PipelineEngine(Engine):
         """The Engine's close; drop the pipeline's group references too (see ProcessGroups.close)."""
         super().close()
         self.pp_coll.close()
-        self.pipe.group = None
+        for _offset, _length, coll in self.tied_spans:
+            coll.close()
         self.tied_spans = []

@@ -26,17 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import Collectives, CommsLogger
-
-
-class PrefixedLogger:
-    """Records into another comms logger under "<prefix>.<op>" (tp collectives beside dp's)."""
-
-    def __init__(self, logger: CommsLogger, prefix: str):
-        self.logger, self.prefix = logger, prefix
-
-    def record(self, op: str, tensor: torch.Tensor) -> None:
-        self.logger.record(f"{self.prefix}.{op}", tensor)
+from ..comm import Collectives, CommsLogger, PrefixedLogger
 
 
 def tp_collectives(*, group, logger: CommsLogger) -> Collectives:

@@ -4,13 +4,13 @@ probe, real torchrun trials, a real SQLite study."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import yaml
 
 from zeroplan.schemas import Plan
+from zeroplan.schemas.steps import read_summary
 
 
 def zeroplan(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -47,8 +47,8 @@ def test_autotune_tiny_then_train_the_best_plan(tmp_path):
     run = zeroplan("train", str(out / "best_plan.json"), "--model", "tiny", "--steps", "3",
                    "--metrics", str(metrics), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(metrics.read_text().splitlines()[-1])
-    assert summary["summary"] and summary["steps"] == 3 and summary["stage"] == best.zero.stage
+    summary = read_summary(metrics)
+    assert summary.steps == 3 and summary.stage == best.zero.stage
 
     # `zeroplan report` re-renders from the stored study
     (out / "report.md").unlink()

@@ -19,7 +19,7 @@ import yaml
 
 import zeroplan
 from zeroplan.autotune.identity import identity_digest, model_identity, model_mismatch
-from zeroplan.autotune.models import Workload
+from zeroplan.autotune.models import TrialWorkload
 from zeroplan.autotune.tune import Tuner, TuneSettings, tune
 from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, Plan
 
@@ -119,23 +119,23 @@ def test_how_train_compares_a_given_model_with_the_one_a_plan_was_tuned_for(tmp_
     (tmp_path / "train.py").write_text("print(1)\n")
 
     def recorded(**kw) -> dict:
-        return model_identity(Workload(cwd=tmp_path, **kw), TINY)
+        return model_identity(TrialWorkload(cwd=tmp_path, **kw), TINY)
 
     builder = recorded(model="m.py:build")
-    assert model_mismatch(builder, Workload(model=str(tmp_path / "m.py") + ":build", cwd=Path("/"))) is None
-    assert "another model" in model_mismatch(builder, Workload(model="tiny", cwd=tmp_path))
+    assert model_mismatch(builder, TrialWorkload(model=str(tmp_path / "m.py") + ":build", cwd=Path("/"))) is None
+    assert "another model" in model_mismatch(builder, TrialWorkload(model="tiny", cwd=tmp_path))
     moved = {**builder, "ref": "/elsewhere/m.py:build"}  # a plan copied from another machine
-    assert model_mismatch(moved, Workload(model="m.py:build", cwd=tmp_path)) is None
-    assert model_mismatch(builder, Workload(script=("train.py",), cwd=tmp_path)) is None  # it may build that model
+    assert model_mismatch(moved, TrialWorkload(model="m.py:build", cwd=tmp_path)) is None
+    assert model_mismatch(builder, TrialWorkload(script=("train.py",), cwd=tmp_path)) is None  # it may build that model
     tiny = recorded(model="tiny")
-    assert model_mismatch(tiny, Workload(model="tiny", cwd=tmp_path)) is None
-    assert "another model" in model_mismatch(tiny, Workload(model="small", cwd=tmp_path))
+    assert model_mismatch(tiny, TrialWorkload(model="tiny", cwd=tmp_path)) is None
+    assert "another model" in model_mismatch(tiny, TrialWorkload(model="small", cwd=tmp_path))
     script = recorded(script=("train.py", "--size", "big"))
-    assert model_mismatch(script, Workload(script=("train.py",), cwd=tmp_path)) is None
-    assert "run it as" in model_mismatch(script, Workload(model="tiny", cwd=tmp_path))
+    assert model_mismatch(script, TrialWorkload(script=("train.py",), cwd=tmp_path)) is None
+    assert "run it as" in model_mismatch(script, TrialWorkload(model="tiny", cwd=tmp_path))
     (tmp_path / "other.py").write_text("print(2)\n")
-    assert "is not" in model_mismatch(script, Workload(script=("other.py",), cwd=tmp_path))
-    assert model_mismatch({}, Workload(model="small", cwd=tmp_path)) is None  # compiled, not tuned: unchecked
+    assert "is not" in model_mismatch(script, TrialWorkload(script=("other.py",), cwd=tmp_path))
+    assert model_mismatch({}, TrialWorkload(model="small", cwd=tmp_path)) is None  # compiled, not tuned: unchecked
 
 
 LOSSLESS = textwrap.dedent('''

@@ -4,7 +4,6 @@ examples/train_script.py, a real SQLite study. Plus the measured model shape and
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from zeroplan.schemas import ModelSpec, Plan
+from zeroplan.schemas.steps import StepRecord, SummaryRecord, read_records, read_summary
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -35,7 +35,7 @@ def _config(tmp_path: Path, *, stages: list[int], trials: int) -> Path:
 
 def _steps(out: Path, trial: int) -> list[dict]:
     (metrics,) = (out / "trials").glob(f"*/trial-{trial:04d}/metrics.jsonl")  # trials/<study>/trial-NNNN
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return read_records(metrics)
 
 
 def test_tune_a_model_function_then_train_its_best_plan(tmp_path):
@@ -50,14 +50,14 @@ def test_tune_a_model_function_then_train_its_best_plan(tmp_path):
     assert abs(spec.total_params - 533_386) < 0.01 * 533_386  # the module's own count (see examples/user_model.py)
     best = Plan.load(out / "best_plan.json")
     assert best.zero.stage in (0, 3) and best.provenance.measured_samples_per_s > 0
-    assert [s["step"] for s in _steps(out, 0) if not s.get("summary")] == [1, 2, 3]
+    assert [s.step for s in _steps(out, 0) if isinstance(s, StepRecord)] == [1, 2, 3]
 
     metrics = tmp_path / "train.jsonl"
     run = zeroplan("train", str(out / "best_plan.json"), "--model", "examples/user_model.py:build", "--steps", "2",
                    "--metrics", str(metrics), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(metrics.read_text().splitlines()[-1])
-    assert summary["summary"] and summary["steps"] == 2 and len(summary["peak_rss_bytes_per_rank"]) == 2
+    summary = read_summary(metrics)
+    assert summary.steps == 2 and len(summary.peak_rss_bytes_per_rank) == 2
 
 
 def test_tune_a_training_script(tmp_path):
@@ -70,9 +70,9 @@ def test_tune_a_training_script(tmp_path):
     out = tmp_path / "tuned"
     assert ModelSpec.load(out / "model_spec.json").name == "train_script.py"  # from the model-info run
     records = _steps(out, 0)
-    assert [r["step"] for r in records if not r.get("summary")] == [1, 2, 3]
-    assert all(r["loss"] > 0 and r["step_time_s"] > 0 for r in records[:-1])
-    assert records[-1]["summary"] and len(records[-1]["peak_rss_bytes_per_rank"]) == 2
+    assert [r.step for r in records if isinstance(r, StepRecord)] == [1, 2, 3]
+    assert all(r.loss > 0 and r.step_time_s > 0 for r in records[:-1])
+    assert isinstance(records[-1], SummaryRecord) and len(records[-1].peak_rss_bytes_per_rank) == 2
     assert Plan.load(out / "best_plan.json").zero.stage == 2
 
 

@@ -90,14 +90,19 @@ def test_pipeline_sends_a_header_and_an_activation_per_micro_batch_and_boundary(
     assert sent["pp.all_reduce"] == ring_bytes("all_reduce", 4 * tiny.vocab * tiny.hidden, 2) + 4
 
 
-def test_pipeline_tied_sum_is_the_zero_shard_and_fp16_adds_the_overflow_flag(tiny, compile_dict):
-    plan = compile_dict({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
-                         "zero_optimization": {"stage": 1}, "fp16": {"enabled": True},
-                         "parallel": {"pp": 2, "tp": 2}}, nproc_per_node=16)  # dp 4
+def test_pipeline_tied_sum_is_the_zero_shard_and_fp16_agrees_its_overflow_flag_once_over_the_world(
+        tiny, compile_dict):
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+              "zero_optimization": {"stage": 1}, "fp16": {"enabled": True}, "parallel": {"pp": 2, "tp": 2}}
+    plan = compile_dict(config, nproc_per_node=16)  # dp 4
     sent, calls = _sent(plan)
     shard = 4 * -(-tiny.vocab * tiny.hidden // 2 // 4)  # the vocab half's dp shard, fp32
-    assert calls["pp.all_reduce"] == 3
-    assert sent["pp.all_reduce"] == ring_bytes("all_reduce", shard, 2) + 2 * 4
+    assert calls["pp.all_reduce"] == 2  # the tied embedding's shard and the norm
+    assert sent["pp.all_reduce"] == ring_bytes("all_reduce", shard, 2) + 4
+    assert calls["world.all_reduce"] == 1 and sent["world.all_reduce"] == ring_bytes("all_reduce", 4, 16)
+    fp32_sent, fp32_calls = _sent(compile_dict({**config, "fp16": {"enabled": False}}, nproc_per_node=16))
+    assert "world.all_reduce" not in fp32_calls  # nothing else is agreed over the world
+    assert {k: v for k, v in calls.items() if k != "world.all_reduce"} == fp32_calls
     activation = 2 * tiny.seq_len * tiny.hidden  # fp16, whole on every tp rank
     assert sent["pp.send_recv"] == 2 * (activation + 8 * PIPE_HEADER_ELEMENTS)
 

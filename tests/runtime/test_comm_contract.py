@@ -9,8 +9,8 @@ definition each (compiler/shards.py, compiler/shapes.py), which the runtime impo
 With pipeline parallelism (pp 2, ZeRO 0-2, with dp 2 or tp 2, the tied embedding, fp16, a
 partition method other than the default) every rank's step equals the compiler's collectives
 of its stage (`stage_collectives`; the plan's estimate is the busiest stage's): the `pp.send`
-of headers, activations and gradients as `pp.send_recv`, the tied embedding's, the norm's and
-the overflow flag's `pp.all_reduce`; every message sent is received once; and each rank holds
+of headers, activations and gradients as `pp.send_recv`, the tied embedding's and the norm's
+`pp.all_reduce`, fp16's overflow flag as one `world.all_reduce` (with tp too); every message sent is received once; and each rank holds
 the parameter tensors of its compiled stage (compiler/partition.py cuts both). A collective
 over a one-rank group (dp 1) sends nothing, and the plan leaves it out."""
 
@@ -93,7 +93,7 @@ def _as_planned(comms: dict, plan) -> tuple[dict, dict, dict]:
     for logged, c in comms.items():
         dim, _, op = logged.rpartition(".")
         dim = dim or "dp"
-        n = {"dp": p.dp, "tp": p.tp, "pp": p.pp}[dim]
+        n = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "world": p.dp * p.tp * p.pp}[dim]
         if n == 1:
             continue
         if op == "recv":

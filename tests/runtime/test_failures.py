@@ -38,6 +38,7 @@ from zeroplan.runtime.offload.swap import SwapDir
 from zeroplan.runtime.precision import NonFiniteError
 from zeroplan.runtime.rundir import OWNER_FILE, make_private_dir
 from zeroplan.schemas.plan import OffloadPlan, OffloadTarget
+from zeroplan.schemas.steps import FailureRecord, MetricsRecord, StepRecord, read_records
 
 FAULTS = f"{Path(__file__).parent / 'rt_faults.py'}:build"
 
@@ -56,9 +57,8 @@ def _train(tmp_path: Path, *, fault: str, world: int = 2, steps: int = 4, timeou
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300), mark
 
 
-def _metrics(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "m.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+def _metrics(tmp_path: Path) -> list[MetricsRecord]:
+    return read_records(tmp_path / "m.jsonl")
 
 
 def test_a_stuck_rank_ends_the_job_within_the_collective_timeout(tmp_path):
@@ -79,8 +79,8 @@ def test_a_nan_micro_batch_on_one_rank_stops_the_run_naming_the_step(tmp_path):
     assert error.startswith("error: rank 1: the gradient norm is nan at step 3; this rank's own loss was nan"), error
     assert "Traceback" not in run.stderr
     lines = _metrics(tmp_path)
-    assert [x["step"] for x in lines if "step" in x] == [1, 2]
-    assert lines[-1]["failure"] and lines[-1]["kind"] == "nonfinite" and lines[-1]["rank"] == 1
+    assert [x.step for x in lines if isinstance(x, StepRecord)] == [1, 2]
+    assert isinstance(lines[-1], FailureRecord) and lines[-1].kind == "nonfinite" and lines[-1].rank == 1
 
 
 @pytest.mark.parametrize("fault, world, cause", [

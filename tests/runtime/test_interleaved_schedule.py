@@ -1,4 +1,4 @@
-"""Interleaved 1F1B as data (runtime/parallel/schedules.py): its order, its bubble by simulation
+"""Interleaved 1F1B as data (runtime/parallel/pipeline_schedules.py): its order, its bubble by simulation
 against the cost model's, and the refusal of an interleaved plan by `initialize` and `zeroplan
 train` (the runtime has no executor for it)."""
 
@@ -14,8 +14,8 @@ from zeroplan.compiler.cost import bubble_fraction
 from zeroplan.compiler.memory import in_flight
 from zeroplan.runtime import initialize
 from zeroplan.runtime.models import GPT
-from zeroplan.runtime.parallel.schedules import (Action, build_schedule, interleaved, makespan, max_in_flight,
-                                                 one_f_one_b, simulate)
+from zeroplan.runtime.parallel.pipeline_schedules import (Action, interleaved, makespan, max_in_flight,
+                                                          one_f_one_b, pipeline_actions, simulate)
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, validate_config
 
 SHAPES = [(2, 2, 2), (2, 2, 6), (4, 2, 8), (4, 3, 12), (3, 2, 9), (8, 4, 16), (4, 2, 4)]
@@ -70,9 +70,9 @@ def test_warm_up_holds_what_the_memory_model_counts(stages, chunks, m):
 
 def test_bad_shapes_are_refused_and_a_wrong_chunk_is_found():
     with pytest.raises(ValueError, match=r"micro-batches\(6\) to be a multiple of the pipeline stages\(4\)"):
-        build_schedule("interleaved", stage=0, stages=4, micro_batches=6, chunks=2)
+        pipeline_actions("interleaved", stage=0, stages=4, micro_batches=6, chunks=2)
     with pytest.raises(ValueError, match="at least 2 model chunks"):
-        build_schedule("interleaved", stage=0, stages=2, micro_batches=2, chunks=1)
+        pipeline_actions("interleaved", stage=0, stages=2, micro_batches=2, chunks=1)
     wrong = _all(2, 2, 2)
     wrong[1] = [Action("recv_forward", 0, 1), *wrong[1][1:]]  # waits for chunk 1's input first
     with pytest.raises(RuntimeError, match="received micro-batch 0 of model stage 0"):

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.flops import step_flops
 from zeroplan.schemas import CLUSTER_PRESETS, MODEL_PRESETS, ConfigError, load_config
+from zeroplan.schemas.steps import StepRecord, read_records
 
 ZEROPLAN = [sys.executable, "-m", "zeroplan"]
 STEPS, GLOBAL_BATCH = 3, 8
@@ -49,7 +50,7 @@ def trained(tmp_path_factory):
                           str(STEPS), "--metrics", str(out / "m.jsonl")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    losses = [json.loads(x)["loss"] for x in (out / "m.jsonl").read_text().splitlines()[:-1]]
+    losses = [r.loss for r in read_records(out / "m.jsonl") if isinstance(r, StepRecord)]
     assert len(losses) == STEPS
     return out, losses, run.stdout
 

@@ -18,7 +18,7 @@ from zeroplan.runtime import initialize
 from zeroplan.runtime.models import GPT
 from zeroplan.runtime.parallel import PipelineModule
 from zeroplan.runtime.parallel.pipeline import model_layers, partition, split_model
-from zeroplan.runtime.parallel.schedules import Action, build_schedule, gpipe, max_in_flight, one_f_one_b, simulate
+from zeroplan.runtime.parallel.pipeline_schedules import Action, gpipe, max_in_flight, one_f_one_b, pipeline_actions, simulate
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, validate_config
 
 from rt_pipeline import pipe_plan
@@ -53,7 +53,7 @@ def test_1f1b_warms_up_then_alternates_then_drains():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16])
 def test_in_flight_bounds_and_no_deadlock(stages, m):
     for name in ("1f1b", "gpipe"):
-        per_stage = [build_schedule(name, stage=s, stages=stages, micro_batches=m) for s in range(stages)]
+        per_stage = [pipeline_actions(name, stage=s, stages=stages, micro_batches=m) for s in range(stages)]
         for s, actions in enumerate(per_stage):
             assert max_in_flight(actions) == (m if name == "gpipe" else min(stages - s, m))
             fwd = [a.mb for a in actions if a.kind == "forward"]
@@ -78,9 +78,9 @@ def test_simulate_finds_a_deadlock_and_a_mismatched_receive():
 
 def test_schedule_arguments_are_checked():
     with pytest.raises(ValueError, match="none of"):
-        build_schedule("zigzag", stage=0, stages=2, micro_batches=2)
+        pipeline_actions("zigzag", stage=0, stages=2, micro_batches=2)
     with pytest.raises(ValueError, match="outside a pipeline"):
-        build_schedule("1f1b", stage=2, stages=2, micro_batches=2)
+        pipeline_actions("1f1b", stage=2, stages=2, micro_batches=2)
 
 
 # -- partitioning ------------------------------------------------------------------------------

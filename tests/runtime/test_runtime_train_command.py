@@ -3,13 +3,13 @@ and a user script that picks the plan up from the environment."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 from rt_plans import make_plan
+from zeroplan.schemas.steps import StepRecord, SummaryRecord, read_records
 
 ZEROPLAN = [sys.executable, "-m", "zeroplan"]
 
@@ -21,13 +21,13 @@ def test_train_builtin_model_writes_metrics(tmp_path):
     run = subprocess.run([*ZEROPLAN, "train", str(tmp_path / "plan.json"), "--model", "tiny", "--steps", "4",
                           "--metrics", str(metrics)], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    steps, summary = lines[:-1], lines[-1]
-    assert [s["step"] for s in steps] == [1, 2, 3, 4]
-    assert all(s["step_time_s"] > 0 and s["samples_per_s"] > 0 for s in steps)
-    assert summary["summary"] and summary["world_size"] == 2 and summary["stage"] == 3
-    assert len(summary["peak_rss_bytes_per_rank"]) == 2
-    assert summary["comms_per_step"]["reduce_scatter_tensor"]["count"] >= 1
+    *steps, summary = read_records(metrics)
+    assert all(isinstance(s, StepRecord) for s in steps) and isinstance(summary, SummaryRecord)
+    assert [s.step for s in steps] == [1, 2, 3, 4]
+    assert all(s.step_time_s > 0 and s.samples_per_s > 0 for s in steps)
+    assert summary.world_size == 2 and summary.stage == 3
+    assert len(summary.peak_rss_bytes_per_rank) == 2
+    assert summary.comms_per_step["reduce_scatter_tensor"].count >= 1
     assert "step 4/4" in run.stdout
 
 

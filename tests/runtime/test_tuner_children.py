@@ -28,9 +28,9 @@ CONFIG = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "zero_opti
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
 MEASURED = {  # what the tuner measures the model of: a slow start (a data load, a download) in each
     "train.py": '''\
-import os, time
+import os, sys, time
 from pathlib import Path
-assert os.environ["ZEROPLAN_MODEL_INFO"]  # the tuner's model-info run, not a trial
+assert "--model-info" in sys.orig_argv  # the tuner's model-info run, not a trial
 Path(os.environ["ZP_STARTED"]).write_text(str(os.getpid()))
 time.sleep(3600)  # before zeroplan.initialize(model)
 ''',

@@ -45,7 +45,7 @@ def train(
     if metrics is not None:
         metrics = writable_file(metrics, key="--metrics").resolve()
     from zeroplan.runtime.launch import launch  # torch: after the checks, which answer at once
-    from zeroplan.runtime.metrics import MAX_STEPS_ENV, METRICS_ENV
+    from zeroplan.runtime.run_env import MAX_STEPS_ENV, METRICS_ENV
 
     env = {}
     if script:
@@ -71,10 +71,11 @@ def train(
 def _refuse_another_model(plan: Plan, *, path: Path, model: str, script: list[str] | None) -> None:
     """ConfigError when the plan was tuned for a model other than the one given."""
     from zeroplan.autotune.identity import describe, model_mismatch
-    from zeroplan.autotune.models import Workload
+    from zeroplan.autotune.models import TrialWorkload
 
     recorded = plan.provenance.model_identity
-    why = model_mismatch(recorded, Workload(model=model, script=tuple(script or ()), cwd=Path.cwd()))
+    given = TrialWorkload(model=model, script=tuple(script or ()), cwd=Path.cwd())
+    why = model_mismatch(recorded, given)
     if why:
         option = "script" if script else "--model"
         raise ConfigError(Problem(option, f"{path} was tuned for the model {describe(recorded)}; {why}",

@@ -147,7 +147,7 @@ def check_interleaved(*, stages: int, micro_batches: int, chunks: int) -> None:
                          f"the pipeline stages({stages})")
 
 
-def build_schedule(name: str, *, stage: int, stages: int, micro_batches: int, chunks: int = 1) -> list[Action]:
+def pipeline_actions(name: str, *, stage: int, stages: int, micro_batches: int, chunks: int = 1) -> list[Action]:
     """The actions of `stage` for schedule `name` ('1f1b', 'gpipe', or 'interleaved' over
     `chunks` model chunks per stage)."""
     if name == "1f1b":
