@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> list[HeadToHead]:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     workloads = {p: preset_workload(p, steps=args.steps, warmup=min(args.warmup, args.steps - 1))
                  for p in args.presets}
-    results = [compare(workload, system=s, peer=peer, pairs=args.pairs, log=log)
-               for workload in workloads.values() for s, peer in selected(args.only)]
-    path = write(args.out or result_path("head_to_head"),
-                 to_markdown(results, command=command.strip(), workloads=workloads))
+    path = args.out or result_path("head_to_head")
+    results = []
+    for workload in workloads.values():
+        for s, peer in selected(args.only):
+            results.append(compare(workload, system=s, peer=peer, pairs=args.pairs, log=log))
+            write(path, to_markdown(results, command=command.strip(), workloads=workloads))  # each row as it lands
     print(path.read_text())
     return results
 
