@@ -4,6 +4,7 @@ examples/train_script.py, a real SQLite study. Plus the measured model shape and
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
