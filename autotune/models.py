@@ -23,6 +23,7 @@ on PYTHONPATH, and a script runs there, so relative imports and paths work as th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,9 @@ from zeroplan.schemas.model import is_model_function
 from . import child
 
 SPEC_FILE = "model_spec.json"
+TIMING_FILE = "model_timing.json"
+"""One forward + backward of a `--model module:function` at micro-batch 1, timed by the
+measurement run (`micro_step_s`): the learned cost model's overhead prior (learned_cost.py)."""
 MEASURE_TIMEOUT_S = 600
 
 
@@ -72,8 +76,12 @@ class TrialWorkload:
         return self.cwd.resolve() if self.script else trial_dir
 
 
-def resolve_model(workload: TrialWorkload, *, model_spec: str | None, out_dir: Path) -> ModelSpec:
-    """The ModelSpec the compiler uses for this workload (see the module docstring)."""
+def resolve_model(workload: TrialWorkload, *, model_spec: str | None, out_dir: Path,
+                  threads: int = 1) -> ModelSpec:
+    """The ModelSpec the compiler uses for this workload (see the module docstring). Measuring
+    a model function also times one micro-step of it on `threads` threads (a rank's share of
+    the cores) into `<out>/model_timing.json` (`micro_step_seconds`), unless an earlier run of
+    this study did: a resumed study ranks with the same figures, as with cluster.json."""
     if model_spec is not None:
         return ModelSpec.load(model_spec)
     if not workload.script and not is_model_function(workload.model):
@@ -87,9 +95,21 @@ def resolve_model(workload: TrialWorkload, *, model_spec: str | None, out_dir: P
         what = f"script {workload.script[0]}"
     else:
         command = [sys.executable, "-m", "zeroplan.runtime.user_model", workload.model, "-o", str(output)]
+        if micro_step_seconds(out_dir, model=workload.model) is None:
+            command += ["--timing", str((out_dir / TIMING_FILE).resolve()), "--threads", str(threads)]
         what = workload.model
     _run_measurement(command, env=env, cwd=workload.cwd, what=what, output=output)
     return ModelSpec.load(output)
+
+
+def micro_step_seconds(out_dir: Path, *, model: str) -> float | None:
+    """The model-info run's timing of one micro-step of the model function `model`
+    (`resolve_model`), or None when it was not timed (a preset, --model-spec, a script)."""
+    path = out_dir / TIMING_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return float(record["micro_step_s"]) if record.get("model") == model else None
 
 
 def _run_measurement(command: Sequence[str], *, env: dict, cwd: Path, what: str, output: Path) -> None:

@@ -22,7 +22,7 @@ from .report_plots import figures, plotly_js, plots_missing
 
 GIB = 1024**3
 HEAD = ("trial", "state", "parameters", "samples/s", "predicted GiB/rank", "measured GiB/rank",
-        "predicted step s", "measured step s", "reason")
+        "predicted step s", "measured step s", "prediction error", "reason")
 STATE_ORDER = ("complete", "pruned", "fail", "running", "waiting")
 """Optuna's trial states as trials.csv spells them, in the order the summary counts them."""
 _STATE_WORDS = {"fail": "failed"}
@@ -37,6 +37,16 @@ def _present(value: Any) -> bool:
 
 def _number(value: Any, *, scale: float = 1.0, digits: int = 2) -> str:
     return f"{value / scale:.{digits}f}" if _present(value) else ""
+
+
+def _predicted_step(row: dict) -> Any:
+    """The step time predicted before the trial ran: the learned model's when it learns."""
+    learned = row.get("learned_step_time_s")
+    return learned if _present(learned) else row.get("predicted_step_time_s")
+
+
+def _percent(value: Any) -> str:
+    return f"{value:+.0%}" if _present(value) else ""
 
 
 def trial_count(frame: pd.DataFrame) -> str:
@@ -58,8 +68,9 @@ def table_rows(frame: pd.DataFrame) -> list[list[str]]:
         rows.append([str(row["number"]), _STATE_WORDS.get(row["state"], row["state"]), given,
                      _number(row.get("measured_samples_per_s")),
                      _number(row.get("predicted_peak_bytes"), scale=GIB), _number(row.get("measured_peak_bytes"), scale=GIB),
-                     _number(row.get("predicted_step_time_s"), digits=4),
+                     _number(_predicted_step(row), digits=4),
                      _number(row.get("measured_step_time_s"), digits=4),
+                     _percent(row.get("prediction_error")),
                      str(row["reason"]) if _present(row.get("reason")) else ""])
     return rows
 

@@ -71,6 +71,8 @@ def figures(*, study: optuna.Study, frame: pd.DataFrame, objective: str) -> list
     measured = _measured(frame)
     out.append(_draw("Predicted vs measured, per trial", lambda: _predicted_vs_measured(measured),
                      why_not="" if len(measured) else "no trial has both a prediction and a measurement yet"))
+    out.append(_draw("Step-time prediction error, per trial", lambda: _prediction_errors(measured),
+                     why_not="" if len(measured) else "no trial has both a prediction and a measurement yet"))
     return out
 
 
@@ -148,4 +150,26 @@ def _predicted_vs_measured(measured: pd.DataFrame):
                                  showlegend=col == 1, line={"dash": "dot", "color": "#888"}), row=1, col=col)
         fig.update_xaxes(title_text="predicted", rangemode="tozero", row=1, col=col)
         fig.update_yaxes(title_text="measured", rangemode="tozero", row=1, col=col)
+    return fig
+
+
+def _prediction_errors(measured: pd.DataFrame):
+    """The relative error of the predicted step time by trial, in the order the trials ran:
+    the cost model's, and the learned model's (fitted to the trials before each) when the
+    tuner learns, which should fall toward zero as trials accumulate."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    got = measured["measured_step_time_s"].astype(float)
+    series = [("cost model", "predicted_step_time_s", "#888")]
+    if "learned_step_time_s" in measured and measured["learned_step_time_s"].notna().any():
+        series.append(("learned from the trials before", "learned_step_time_s", "#4a7bd0"))
+    for name, column, colour in series:
+        rows = measured[measured[column].notna()]
+        error = (rows[column].astype(float) - got[rows.index]) / got[rows.index]
+        fig.add_trace(go.Scatter(x=rows["number"].tolist(), y=error.tolist(), mode="lines+markers", name=name,
+                                 line={"color": colour}))
+    fig.add_hline(y=0, line={"dash": "dot", "color": "#888"})
+    fig.update_xaxes(title_text="trial")
+    fig.update_yaxes(title_text="(predicted - measured) / measured", tickformat="+.0%")
     return fig

@@ -23,11 +23,15 @@ from zeroplan.schemas.atomic import atomic_write_text
 
 from .report import render_html, render_markdown
 from .identity import identity_digest
+from .learned_cost import relative_error
 from .study import IDENTITY_ATTR, WORKER_ATTR
 
 TRIAL_ATTRS = ("reason", "duplicate_of", "predicted_peak_bytes", "measured_peak_bytes",
-               "predicted_step_time_s", "measured_step_time_s", "measured_samples_per_s", "wall_s")
-"""The user attributes the tuner records on a trial (autotune/tune.py) that trials.csv shows."""
+               "predicted_step_time_s", "learned_step_time_s", "learned_from_trials", "measured_step_time_s",
+               "measured_samples_per_s", "wall_s")
+"""The user attributes the tuner records on a trial (autotune/tune.py) that trials.csv shows:
+the cost model's predicted step, the learned model's (fitted to the `learned_from_trials`
+trials before this one, learned_cost.py) and the measured one."""
 
 NO_REASON = ("no reason recorded: its tuner stopped before recording one (killed, or an error outside the "
              "trial), or Optuna failed it after its worker stopped sending heartbeats")
@@ -68,6 +72,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         if t.values is not None:
             row.update({f"value_{i}": v for i, v in enumerate(t.values)})
         row.update({k: t.user_attrs.get(k) for k in TRIAL_ATTRS})
+        row["prediction_error"] = prediction_error(t.user_attrs)
         row["reason"] = trial_reason(t)
         rows.append(row)
     columns: dict[str, list] = {}
@@ -79,6 +84,16 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             values.append(row.get(key))
     return pd.DataFrame({key: pd.array(values, dtype="Int64") if _integral(values) else values
                          for key, values in columns.items()}, index=pd.RangeIndex(len(rows)))
+
+
+def prediction_error(attrs: dict[str, Any]) -> float | None:
+    """Relative error of the step time the tuner predicted for a trial before running it (the
+    learned model's when it learns, else the cost model's) against the measured one."""
+    predicted = attrs.get("learned_step_time_s", attrs.get("predicted_step_time_s"))
+    measured = attrs.get("measured_step_time_s")
+    if predicted is None or not measured:
+        return None
+    return relative_error(predicted_s=predicted, measured_s=measured)
 
 
 def _integral(values: list) -> bool:

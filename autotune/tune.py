@@ -49,6 +49,7 @@ from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec,
 from zeroplan.schemas.steps import StepRecord
 
 from .identity import model_identity, study_identity
+from .learned_cost import LearnedCost, Ranked, fit, measured_trials, next_plan, observations
 from .models import TrialWorkload
 from .results import trial_dir, write_results
 from .runner import TrialOutcome, run_trial
@@ -89,6 +90,9 @@ class TuneSettings:
     overwrite: bool = False
     warm_start: int = 3
     """Candidates ranked best by the cost model, enqueued first in a new study."""
+    learn: bool = True
+    """Refit the cost model's terms to the trials measured so far and enqueue the best untried
+    candidate it predicts (learned_cost.py; `Tuner.after_trial`); throughput and latency only."""
     script: tuple[str, ...] = ()
     """A training script and its arguments that trials run instead of `model_name` (models.py)."""
     launch_dir: Path = Path(".")
@@ -153,6 +157,7 @@ class Tuner:
         self.world_size = settings.nnodes * settings.nproc_per_node
         self.config: TrainConfig = validate_config(copy.deepcopy(data))
         self.dims: list[Dimension] = search_space(self.config, world_size=self.world_size, model=model)
+        self._ranked: list[Ranked] | None = None
 
     def candidate(self, params: dict[str, Any]) -> TrialCandidate:
         """Validate and compile a choice of knob values; a refusal becomes the reason."""
@@ -184,6 +189,11 @@ class Tuner:
             trial.set_user_attr("plan_key", plan_key(cand.plan))
             trial.set_user_attr("predicted_peak_bytes", predicted_peak(cand.plan))
             trial.set_user_attr("predicted_step_time_s", cand.plan.estimates.predicted_step_time_s)
+            trial.set_user_attr("predicted_terms", dict(cand.plan.estimates.step_time_breakdown_s))
+            if self.learning:
+                learned = self.learned(trial.study)
+                trial.set_user_attr("learned_step_time_s", learned.predict(cand.plan.estimates.step_time_breakdown_s))
+                trial.set_user_attr("learned_from_trials", learned.trials)
         if cand.reason:
             trial.set_user_attr("reason", cand.reason)
             raise optuna.TrialPruned(cand.reason)
@@ -261,6 +271,7 @@ class Tuner:
         peak = outcome.peak_memory_bytes or 0
         trial.set_user_attr("measured_samples_per_s", throughput)
         trial.set_user_attr("measured_step_time_s", step_time)
+        trial.set_user_attr("global_batch", plan.batch.global_batch_size)
         trial.set_user_attr("measured_peak_bytes", peak)
         return {"throughput": throughput, "latency": step_time, "memory": float(peak),
                 "pareto": (throughput, float(peak))}[self.settings.objective]
@@ -282,35 +293,60 @@ class Tuner:
                                            "measured steps": s.measured_steps,
                                            "memory safety margin": s.memory_safety_margin})
 
+    @property
+    def learning(self) -> bool:
+        """Whether the cost model learns from the trials (a step-time objective, not the grid)."""
+        s = self.settings
+        return s.learn and s.objective in ("throughput", "latency") and s.sampler != "grid"
+
+    def ranked(self) -> list[Ranked]:
+        """Every distinct plan of the space (its first 2000 points: the cost model is cheap, not
+        free) that compiles and fits, by the cost model's predicted seconds per sample."""
+        if self._ranked is None:
+            space = grid_space(self.dims)
+            seen: dict[str, Ranked] = {}
+            for values in islice(product(*space.values()), 2000):
+                cand = self.candidate(dict(zip(space, values)))
+                if cand.plan is not None and not cand.reason:
+                    key = plan_key(cand.plan)
+                    est = cand.plan.estimates
+                    seen.setdefault(key, Ranked(key, cand.params, dict(est.step_time_breakdown_s),
+                                                cand.plan.batch.global_batch_size))
+            self._ranked = sorted(seen.values(), key=lambda r: r.seconds_per_sample(LearnedCost()))
+        return self._ranked
+
     def warm_start(self, study: optuna.Study, *, budget: int) -> int:
         """Enqueue the cost model's best candidates into a new study, at most `budget` (the
         trials this run will run: a surplus would linger as WAITING trials); returns how many.
+        When the cost model learns, only its best one: `after_trial` picks each next one from
+        the model refitted to the trials before it.
 
         Not for the grid sampler: it runs every candidate anyway, and Optuna's GridSampler does
         not count an enqueued trial as a grid point (it would run it again, and fails outright
         on a one-point grid)."""
-        wanted = min(self.settings.warm_start, budget)
+        wanted = min(1 if self.learning else self.settings.warm_start, budget)
         if study.trials or not self.dims or wanted <= 0 or self.settings.sampler == "grid":
             return 0
-        space = grid_space(self.dims)
-        combos = islice(product(*space.values()), 2000)  # the cost model is cheap, not free
-        ranked = []
-        for values in combos:
-            cand = self.candidate(dict(zip(space, values)))
-            if cand.plan is not None and not cand.reason:
-                ranked.append((cand.plan.estimates.predicted_step_time_s / cand.plan.batch.global_batch_size,
-                               plan_key(cand.plan), cand.params))
-        ranked.sort(key=lambda r: r[0])
-        seen: set[str] = set()
-        for _, key, params in ranked:
-            if key in seen:
-                continue
-            seen.add(key)
+        chosen = self.ranked()[:wanted]
+        for r in chosen:
             with experimental_ok():
-                study.enqueue_trial(params, skip_if_exists=True)
-            if len(seen) == wanted:
-                break
-        return len(seen)
+                study.enqueue_trial(r.params, skip_if_exists=True)
+        return len(chosen)
+
+    def learned(self, study: optuna.Study) -> LearnedCost:
+        """The cost model refitted to the study's measured trials (learned_cost.py)."""
+        return fit(observations(measured_trials(study)))
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """After a completed trial (an Optuna callback), enqueue the plan the refitted cost model
+        picks (learned_cost.next_plan), if any; else the sampler picks the next trial."""
+        if not self.learning or trial.state != optuna.trial.TrialState.COMPLETE:
+            return
+        chosen = next_plan(study, ranked=self.ranked(), warm_start=self.settings.warm_start,
+                           max_trials=self.settings.max_trials)
+        if chosen is not None:
+            with experimental_ok():
+                study.enqueue_trial(chosen.params, skip_if_exists=True)
 
 
 OWNER_POLL_S = 0.5
@@ -340,7 +376,8 @@ def tune(*, data: dict, model: ModelSpec, cluster: ClusterSpec, settings: TuneSe
     remaining = settings.max_trials - len([t for t in study.trials if t.state.is_finished()])
     tuner.warm_start(study, budget=remaining)
     # Other workers may share the study: the budget is the study's, counted after each trial.
-    callbacks = [*(callbacks or []), optuna.study.MaxTrialsCallback(settings.max_trials, states=FINISHED)]
+    callbacks = [*(callbacks or []), tuner.after_trial,
+                 optuna.study.MaxTrialsCallback(settings.max_trials, states=FINISHED)]
     if remaining > 0:
         study.optimize(tuner.objective, n_trials=remaining, timeout=settings.timeout_s,
                        catch=(TrialFailed,), callbacks=callbacks)

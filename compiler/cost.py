@@ -22,7 +22,8 @@ Terms, in seconds per optimizer step on the busiest rank:
   offloaded, plus NVMe reads and writes of the swapped state.
 - offload traffic: gradients to the host and parameters back (ZeRO-Offload), ZeRO-3
   parameter fetches per micro-batch, at host<->device and disk rates.
-- framework overhead: per micro-step, a fixed cost plus one per transformer block (dispatch,
+- framework overhead (micro_step_overhead, layer_overhead): per micro-step, a fixed cost plus
+  one per transformer block (dispatch,
   autograd, hooks; `ClusterRates.micro_step_overhead`, `layer_overhead`, which `zeroplan
   probe` measures). It is what makes many small micro-batches slower than a few large ones
   at the same global batch, where every other term is equal.
@@ -143,11 +144,13 @@ def offload_seconds(plan: Plan, cluster: ClusterSpec, shape: StageShape) -> floa
     return seconds
 
 
-def framework_seconds(plan: Plan, cluster: ClusterSpec, shape: StageShape) -> float:
-    """Fixed per-micro-step work: once per micro-step plus once per transformer block."""
+def framework_seconds(plan: Plan, cluster: ClusterSpec, shape: StageShape) -> dict[str, float]:
+    """Fixed per-micro-step work: once per micro-step plus once per transformer block, apart
+    (their rates are fitted apart: autotune/learned_cost.py)."""
     rates = cluster.rates
     micro_steps = plan.batch.gradient_accumulation_steps
-    return micro_steps * (rates.micro_step_overhead + shape.layers * rates.layer_overhead)
+    return {"micro_step_overhead": micro_steps * rates.micro_step_overhead,
+            "layer_overhead": micro_steps * shape.layers * rates.layer_overhead}
 
 
 def gradient_bytes(plan: Plan, shape: StageShape) -> int:
@@ -199,7 +202,7 @@ def step_time(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[str, f
         terms.update({f"{dim}_comm": t for dim, t in comm.items()})
         terms["optimizer_step"] = optimizer_seconds(plan, cluster, shape)
         terms["offload_transfer"] = offload_seconds(plan, cluster, shape)
-        terms["framework_overhead"] = framework_seconds(plan, cluster, shape)
+        terms.update(framework_seconds(plan, cluster, shape))
         terms["gradient_copies"] = gradient_bytes(plan, shape) / cluster.rates.memory_bandwidth
         if sum(terms.values()) > sum(best.values()):
             best = terms

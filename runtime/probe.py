@@ -38,7 +38,7 @@ from .run_env import PARENT_ENV
 MiB = 1 << 20
 
 
-def _best_seconds(fn, *, reps: int, sync) -> float:
+def best_seconds(fn, *, reps: int, sync) -> float:
     fn()
     sync()
     best = float("inf")
@@ -56,20 +56,20 @@ def _sync(device: str):
 
 def matmul_flops(*, device: str, dtype: torch.dtype, n: int, reps: int = 3) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _best_seconds(lambda: a @ b, reps=reps, sync=_sync(device))
+    return 2 * n**3 / best_seconds(lambda: a @ b, reps=reps, sync=_sync(device))
 
 
 def copy_bandwidth(*, device: str, nbytes: int, reps: int = 3) -> float:
     """Bytes/s of a copy, counting the read and the write."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), reps=reps, sync=_sync(device))
+    return 2 * nbytes / best_seconds(lambda: dst.copy_(src), reps=reps, sync=_sync(device))
 
 
 def host_to_device_bandwidth(*, nbytes: int, reps: int = 3) -> float:
     src = torch.ones(nbytes // 4).pin_memory()
     dst = torch.empty(nbytes // 4, device="cuda")
-    return nbytes / _best_seconds(lambda: dst.copy_(src, non_blocking=True), reps=reps, sync=torch.cuda.synchronize)
+    return nbytes / best_seconds(lambda: dst.copy_(src, non_blocking=True), reps=reps, sync=torch.cuda.synchronize)
 
 
 def disk_bandwidth(path: Path, *, nbytes: int, chunk: int = 8 * MiB) -> tuple[float, float]:
@@ -148,7 +148,7 @@ def _collective_worker(rank: int, world: int, device: str, store: str, sizes: li
                             rank=rank, world_size=world)
     try:
         overhead = rank_overhead(device)
-        times = {op: [_best_seconds(_collective(op, max(n // 4, world), world, device), reps=reps,
+        times = {op: [best_seconds(_collective(op, max(n // 4, world), world, device), reps=reps,
                                     sync=_sync(device)) for n in [SMALL_MESSAGE, *sizes]]
                  for op in COLLECTIVES} if world > 1 else {}
         if rank == 0:
@@ -247,7 +247,7 @@ def framework_overheads(*, device: str, reps: int = 20) -> tuple[float, float]:
     best = {layers: float("inf") for layers in steps}
     for _ in range(reps):
         for layers, run in steps.items():
-            best[layers] = min(best[layers], _best_seconds(run, reps=1, sync=_sync(device)))
+            best[layers] = min(best[layers], best_seconds(run, reps=1, sync=_sync(device)))
     per_layer = max((best[9] - best[1]) / 8, 0.0)
     return max(best[1] - per_layer, 0.0), per_layer
 

@@ -29,6 +29,7 @@ at its word.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import importlib.util
 import sys
@@ -44,6 +45,7 @@ from zeroplan.schemas import ConfigError, ModelSpec, Problem
 from zeroplan.schemas.atomic import atomic_write_text
 
 from . import lifeline
+from .batches import call_model, loss_of
 from .model_shape import spec_from_hf_config
 
 BatchFn = Callable[[int, int], Any]
@@ -204,25 +206,49 @@ def _fit_block(per_layer: int, *, hidden: int, heads: int) -> tuple[int, int, in
     return hidden, heads, ffn
 
 
-def measure_ref(ref: str) -> ModelSpec:
-    """Build `ref`'s model once (one process, no process group) and measure its spec."""
+def measure_ref(ref: str, *, timing_threads: int | None = None) -> tuple[ModelSpec, float | None]:
+    """Build `ref`'s model once (one process, no process group) and measure its spec and, when
+    `timing_threads` is given, the seconds of one micro-step at micro-batch 1 on that many threads."""
     model, get_batch = build_user_model(ref)
-    return measure_spec(model, sample=get_batch(1, 0), name=ref)
+    sample = get_batch(1, 0)
+    spec = measure_spec(model, sample=sample, name=ref)
+    return spec, None if timing_threads is None else micro_step_seconds(model, sample=sample, threads=timing_threads)
+
+
+def micro_step_seconds(model: nn.Module, *, sample: Any, threads: int) -> float:
+    """Forward + backward of one micro-batch on `threads` threads (a rank's share of the cores),
+    best of 3 after one warm-up. The tuner sets its per-micro-step and per-block overhead prior
+    from it (autotune/learned_cost.py): `zeroplan probe` times the built-in GPT, whose overheads
+    are not this model's. Three steps of a model small enough to tune on one machine stay cheap."""
+    from .probe import best_seconds
+
+    torch.set_num_threads(max(threads, 1))
+
+    def step() -> None:
+        loss_of(call_model(model, sample)).backward()
+        model.zero_grad(set_to_none=True)
+
+    return best_seconds(step, reps=3, sync=lambda: None)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zeroplan.runtime.user_model", description=__doc__.splitlines()[0])
     p.add_argument("model", help="module:function or path/to/file.py:function")
     p.add_argument("-o", "--output", type=Path, required=True, help="ModelSpec JSON to write")
+    p.add_argument("--timing", type=Path, help="also time one micro-step at micro-batch 1 into this JSON file")
+    p.add_argument("--threads", type=int, default=1, help="threads for --timing (a rank's share of the cores)")
     args = p.parse_args(argv)
     if lifeline.bind_to_parent():  # started by the tuner (autotune/models.py): end with it
         lifeline.end_on_sigterm()
     try:
-        spec = measure_ref(args.model)
+        spec, seconds = measure_ref(args.model, timing_threads=args.threads if args.timing else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     atomic_write_text(args.output, spec.model_dump_json(indent=2) + "\n")
+    if args.timing:
+        atomic_write_text(args.timing, json.dumps({"model": args.model, "micro_batch_size": 1, "threads": args.threads,
+                                                   "micro_step_s": seconds}) + "\n")
     print(f"{args.model}: {spec.total_params:,} parameters as layers={spec.layers} hidden={spec.hidden} "
           f"heads={spec.heads} ffn={spec.ffn} vocab={spec.vocab} seq_len={spec.seq_len}")
     return 0

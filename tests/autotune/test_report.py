@@ -45,9 +45,9 @@ def test_report_md_counts_every_trial_and_shows_no_nan(single):
 def test_report_html_is_one_offline_page_with_every_plot(single):
     page = (single / "report.html").read_text()
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", page)  # plotly.js inlined, nothing to fetch
-    assert page.count("Plotly.newPlot(") == 4 and "Not drawn" not in page
+    assert page.count("Plotly.newPlot(") == 5 and "Not drawn" not in page
     for title in ("Optimisation history", "Parameter importances for samples/s", "Parallel coordinates",
-                  "Predicted vs measured, per trial"):
+                  "Predicted vs measured, per trial", "Step-time prediction error, per trial"):
         assert f"<h3>{title}</h3>" in page
     assert f'<p id="trial-count">{COUNT}</p>' in page and "# Autotuning" not in page
     assert "trial &#39;x&#39; &lt; 2" in page  # the reason is escaped, not raw HTML
@@ -57,7 +57,7 @@ def test_a_multi_objective_study_gets_its_pareto_front(tmp_path):
     study = build_study(tmp_path, pareto=True)
     write_results(study, out_dir=tmp_path, objective="pareto")
     page = (tmp_path / "report.html").read_text()
-    assert "<h3>Pareto front</h3>" in page and page.count("Plotly.newPlot(") == 5
+    assert "<h3>Pareto front</h3>" in page and page.count("Plotly.newPlot(") == 6
 
 
 def test_a_plot_the_study_cannot_have_yet_says_why(tmp_path):
@@ -65,7 +65,7 @@ def test_a_plot_the_study_cannot_have_yet_says_why(tmp_path):
     write_results(study, out_dir=tmp_path, objective="throughput")
     page = (tmp_path / "report.html").read_text()
     assert "Not drawn: needs at least 2 completed trials, the study has 1." in page
-    assert page.count("Plotly.newPlot(") == 3 and "2 trials: 1 complete, 1 failed." in page
+    assert page.count("Plotly.newPlot(") == 4 and "2 trials: 1 complete, 1 failed." in page
 
 
 def test_without_plotly_the_tables_stay_and_the_page_names_the_extra(single, monkeypatch, tmp_path):

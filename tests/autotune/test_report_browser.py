@@ -28,7 +28,8 @@ def page(tmp_path_factory):
 
 
 def test_every_plot_was_drawn_by_plotly_js(page):
-    assert len(page.plots) == 5  # history, importances, parallel coordinates, Pareto front, predicted vs measured
+    assert len(page.plots) == 6  # history, importances, parallel coordinates, Pareto front, predicted vs measured,
+    # prediction error per trial
     for div_id, plot in page.plots.items():
         assert "js-plotly-plot" in plot["classes"] and plot["main_svg"] >= 1, div_id
 

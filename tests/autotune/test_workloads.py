@@ -4,6 +4,7 @@ examples/train_script.py, a real SQLite study. Plus the measured model shape and
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def test_tune_a_model_function_then_train_its_best_plan(tmp_path):
     spec = ModelSpec.load(out / "model_spec.json")
     assert spec.layers == 4 and spec.seq_len == 1
     assert abs(spec.total_params - 533_386) < 0.01 * 533_386  # the module's own count (see examples/user_model.py)
+    timing = json.loads((out / "model_timing.json").read_text())  # the overhead prior's one-step timing
+    assert timing["model"] == "examples/user_model.py:build" and timing["micro_step_s"] > 0
+    assert "overheads primed by one micro-step of the model" in run.stdout
     best = Plan.load(out / "best_plan.json")
     assert best.zero.stage in (0, 3) and best.provenance.measured_samples_per_s > 0
     assert [s.step for s in _steps(out, 0) if isinstance(s, StepRecord)] == [1, 2, 3]

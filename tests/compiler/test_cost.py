@@ -32,14 +32,17 @@ def test_more_micro_steps_cost_more_at_the_same_global_batch(compile_dict, tiny)
         few, many = (step_time(_plan(compile_dict, stage=stage, micro=m), tiny, CLUSTER_PRESETS["cpu"])
                      for m in (8, 1))
         assert few["compute"] == pytest.approx(many["compute"])  # same samples, same FLOPs
-        assert many["framework_overhead"] == pytest.approx(8 * few["framework_overhead"])
+        for term in ("micro_step_overhead", "layer_overhead"):
+            assert many[term] == pytest.approx(8 * few[term])
         assert sum(many.values()) > sum(few.values())
 
 
 def test_framework_overhead_is_per_micro_step_and_per_block(compile_dict, tiny):
     plan = _plan(compile_dict, stage=0, micro=2)  # accumulation 4
     cluster = _with_rates("cpu", micro_step_overhead=0.01, layer_overhead=0.002)
-    assert step_time(plan, tiny, cluster)["framework_overhead"] == pytest.approx(4 * (0.01 + tiny.layers * 0.002))
+    terms = step_time(plan, tiny, cluster)
+    assert terms["micro_step_overhead"] == pytest.approx(4 * 0.01)
+    assert terms["layer_overhead"] == pytest.approx(4 * tiny.layers * 0.002)
 
 
 def test_each_kind_of_collective_runs_at_its_own_bandwidth(compile_dict, tiny):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -58,10 +59,13 @@ def autotune(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Tuner processes on this machine sharing the study. On other "
                                          "nodes, the same command with the same --storage joins it.")] = 1,
+    learn: Annotated[bool, typer.Option("--learn/--no-learn", help="Refit the cost model to each trial and try its "
+                                        "best untried plan next (autotune/learned_cost.py).")] = True,
 ) -> None:
     """Search ZeRO stage, micro-batch, offload and degrees by measuring short runs."""
     from zeroplan.autotune.cluster import resolve_cluster
-    from zeroplan.autotune.models import resolve_model
+    from zeroplan.autotune.learned_cost import overhead_prior
+    from zeroplan.autotune.models import micro_step_seconds, resolve_model
     from zeroplan.autotune.progress import live_progress
     from zeroplan.autotune.tune import TuneSettings, tune
 
@@ -82,10 +86,17 @@ def autotune(
         measured_steps=block.measured_steps, storage=storage or block.storage, study_name=block.study_name,
         sampler=_choice(sampler, SAMPLERS, "--sampler") or block.sampler, pruner=block.pruner,
         memory_safety_margin=block.memory_safety_margin, seed=block.seed,
-        overwrite=not resume or block.overwrite)
+        overwrite=not resume or block.overwrite, learn=learn)
     with _interruptible():
-        spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir)
+        spec = resolve_model(settings.workload, model_spec=model_spec, out_dir=settings.out_dir,
+                             threads=max((os.cpu_count() or 1) // nproc_per_node, 1))
         machines, source = resolve_cluster(cluster, out_dir=settings.out_dir, nproc=nproc_per_node)
+        micro_step = None if model_spec or script else micro_step_seconds(settings.out_dir, model=model)
+        if micro_step is not None and learn:
+            machines = overhead_prior(machines, spec, micro_step_s=micro_step)
+            source += (f"; overheads primed by one micro-step of the model ({micro_step * 1e3:.1f} ms): "
+                       f"{machines.rates.micro_step_overhead * 1e3:.2g} ms per micro-step + "
+                       f"{machines.rates.layer_overhead * 1e3:.2g} ms per block")
         typer.echo(f"model {spec.name}: {spec.total_params:,} parameters; cluster {machines.name}: {source}")
         notify = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
         if workers > 1:
