@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from zeroplan.runtime.environment import cpu_model  # noqa: F401  (the results files' CPU line)
+from zeroplan.runtime.environment import cpu_flags, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -18,8 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine_lines(peers: dict[str, str]) -> list[str]:
     """Bullet lines: CPU, cores, memory, Python/torch, and each peer's version or why it is absent."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    vector = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))) or "no AVX"
     lines = [f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible, {mem:.0f} GiB memory; "
              "shared with other work, so timings carry noise",
+             f"- vector units: {vector}",
              f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"]
     lines += [f"- {name}: {version}" for name, version in peers.items()]
     return lines
