@@ -4,9 +4,11 @@
   of CUDA tensors), the API the ZeRO runtime calls;
 - `select.py`: the Plan's `kernels.optimizer` values, which can run where, and the fallback;
 - `loader.py`: just-in-time build and cache of the C++/CUDA sources in `zeroplan.csrc`;
-- `adam_torch.py`: the pure-PyTorch kernels (`torch_foreach`, `torch_fused`).
+- `adam_torch.py`: the pure-PyTorch kernels (`torch_foreach`, `torch_fused`);
+- `adam_hyper.py`: `AdamHyper`, one step's hyper-parameters as every kernel takes them.
 """
 
+from zeroplan.runtime.kernels.adam_hyper import AdamHyper
 from zeroplan.runtime.kernels.adam import SIMD_PATHS, adam_step, cpu_simd_paths, multi_tensor_adam_step
 from zeroplan.runtime.kernels.loader import KernelWarning
 from zeroplan.runtime.kernels.select import (
@@ -17,6 +19,7 @@ from zeroplan.runtime.kernels.select import (
 )
 
 __all__ = [
+    "AdamHyper",
     "OPTIMIZER_KERNELS",
     "SIMD_PATHS",
     "KernelWarning",

@@ -16,12 +16,12 @@ No process-group logic lives here: the caller reduces the gradient and all-gathe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from zeroplan.runtime.kernels.adam_hyper import AdamHyper
 from zeroplan.runtime.kernels.adam_torch import foreach_adam_step, fused_adam_step
 from zeroplan.runtime.kernels.loader import CPU_ADAM, CUDA_ADAM
 from zeroplan.runtime.kernels.select import OPTIMIZER_KERNELS, default_optimizer_kernel
@@ -60,8 +60,8 @@ def adam_step(
         one is for tests and benchmarks.
     """
     _check_tensors(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, bf16_out=bf16_out)
-    _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 grad_scale=grad_scale)
+    hyper = AdamHyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      decoupled=decoupled, bias_correction=bias_correction, grad_scale=grad_scale)
     if kernel is None:
         kernel = default_optimizer_kernel(param.device)
     elif kernel not in OPTIMIZER_KERNELS:
@@ -70,17 +70,15 @@ def adam_step(
         raise ValueError(f"simd: must be one of {', '.join(SIMD_PATHS)}, got {simd!r}")
     if simd != "auto" and kernel != "cpu_adam":
         raise ValueError(f"simd: {simd!r} applies to kernel 'cpu_adam' only, not {kernel!r}")
-    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 decoupled=decoupled, bias_correction=bias_correction, grad_scale=grad_scale)
     if kernel == "cpu_adam":
         _cpu_adam(param, grad, exp_avg, exp_avg_sq, bf16_out, hyper, threads, simd)
         return kernel
     if kernel == "cuda_fused":
         multi_tensor_adam_step(params=[param], grads=[grad], exp_avgs=[exp_avg], exp_avg_sqs=[exp_avg_sq],
-                               bf16_outs=None if bf16_out is None else [bf16_out], **hyper)
+                               hyper=hyper, bf16_outs=None if bf16_out is None else [bf16_out])
         return kernel
     torch_step = fused_adam_step if kernel == "torch_fused" else foreach_adam_step
-    torch_step(params=[param], grads=[grad], exp_avgs=[exp_avg], exp_avg_sqs=[exp_avg_sq], **hyper)
+    torch_step(params=[param], grads=[grad], exp_avgs=[exp_avg], exp_avg_sqs=[exp_avg_sq], hyper=hyper)
     if bf16_out is not None:
         bf16_out.copy_(param)
     return kernel
@@ -92,28 +90,17 @@ def multi_tensor_adam_step(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    bias_correction: bool = True,
-    grad_scale: float = 1.0,
+    hyper: AdamHyper,
     bf16_outs: Sequence[Tensor] | None = None,
 ) -> None:
     """cuda_fused over lists of CUDA tensors: one kernel launch per 24 tensors / 320 chunks of
     64 Ki elements (apex's multi_tensor_apply scheme). Same semantics as `adam_step`."""
-    _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 grad_scale=grad_scale)
     module = CUDA_ADAM.load() if torch.cuda.is_available() else None
     if module is None:
         reason = CUDA_ADAM.error or "torch sees no CUDA device"
         raise RuntimeError(f"kernel 'cuda_fused' is unavailable here: {reason}")
     module.multi_tensor_adam(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                             None if bf16_outs is None else list(bf16_outs), float(step), lr, beta1,
-                             beta2, eps, weight_decay, decoupled, bias_correction, grad_scale)
+                             None if bf16_outs is None else list(bf16_outs), *hyper.native_args())
 
 
 def cpu_simd_paths() -> tuple[str, ...]:
@@ -123,7 +110,7 @@ def cpu_simd_paths() -> tuple[str, ...]:
 
 
 def _cpu_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, bf16_out: Tensor | None,
-              hyper: dict, threads: int | None, simd: str) -> None:
+              hyper: AdamHyper, threads: int | None, simd: str) -> None:
     if param.device.type != "cpu":
         raise ValueError(f"param: kernel 'cpu_adam' needs CPU tensors, got {param.device}")
     if threads is None:
@@ -136,9 +123,7 @@ def _cpu_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
                            "resolve the kernel with resolve_optimizer_kernel first")
     if simd != "auto" and simd not in module.simd_paths():
         raise ValueError(f"simd: {simd!r} is not supported by this CPU; it runs {', '.join(module.simd_paths())}")
-    module.adam_step(param, grad, exp_avg, exp_avg_sq, bf16_out, float(hyper["step"]), hyper["lr"],
-                     hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
-                     hyper["decoupled"], hyper["bias_correction"], hyper["grad_scale"], threads, simd)
+    module.adam_step(param, grad, exp_avg, exp_avg_sq, bf16_out, *hyper.native_args(), threads, simd)
 
 
 def _check_tensors(*, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -159,21 +144,3 @@ def _check_tensors(*, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
             raise ValueError(f"{name}: shape {tuple(t.shape)} != param's {tuple(param.shape)}")
         if t.device != param.device:
             raise ValueError(f"{name}: on {t.device} but param is on {param.device}")
-
-
-def _check_hyper(*, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 grad_scale: float) -> None:
-    """The ranges torch.optim.Adam checks, plus a 1-based integer step and a finite grad_scale."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step: must be an int >= 1 (1-based, as torch.optim counts), got {step!r}")
-    rules = (
-        ("lr", lr, lr >= 0.0, ">= 0"),
-        ("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)"),
-        ("beta2", beta2, 0.0 <= beta2 < 1.0, "in [0, 1)"),
-        ("eps", eps, eps >= 0.0, ">= 0"),
-        ("weight_decay", weight_decay, weight_decay >= 0.0, ">= 0"),
-        ("grad_scale", grad_scale, math.isfinite(grad_scale), "finite"),
-    )
-    for name, value, ok, want in rules:
-        if not ok:
-            raise ValueError(f"{name}: must be {want}, got {value!r}")

@@ -12,6 +12,7 @@ import torch.utils.cpp_extension
 
 from kernel_numerics import assert_matches_torch
 from zeroplan.runtime.kernels import multi_tensor_adam_step
+from zeroplan.runtime.kernels.adam_hyper import AdamHyper
 from zeroplan.runtime.kernels.loader import CSRC_DIR
 
 
@@ -47,9 +48,10 @@ def test_matches_torch_optim_on_gpu(decoupled):
         for ref, grad in zip(references, grads):
             ref.grad = grad * scale
         opt.step()
+        hyper = AdamHyper(step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                          decoupled=decoupled, grad_scale=scale)
         multi_tensor_adam_step(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                               step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                               decoupled=decoupled, grad_scale=scale, bf16_outs=copies)
+                               hyper=hyper, bf16_outs=copies)
     for i, ref in enumerate(references):
         assert_matches_torch(params[i], ref.detach(), f"params[{i}]")
         assert_matches_torch(exp_avgs[i], opt.state[ref]["exp_avg"], f"exp_avgs[{i}]")
