@@ -95,7 +95,7 @@ def test_a_dead_rank_is_named_with_its_cause(tmp_path, fault, world, cause):
     assert error.startswith(cause), error
     if fault.startswith(("segv", "oom")):
         assert "rt_faults.py" in error and "in _inject" in error, error
-    assert _metrics(tmp_path)[-1]["cause"] == error.removeprefix("error: ")
+    assert _metrics(tmp_path)[-1].cause == error.removeprefix("error: ")
 
 
 def test_kill_9_of_zeroplan_train_leaves_no_process_and_no_swap_directory(tmp_path):
