@@ -1,17 +1,13 @@
 """The search space: which config knobs the tuner chooses, and from which values.
 
-A knob (see `schemas.autotuning.TUNABLE`) becomes a dimension when the config gives it as
-"auto" or `autotuning.space` gives it a range; everything else stays as the user fixed it.
-Defaults for "auto" knobs are the values worth measuring on real hardware:
-
-- `zero_optimization.stage`: 0-3;
-- `train_micro_batch_size_per_gpu`: powers of two up to what the global batch allows;
-- offload devices: none and cpu (nvme too when an `nvme_path` is configured);
-  `offload_param` is conditional: it exists only when the stage is 3;
-- bucket sizes: 5e7, 2e8, 5e8 elements; `overlap_comm`: false, true;
-- parallel degrees: one categorical dimension over the valid (dp, tp, pp) factorisations of
-  the world size (compiler/degrees.py's `degree_choices`: the rule compile checks), written
-  "dp.tp.pp", because the three are not independent.
+A knob (schemas/knobs.py, the table compile's `--resolve-auto` search reads too) becomes a
+dimension when the config gives it as "auto" or `autotuning.space` gives it a range;
+everything else stays as the user fixed it. An "auto" knob takes its candidates from the
+table; the micro-batch's are sized for pure data parallelism (global batch / world size).
+The parallel degrees are one categorical dimension over the valid (dp, tp, pp)
+factorisations of the world size (compiler/degrees.py's `degree_choices`: the rule compile
+checks), written "dp.tp.pp", because the three are not independent; a knob with `only_if`
+(offload_param: ZeRO-3's) is left out of a trial where its condition fails.
 
 Dimensions are plain data; `suggest` asks an Optuna trial for values and `apply` writes
 them into the config data, which is then validated and compiled like any other config.
@@ -25,13 +21,13 @@ from typing import Any, Protocol
 
 from zeroplan.compiler.degrees import degree_choices
 from zeroplan.schemas import ModelSpec, TrainConfig, is_auto
-from zeroplan.schemas.autotuning import TUNABLE, KnobRange
+from zeroplan.schemas.autotuning import KnobRange
+from zeroplan.schemas.knobs import BY_KEY, DEGREE_KEYS, TUNABLE, KnobContext, candidates
 
 DEGREES = "parallel.degrees"
 """The combined dp/tp/pp dimension, valued "dp.tp.pp"."""
 
-_BUCKETS = (50_000_000, 200_000_000, 500_000_000)
-_DEGREE_KNOBS = ("parallel.dp", "parallel.tp", "parallel.pp")
+_DEGREE_KNOBS = tuple(k for k in DEGREE_KEYS if k in TUNABLE)
 
 
 @dataclass(frozen=True)
@@ -87,30 +83,12 @@ def _from_range(path: str, knob: KnobRange) -> Dimension:
 
 
 def _default_dimension(path: str, config: TrainConfig, *, world_size: int) -> Dimension:
-    if path == "zero_optimization.stage":
-        return Dimension(path, choices=(0, 1, 2, 3))
-    if path.endswith(".device"):
-        block = _get(config, path.rsplit(".", 1)[0])
-        return Dimension(path, choices=("none", "cpu", "nvme") if block.nvme_path else ("none", "cpu"))
-    if path == "zero_optimization.overlap_comm":
-        return Dimension(path, choices=(False, True))
-    if path.endswith("bucket_size"):
-        return Dimension(path, choices=_BUCKETS)
-    if path == "train_micro_batch_size_per_gpu":
-        return Dimension(path, choices=_micro_batches(config, world_size=world_size))
-    if path == "gradient_accumulation_steps":
-        return Dimension(path, choices=(1, 2, 4, 8))
-    raise ValueError(f"no default range for knob {path!r}; give one in autotuning.space")
-
-
-def _micro_batches(config: TrainConfig, *, world_size: int) -> tuple[int, ...]:
-    """Powers of two up to 64, or up to global / world size when the global batch is fixed."""
     glob = config.train_batch_size
-    cap = 64 if glob is None or is_auto(glob) else max(glob // world_size, 1)
-    values = [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= cap]
-    if glob is not None and not is_auto(glob):
-        values = [m for m in values if glob % m == 0] or [1]
-    return tuple(values)
+    nvme = frozenset(block for block in ("offload_optimizer", "offload_param")
+                     if getattr(config.zero_optimization, block).nvme_path)
+    context = KnobContext(nvme_blocks=nvme, global_batch=None if glob is None or is_auto(glob) else glob,
+                          dp=world_size)
+    return Dimension(path, choices=candidates(path, context=context))
 
 
 def _degree_dimension(config: TrainConfig, *, world_size: int, model: ModelSpec) -> Dimension | None:
@@ -144,10 +122,10 @@ def _allowed_values(knob: KnobRange | None) -> set[int] | None:
 
 
 def _conditional(dim: Dimension) -> Dimension:
-    if dim.name == "zero_optimization.offload_param.device":
-        return Dimension(dim.name, dim.choices, dim.low, dim.high, dim.log, dim.step,
-                         only_if=("zero_optimization.stage", 3))
-    return dim
+    knob = BY_KEY.get(dim.name)
+    if knob is None or knob.only_if is None:
+        return dim
+    return Dimension(dim.name, dim.choices, dim.low, dim.high, dim.log, dim.step, only_if=knob.only_if)
 
 
 def suggest(trial: TrialLike, dims: list[Dimension], *, config: TrainConfig) -> dict[str, Any]:

@@ -28,16 +28,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Problem, TrainConfig, is_auto
-
+from zeroplan.schemas.knobs import SEARCHED
 from zeroplan.schemas.optim import OPTIMIZER_DEFAULTS
 
 from .sections import DEFAULT_LR
 
-SEARCHED = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parallel.pp", "zero_optimization.stage",
-            "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device",
-            "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-            "zero_optimization.overlap_comm", "activation_checkpointing.enabled")
-"""Keys decided by the cost-model search rather than by a rule."""
 
 _BATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

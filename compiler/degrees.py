@@ -8,7 +8,7 @@ option to change (`parallel.tp`, `--nproc-per-node`), as torchtitan's `ParallelD
 
 from __future__ import annotations
 
-from zeroplan.schemas import ConfigError, ModelSpec, Problem, TrainConfig
+from zeroplan.schemas import ModelSpec, Problem, TrainConfig, derive_degrees
 
 _WORLD_HINT = "--nproc-per-node (or --nnodes)"
 
@@ -18,24 +18,10 @@ def _world_text(world_size: int, nnodes: int, nproc: int) -> str:
 
 
 def resolve_degrees(config: TrainConfig, *, nnodes: int, nproc_per_node: int) -> tuple[int, int, int]:
-    """(dp, tp, pp) from the config's concrete degrees; a degree left out is derived."""
+    """(dp, tp, pp) for the launch's world (schemas' `derive_degrees`, in the launch's words)."""
     world = nnodes * nproc_per_node
-    tp_key = "parallel.tp" if config.parallel.tp is not None else "tensor_parallel.autotp_size"
-    tp, pp, dp = config.tp or 1, config.parallel.pp or 1, config.parallel.dp
-    if dp is None:
-        if world % (tp * pp):
-            raise ConfigError(Problem(
-                tp_key if tp > 1 else "parallel.pp",
-                f"tp({tp}) * pp({pp}) = {tp * pp} does not divide {_world_text(world, nnodes, nproc_per_node)}",
-                suggestion=f"change {tp_key} or parallel.pp, or {_WORLD_HINT}"))
-        dp = world // (tp * pp)
-    if dp * tp * pp != world:
-        keys = [k for k, v in (("parallel.dp", config.parallel.dp), (tp_key, config.tp),
-                               ("parallel.pp", config.parallel.pp)) if v is not None]
-        raise ConfigError(Problem(
-            keys[-1], f"dp({dp}) * tp({tp}) * pp({pp}) = {dp * tp * pp} != world_size({world})",
-            suggestion=f"change {' or '.join(keys)} or {_WORLD_HINT}"))
-    return dp, tp, pp
+    return derive_degrees(config.parallel, config.tensor_parallel.autotp_size, world_size=world,
+                          world=_world_text(world, nnodes, nproc_per_node), world_hint=_WORLD_HINT)
 
 
 def degree_problems(*, dp: int, tp: int, pp: int, stage: int, model: ModelSpec,

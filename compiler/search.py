@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, Problem, validate_config
+from zeroplan.schemas.knobs import BY_KEY, DEGREE_KEYS, KNOBS, KnobContext, candidates, conflict
 from zeroplan.schemas.plan import Provenance
 
 from .autoresolve import get_path, set_path
@@ -26,11 +27,9 @@ from .memory import estimate_memory
 from .plan_builder import build_plan, fit_warnings
 
 GiB = 1 << 30
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MAX_CANDIDATES = 5_000
 """More combinations than this is a search for `zeroplan autotune`, not for compile (each
 candidate is a full compile, about 2 ms)."""
-_DEGREES = ("parallel.dp", "parallel.tp", "tensor_parallel.autotp_size", "parallel.pp")
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def _degree_options(data: dict, autos: list[str], model: ModelSpec, cluster: Clu
         options.append(option)
     if not options:
         fixed = ", ".join(f"{k}({v})" for k, v in given.items() if isinstance(v, int) and not searched.get(k))
-        raise ConfigError(Problem(next(k for k in autos if k in _DEGREES),
+        raise ConfigError(Problem(next(k for k in autos if k in DEGREE_KEYS),
                                   f"no dp x tp x pp = world_size({world}) with {fixed} splits model {model.name} "
                                   "(tp must divide its heads, hidden and ffn; pp at most its layers)",
                                   suggestion="change the given degrees or the process count"))
@@ -75,39 +74,40 @@ def _degree_options(data: dict, autos: list[str], model: ModelSpec, cluster: Clu
 
 
 def _knob_options(data: dict, autos: list[str], model: ModelSpec, cluster: ClusterSpec) -> list[list[dict]]:
-    """Per searched knob, its options as partial updates of the config data."""
+    """Per searched knob, its options as partial updates of the config data: the degrees
+    jointly, the batch keys DeepSpeed derives as None, the others their candidates (schemas/knobs.py)."""
     knobs: list[list[dict]] = []
-    if any(k in autos for k in _DEGREES):
+    if any(k in autos for k in DEGREE_KEYS):
         knobs.append(_degree_options(data, autos, model, cluster))
-    if "zero_optimization.stage" in autos:
-        knobs.append([{"zero_optimization.stage": s} for s in (0, 1, 2, 3)])
-    for block in ("offload_optimizer", "offload_param"):
-        key = f"zero_optimization.{block}.device"
-        if key in autos:
-            devices = ["none", "cpu"] + (["nvme"] if get_path(data, f"zero_optimization.{block}.nvme_path") else [])
-            knobs.append([{key: d} for d in devices])
-    batch = {k: None for k in ("train_batch_size", "gradient_accumulation_steps") if k in autos}
+    glob = get_path(data, "train_batch_size")
+    context = KnobContext(nvme_blocks=frozenset(b for b in ("offload_optimizer", "offload_param")
+                                                if get_path(data, f"zero_optimization.{b}.nvme_path")),
+                          global_batch=glob if isinstance(glob, int) else None)
+    derived = {k: None for k in autos if BY_KEY[k].compile == "derived"}
     micro_key = "train_micro_batch_size_per_gpu"
     given = [get_path(data, k) for k in ("train_batch_size", "gradient_accumulation_steps")]
-    if micro_key in autos and not all(isinstance(v, int) for v in given):
-        knobs.append([{**batch, micro_key: m} for m in MICRO_BATCHES])
-    elif micro_key in autos or batch:
-        knobs.append([{**batch, **({micro_key: None} if micro_key in autos else {})}])
-    for key in ("zero_optimization.overlap_comm", "activation_checkpointing.enabled"):
-        if key in autos:
-            knobs.append([{key: False}, {key: True}])
+    for knob in KNOBS:
+        key = knob.key
+        if key not in autos or knob.degree or knob.compile != "search":
+            continue
+        if key == micro_key and all(isinstance(v, int) for v in given):
+            derived[key] = None
+            continue
+        options = [{key: v} for v in candidates(key, context=context)]
+        knobs.append([{**derived, **o} for o in options] if key == micro_key else options)
+        if key == micro_key:
+            derived = {}
+    if derived:
+        knobs.append([derived])
     return knobs
 
 
 def _plausible(values: dict[str, Any], data: dict) -> bool:
-    """Skip combinations the schema refuses anyway (offload below the stage that allows it)."""
-    def value(key):
-        return values[key] if key in values else get_path(data, key)
-    stage = value("zero_optimization.stage")
-    stage = stage if isinstance(stage, int) else 0
-    if value("zero_optimization.offload_param.device") not in (None, {}, "none") and stage != 3:
-        return False
-    return not (value("zero_optimization.offload_optimizer.device") not in (None, {}, "none") and stage == 0)
+    """Skip combinations the schema refuses anyway (schemas/knobs.py's `conflict`)."""
+    keys = ("zero_optimization.stage", "zero_optimization.offload_param.device",
+            "zero_optimization.offload_optimizer.device")
+    merged = {k: values[k] if k in values else get_path(data, k) for k in keys}
+    return conflict({k: v for k, v in merged.items() if v != {}}) is None
 
 
 def _evaluate(data: dict, values: dict, model: ModelSpec, cluster: ClusterSpec, *, margin: float,

@@ -13,25 +13,9 @@ from typing import Any
 from pydantic import model_validator
 
 from .errors import Problem, raise_problems
+from .knobs import DEVICES, TUNABLE
 from .types import Flag, Positive, StrictModel, choice, count, real
 
-TUNABLE: dict[str, str] = {
-    "train_micro_batch_size_per_gpu": "int",
-    "gradient_accumulation_steps": "int",
-    "zero_optimization.stage": "int",
-    "zero_optimization.offload_optimizer.device": "device",
-    "zero_optimization.offload_param.device": "device",
-    "zero_optimization.reduce_bucket_size": "int",
-    "zero_optimization.allgather_bucket_size": "int",
-    "zero_optimization.stage3_prefetch_bucket_size": "int",
-    "zero_optimization.overlap_comm": "bool",
-    "parallel.dp": "int",
-    "parallel.tp": "int",
-    "parallel.pp": "int",
-}
-"""Knobs the tuner can search, by dotted key, with the kind of value each takes."""
-
-_DEVICES = {"none", "cpu", "nvme"}
 
 
 class KnobRange(StrictModel):
@@ -72,7 +56,7 @@ def _knob_problems(path: str, kind: str, knob: KnobRange) -> list[Problem]:
         if knob.choices is None or any(not isinstance(c, bool) for c in knob.choices):
             return [Problem(where, "takes choices of true/false", given=knob.choices)]
     elif kind == "device":
-        if knob.choices is None or any(c not in _DEVICES for c in knob.choices):
+        if knob.choices is None or any(c not in DEVICES for c in knob.choices):
             return [Problem(where, "takes choices among 'none', 'cpu', 'nvme'", given=knob.choices)]
     elif knob.choices is not None:
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in knob.choices):
@@ -114,7 +98,7 @@ class AutotuningConfig(StrictModel):
     seed: count(ge=0) | None = None
     """Sampler seed, for reproducible searches."""
     space: dict[str, KnobRange] = {}
-    """Ranges by dotted knob key; see `TUNABLE` for the knobs."""
+    """Ranges by dotted knob key; see `schemas.knobs.KNOBS` for the knobs."""
 
     @model_validator(mode="after")
     def _knobs(self) -> "AutotuningConfig":

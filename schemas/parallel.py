@@ -108,26 +108,34 @@ class TensorParallelConfig(StrictModel):
     """Tensor-parallel degree (DeepSpeed AutoTP)."""
 
 
-def derive_degrees(parallel: ParallelConfig, tp_alias, *, world_size: int) -> tuple[int, int, int]:
-    """(dp, tp, pp) for `world_size`, or ConfigError echoing the numbers.
+def derive_degrees(parallel: ParallelConfig, tp_alias, *, world_size: int, world: str | None = None,
+                   world_hint: str = "the process count") -> tuple[int, int, int]:
+    """(dp, tp, pp) for `world_size`, or ConfigError echoing the numbers: the one degree rule,
+    used by config validation (a known world size) and by compile (nnodes x nproc_per_node).
 
     `tp_alias` is DeepSpeed's tensor_parallel.autotp_size (used when parallel.tp is not given).
-    Raises ConfigError when a degree is "auto" (compile or autotune decides it) or when the
-    degrees do not multiply to the world size.
+    A degree left out is derived: tp and pp default to 1, dp is world_size / (tp * pp). "auto"
+    degrees are refused (compile or autotune decides them). `world` describes where the world
+    size came from, `world_hint` what changes it; both end up in the messages.
     """
-    tp = parallel.tp if parallel.tp is not None else tp_alias
-    values = {"dp": parallel.dp, "tp": tp, "pp": parallel.pp}
+    given_tp = parallel.tp if parallel.tp is not None else tp_alias
+    tp_key = "parallel.tp" if parallel.tp is not None or tp_alias is None else "tensor_parallel.autotp_size"
+    values = {"parallel.dp": parallel.dp, tp_key: given_tp, "parallel.pp": parallel.pp}
     auto = [k for k, v in values.items() if is_auto(v)]
     if auto:
-        raise ConfigError(Problem(f"parallel.{auto[0]}", "is 'auto': it is decided by compile or autotune",
+        raise ConfigError(Problem(auto[0], "is 'auto': it is decided by compile or autotune",
                                   suggestion="give a number to check the batch for a world size"))
-    tp, pp = tp or 1, parallel.pp or 1
-    if world_size % (tp * pp):
-        raise ConfigError(Problem("parallel.tp", f"tp({tp}) * pp({pp}) = {tp * pp} does not divide "
-                                  f"world_size({world_size})", suggestion="change parallel.tp, parallel.pp or the process count"))
-    dp = parallel.dp if parallel.dp is not None else world_size // (tp * pp)
-    if dp * tp * pp != world_size:
+    world = world or f"world_size({world_size})"
+    tp, pp, dp = given_tp or 1, parallel.pp or 1, parallel.dp
+    if dp is None:
+        if world_size % (tp * pp):
+            raise ConfigError(Problem(tp_key if tp > 1 else "parallel.pp",
+                                      f"tp({tp}) * pp({pp}) = {tp * pp} does not divide {world}",
+                                      suggestion=f"change {tp_key} or parallel.pp, or {world_hint}"))
+        dp = world_size // (tp * pp)
+    if dp * tp * pp != world_size:  # only a given dp can disagree
+        keys = " or ".join(k for k, v in values.items() if v is not None)
         raise ConfigError(Problem("parallel.dp", f"dp({dp}) * tp({tp}) * pp({pp}) = {dp * tp * pp} != "
                                   f"world_size({world_size})", given=dp,
-                                  suggestion="change parallel.dp or the process count (or leave dp out to derive it)"))
+                                  suggestion=f"change {keys} or {world_hint} (or leave dp out to derive it)"))
     return dp, tp, pp
