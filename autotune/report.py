@@ -17,10 +17,10 @@ import optuna
 import pandas as pd
 
 from zeroplan.schemas import Plan
+from zeroplan.schemas.cluster import GiB
 
 from .report_plots import figures, plotly_js, plots_missing
 
-GIB = 1024**3
 HEAD = ("trial", "state", "parameters", "samples/s", "predicted GiB/rank", "measured GiB/rank",
         "predicted step s", "measured step s", "prediction error", "reason")
 STATE_ORDER = ("complete", "pruned", "fail", "running", "waiting")
@@ -67,7 +67,7 @@ def table_rows(frame: pd.DataFrame) -> list[list[str]]:
         given = "; ".join(f"{c[len('param:'):]}={row[c]}" for c in params if _present(row[c]))
         rows.append([str(row["number"]), _STATE_WORDS.get(row["state"], row["state"]), given,
                      _number(row.get("measured_samples_per_s")),
-                     _number(row.get("predicted_peak_bytes"), scale=GIB), _number(row.get("measured_peak_bytes"), scale=GIB),
+                     _number(row.get("predicted_peak_bytes"), scale=GiB), _number(row.get("measured_peak_bytes"), scale=GiB),
                      _number(_predicted_step(row), digits=4),
                      _number(row.get("measured_step_time_s"), digits=4),
                      _percent(row.get("prediction_error")),

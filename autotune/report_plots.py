@@ -17,11 +17,10 @@ from typing import Callable
 import optuna
 import pandas as pd
 
-GIB = 1024**3
+from zeroplan.schemas.autotuning import OBJECTIVES
+from zeroplan.schemas.cluster import GiB
+
 PLOTS_EXTRA = "pip install 'zeroplan[report]'"
-OBJECTIVE_NAMES = {"throughput": ["samples/s"], "latency": ["step time (s)"], "memory": ["peak bytes/rank"],
-                   "pareto": ["samples/s", "peak bytes/rank"]}
-"""What each objective of `zeroplan autotune --objective` measures (autotune/tune.py's values)."""
 _HEIGHT = 460
 
 
@@ -51,7 +50,7 @@ def plotly_js() -> str:
 def figures(*, study: optuna.Study, frame: pd.DataFrame, objective: str) -> list[Figure]:
     """Every figure of the report, drawn or with the reason it is not."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    names = OBJECTIVE_NAMES.get(objective, [])
+    names = [measure for _, measure in OBJECTIVES.get(objective, ())]
     if len(names) != len(study.directions):
         names = [f"objective {i}" for i in range(len(study.directions))]
     first = {"target": (lambda t: t.values[0]) if len(names) > 1 else None, "target_name": names[0]}
@@ -139,7 +138,7 @@ def _predicted_vs_measured(measured: pd.DataFrame):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("peak memory per rank (GiB)", "step time (s)"))
     labels = [f"trial {n}" for n in measured["number"]]
-    panels = (("predicted_peak_bytes", "measured_peak_bytes", GIB), ("predicted_step_time_s", "measured_step_time_s", 1))
+    panels = (("predicted_peak_bytes", "measured_peak_bytes", GiB), ("predicted_step_time_s", "measured_step_time_s", 1))
     for col, (predicted, got, scale) in enumerate(panels, start=1):
         x = (measured[predicted].astype(float) / scale).tolist()
         y = (measured[got].astype(float) / scale).tolist()

@@ -19,6 +19,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from zeroplan.compiler.autoresolve import set_path
 from zeroplan.compiler.degrees import degree_choices
 from zeroplan.schemas import ModelSpec, TrainConfig, is_auto
 from zeroplan.schemas.autotuning import KnobRange
@@ -153,11 +154,7 @@ def apply(data: dict, params: dict[str, Any]) -> dict:
             out.setdefault("parallel", {}).update({"dp": dp, "tp": tp, "pp": pp})
             out.get("tensor_parallel", {}).pop("autotp_size", None)
             continue
-        node = out
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_path(out, name, value)
     if "zero_optimization.stage" in params and params["zero_optimization.stage"] != 3:
         offload_param = out.get("zero_optimization", {}).get("offload_param")
         if isinstance(offload_param, dict) and is_auto_like(offload_param.get("device")):

@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 
 import optuna
 
+from zeroplan.schemas.autotuning import PRUNERS, SAMPLERS
+
 from .identity import differences, identity_digest
 from .space import Dimension
 from .storage import HEARTBEAT_S, experimental_ok, masked, open_storage, readable_storage, storage_url
@@ -38,8 +40,6 @@ __all__ = ["HEARTBEAT_S", "experimental_ok", "open_storage", "readable_storage",
            "open_study", "make_sampler", "make_pruner", "grid_space", "grid_size", "mark_worker",
            "fail_orphaned_trials", "study_name_for"]
 
-SAMPLERS = ("tpe", "random", "grid", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
 
 
 IDENTITY_ATTR = "zeroplan_identity"
@@ -58,17 +58,31 @@ def study_name_for(*, given: str | None, digest: str, taken: dict[str, str | Non
     return f"{base}-{digest[:12]}"
 
 
+def _tpe(*, dims: Sequence[Dimension], seed: int | None) -> optuna.samplers.BaseSampler:
+    with experimental_ok():
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
+
+
+_SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "random": lambda *, dims, seed: optuna.samplers.RandomSampler(seed=seed),
+    "grid": lambda *, dims, seed: optuna.samplers.GridSampler(grid_space(dims), seed=seed),
+    "nsga2": lambda *, dims, seed: optuna.samplers.NSGAIISampler(seed=seed),
+}
+"""How each of `schemas.autotuning.SAMPLERS` is built."""
+
+_PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "none": optuna.pruners.NopPruner,
+}
+"""How each of `schemas.autotuning.PRUNERS` is built."""
+
+
 def make_sampler(name: str, *, dims: Sequence[Dimension], seed: int | None) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        with experimental_ok():
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=4)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(dims), seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return _SAMPLERS[name](dims=dims, seed=seed)
 
 
 def grid_space(dims: Sequence[Dimension]) -> dict[str, list]:
@@ -96,13 +110,9 @@ def grid_size(dims: Sequence[Dimension]) -> int:
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+    if name not in _PRUNERS:
+        raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+    return _PRUNERS[name]()
 
 
 def open_identified_study(*, storage: str, given_name: str | None, overwrite: bool, identity: dict[str, Any],

@@ -46,7 +46,9 @@ import optuna
 from zeroplan.compiler import compile as compile_plan
 from zeroplan.compiler.emit import emit
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, TrainConfig, validate_config
+from zeroplan.schemas.autotuning import directions
 from zeroplan.schemas.steps import StepRecord
+from zeroplan.schemas.cluster import GiB
 
 from .identity import model_identity, study_identity
 from .learned_cost import LearnedCost, Ranked, fit, measured_trials, next_plan, observations
@@ -57,9 +59,6 @@ from .space import Dimension, apply, search_space, suggest
 from .study import (HEARTBEAT_S, experimental_ok, fail_orphaned_trials, grid_space, make_pruner, make_sampler,
                     mark_worker, open_identified_study, storage_url)
 
-OBJECTIVES = {"throughput": ["maximize"], "latency": ["minimize"], "memory": ["minimize"],
-              "pareto": ["maximize", "minimize"]}
-GIB = 1024**3
 
 
 class TrialFailed(Exception):
@@ -175,11 +174,11 @@ class Tuner:
         est = plan.estimates
         budget, peak = est.memory_limit_per_rank * keep, predicted_peak(plan)
         if budget and peak > budget:
-            return f"predicted {peak / GIB:.1f} GiB/rank > {budget / GIB:.1f} GiB budget"
+            return f"predicted {peak / GiB:.1f} GiB/rank > {budget / GiB:.1f} GiB budget"
         host_budget = est.host_memory_per_node * keep
         if plan.world.device != "cpu" and host_budget and est.host_bytes_per_node > host_budget:
-            return (f"predicted host memory {est.host_bytes_per_node / GIB:.1f} GiB/node > "
-                    f"{host_budget / GIB:.1f} GiB budget")
+            return (f"predicted host memory {est.host_bytes_per_node / GiB:.1f} GiB/node > "
+                    f"{host_budget / GiB:.1f} GiB budget")
         return ""
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -232,7 +231,7 @@ class Tuner:
         plan_path = plan.save(workdir / "plan.json")
         metrics = workdir / "metrics.jsonl"
         command = self.launcher(plan_path, self.settings.warmup_steps + self.settings.measured_steps, metrics)
-        single = len(OBJECTIVES[self.settings.objective]) == 1
+        single = len(directions(self.settings.objective)) == 1
         workload = self.settings.workload
         return run_trial(command=command, metrics=metrics, workdir=workdir, timeout_s=self.settings.trial_timeout_s,
                          on_step=self._pruning_callback(trial) if single else (lambda _: False),
@@ -393,7 +392,7 @@ def open_tuner_study(tuner: Tuner, *, notify: Callable[[str], None] | None = Non
                           "set e.g. zero_optimization.stage or train_micro_batch_size_per_gpu to \"auto\"")
     storage = storage_url(settings.storage, results_dir=settings.out_dir)
     return open_identified_study(storage=storage, given_name=settings.study_name, overwrite=settings.overwrite,
-                                 identity=tuner.identity(), directions=OBJECTIVES[settings.objective],
+                                 identity=tuner.identity(), directions=directions(settings.objective),
                                  sampler=make_sampler(settings.sampler, dims=tuner.dims, seed=settings.seed),
                                  pruner=make_pruner(settings.pruner), notify=notify or _warn,
                                  heartbeat_s=settings.heartbeat_s)

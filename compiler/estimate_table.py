@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass
 
 from zeroplan.schemas import ClusterSpec, ConfigWarning, ModelSpec, Plan, validate_config
+from zeroplan.schemas.cluster import GiB
 
 from .compile import compile
 
-GiB = 1 << 30
 OPTIONS: tuple[tuple[int, str, str], ...] = (
     (0, "none", "none"),
     (1, "none", "none"), (1, "cpu", "none"), (1, "nvme", "none"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from zeroplan.schemas import ClusterSpec, ConfigError, ModelSpec, Plan, Problem, TrainConfig, resolve_batch
 from zeroplan.schemas.plan import Estimates, ParallelPlan, Provenance
+from zeroplan.schemas.cluster import GiB
 
 from .buckets import derive_buckets
 from .calibration import Calibration
@@ -33,7 +34,6 @@ from .sections import (
     zero_plan,
 )
 
-GiB = 1 << 30
 
 
 def _parallel_plan(config: TrainConfig, *, model: ModelSpec, dp: int, tp: int, pp: int,

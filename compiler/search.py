@@ -18,6 +18,7 @@ from typing import Any
 from zeroplan.schemas import ClusterSpec, ConfigError, ConfigWarning, ModelSpec, Plan, Problem, validate_config
 from zeroplan.schemas.knobs import BY_KEY, DEGREE_KEYS, KNOBS, KnobContext, candidates, conflict
 from zeroplan.schemas.plan import Provenance
+from zeroplan.schemas.cluster import GiB
 
 from .autoresolve import get_path, set_path
 from .calibration import Calibration
@@ -26,7 +27,6 @@ from .degrees import degree_choices
 from .memory import estimate_memory
 from .plan_builder import build_plan, fit_warnings
 
-GiB = 1 << 30
 MAX_CANDIDATES = 5_000
 """More combinations than this is a search for `zeroplan autotune`, not for compile (each
 candidate is a full compile, about 2 ms)."""

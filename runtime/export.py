@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .agree import Agreement
 from .checkpoint import _fsync_dir
 
 SHARD = re.compile(r".+-\d{5}-of-\d{5}\.(safetensors|bin)")
@@ -65,12 +65,11 @@ def save_pretrained(model: nn.Module, *, state_dict: dict[str, torch.Tensor], di
             _write(model, state_dict=state_dict, directory=directory, kwargs=kwargs)
         except Exception as e:  # every rank hears of it below
             error = e
-    failed = torch.tensor([1.0 if error else 0.0], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failures = Agreement(device=device).failures(error)
     if error is not None:
         raise error
-    if failed.item():
-        raise RuntimeError(f"rank 0 could not save the model to {directory}; its error says why")
+    if failures:
+        raise RuntimeError(f"rank 0 could not save the model to {directory}: {failures[0][1]}")
     return directory
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.optim.adam import adam as _adam
@@ -209,6 +209,36 @@ class Adagrad(_AdamState):
         param.addcdiv_(grad, squares.sqrt().add_(p.eps), value=-lr)
 
 
+def _build_adam(*, kernels: KernelsPlan, segments: ShardSegments | None, **common) -> FlatOptimizer:
+    """Adam and AdamW: the plan's native kernel, else torch's (whose functional Adam has no
+    switch for bias correction: the foreach kernel of `adam_step` does)."""
+    native = kernels.optimizer in ("cpu_adam", "cuda_fused")
+    if native or not common["plan"].bias_correction:
+        return KernelAdam(adam_step=_kernel_adam(kernels.optimizer if native else "torch_foreach"), **common)
+    return TorchAdam(fused=kernels.optimizer == "torch_fused", **common)
+
+
+def _build_lamb(*, kernels: KernelsPlan, segments: ShardSegments | None, **common) -> FlatOptimizer:
+    from .optim_lamb import Lamb  # it builds on this module's FlatOptimizer
+
+    return Lamb(segments=segments, **common)
+
+
+def _element_wise(cls: type[FlatOptimizer]) -> Callable[..., FlatOptimizer]:
+    return lambda *, kernels, segments, **common: cls(**common)
+
+
+OPTIMIZER_BUILDERS: dict[str, Callable[..., FlatOptimizer]] = {
+    "Adam": _build_adam,
+    "AdamW": _build_adam,
+    "SGD": _element_wise(TorchSGD),
+    "Lamb": _build_lamb,
+    "Lion": _element_wise(Lion),
+    "Adagrad": _element_wise(Adagrad),
+}
+"""How each of `schemas.optim.OPTIMIZERS` is built; the kernel choice applies to Adam's."""
+
+
 def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: int, device: torch.device,
                     segments: ShardSegments | None = None) -> FlatOptimizer:
     """The flat-shard optimizer for the plan's optimizer type and kernel choice.
@@ -216,21 +246,8 @@ def build_optimizer(*, optimizer: OptimizerPlan, kernels: KernelsPlan, numel: in
     `numel` sizes the element-wise state it keeps; 0 when the caller keeps it (NVMe swap files).
     `segments`: where each tensor lies in the shard and how to sum over its shards; Lamb needs it.
     """
-    common = dict(plan=optimizer, numel=numel, device=device)
-    if optimizer.type == "SGD":
-        return TorchSGD(**common)
-    if optimizer.type == "Lion":
-        return Lion(**common)
-    if optimizer.type == "Adagrad":
-        return Adagrad(**common)
-    if optimizer.type == "Lamb":
-        from .optim_lamb import Lamb  # it builds on this module's FlatOptimizer
-
-        return Lamb(segments=segments, **common)
-    if kernels.optimizer in ("cpu_adam", "cuda_fused") or not optimizer.bias_correction:
-        name = kernels.optimizer if kernels.optimizer in ("cpu_adam", "cuda_fused") else "torch_foreach"
-        return KernelAdam(adam_step=_kernel_adam(name), **common)
-    return TorchAdam(fused=kernels.optimizer == "torch_fused", **common)
+    return OPTIMIZER_BUILDERS[optimizer.type](kernels=kernels, segments=segments, plan=optimizer, numel=numel,
+                                              device=device)
 
 
 def _kernel_adam(name: str):

@@ -16,6 +16,25 @@ from .errors import Problem, raise_problems
 from .knobs import DEVICES, TUNABLE
 from .types import Flag, Positive, StrictModel, choice, count, real
 
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+"""Optuna samplers by name (autotune/study.py builds each): TPE, random, an exhaustive grid over
+the dimensions, NSGA-II (for the two-valued `pareto` objective)."""
+PRUNERS = ("median", "hyperband", "none")
+"""Optuna pruners by name (autotune/study.py builds each)."""
+OBJECTIVES: dict[str, tuple[tuple[str, str], ...]] = {
+    "throughput": (("maximize", "samples/s"),),
+    "latency": (("minimize", "step time (s)"),),
+    "memory": (("minimize", "peak bytes/rank"),),
+    "pareto": (("maximize", "samples/s"), ("minimize", "peak bytes/rank")),
+}
+"""What the tuner can optimise: per name, each value a trial reports, as (Optuna direction, what
+it measures). `pareto` is a multi-objective study over throughput and peak memory."""
+
+
+def directions(objective: str) -> list[str]:
+    """The Optuna study directions of `objective`, one per value a trial reports."""
+    return [direction for direction, _ in OBJECTIVES[objective]]
+
 
 
 class KnobRange(StrictModel):
@@ -69,8 +88,9 @@ def _knob_problems(path: str, kind: str, knob: KnobRange) -> list[Problem]:
 class AutotuningConfig(StrictModel):
     enabled: Flag = False
     """Informational: `zeroplan autotune` tunes whether or not this is set."""
-    metric: choice("throughput", "latency", "memory") = "throughput"
-    """What the tuner optimises: samples/s (max), step time (min) or peak memory (min)."""
+    metric: choice(*OBJECTIVES) = "throughput"
+    """What the tuner optimises: samples/s (max), step time (min), peak memory (min), or 'pareto':
+    both samples/s and peak memory (a front of plans; `sampler: nsga2` suits it)."""
     max_trials: Positive = 20
     """Trials to run at most (pruned and skipped trials count)."""
     time_budget_s: real(gt=0) | None = None
@@ -81,9 +101,9 @@ class AutotuningConfig(StrictModel):
     """Timed steps per trial."""
     trial_timeout_s: real(gt=0) = 600.0
     """A trial running longer than this is killed and recorded as failed."""
-    sampler: choice("tpe", "random", "grid") = "tpe"
+    sampler: choice(*SAMPLERS) = "tpe"
     """Optuna sampler."""
-    pruner: choice("median", "hyperband", "none") = "median"
+    pruner: choice(*PRUNERS) = "median"
     """Optuna pruner that stops hopeless trials from their reported step times."""
     storage: str | None = None
     """Optuna storage URL; None means a SQLite file in results_dir (shared DBs scale out)."""

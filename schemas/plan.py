@@ -19,7 +19,11 @@ from .atomic import atomic_write_text
 from .batch import BatchPlan
 from .errors import ConfigError, Problem
 from .layout import DEFAULT_ORDER, Dim, Topology, crossing_dims, node_ranks, order_problem
+from .optim import OPTIMIZERS
 from .types import FrozenModel
+
+OPTIMIZER_KERNELS = ("cpu_adam", "cuda_fused", "torch_fused", "torch_foreach")
+"""Every Adam kernel a plan can name (`kernels.optimizer`)."""
 
 PLAN_VERSION = 2
 """2: the DeepSpeed values zeroplan does not act on moved into the `deepspeed` section."""
@@ -165,7 +169,7 @@ class PrecisionPlan(FrozenModel):
 
 
 class OptimizerPlan(FrozenModel):
-    type: Literal["Adam", "AdamW", "SGD", "Lamb", "Lion", "Adagrad"] = "AdamW"
+    type: Literal[OPTIMIZERS] = "AdamW"
     lr: float = Field(default=1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's, Lamb's and Lion's (beta1, beta2)."""
@@ -205,7 +209,8 @@ class SchedulerPlan(FrozenModel):
 
 
 class KernelsPlan(FrozenModel):
-    optimizer: Literal["cpu_adam", "torch_fused", "torch_foreach", "cuda_fused"] = "torch_foreach"
+    optimizer: Literal[OPTIMIZER_KERNELS] = "torch_foreach"
+    """The Adam kernel (runtime/kernels/select.py says where each runs and what replaces it)."""
 
 
 class ActivationCheckpointingPlan(FrozenModel):

@@ -19,10 +19,9 @@ import warnings
 
 import torch
 
+from zeroplan.schemas.plan import OPTIMIZER_KERNELS
 from zeroplan.runtime.kernels.loader import CPU_ADAM, CUDA_ADAM, KernelWarning, NativeExtension
 
-OPTIMIZER_KERNELS = ("cpu_adam", "cuda_fused", "torch_fused", "torch_foreach")
-"""Every value of the Plan's `kernels.optimizer` field."""
 
 _NATIVE: dict[str, tuple[str, NativeExtension]] = {
     "cpu_adam": ("cpu", CPU_ADAM),

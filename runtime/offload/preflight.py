@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import dataclass
 
 from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.cluster import GiB
 
 from .swap import align_up
 
-GiB = 2 ** 30
 
 
 @dataclass(frozen=True)

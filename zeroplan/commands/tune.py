@@ -18,12 +18,11 @@ from typing import Annotated, Optional
 import typer
 
 from zeroplan.schemas import ConfigError, apply_overrides, read_config_file, validate_config
+from zeroplan.schemas.autotuning import OBJECTIVES, SAMPLERS
 from zeroplan.schemas.paths import writable_dir
 
 from .common import user_errors
 
-SAMPLERS = ("tpe", "grid", "random", "nsga2")
-OBJECTIVES = ("throughput", "latency", "memory", "pareto")
 
 
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> str | None:
@@ -52,8 +51,8 @@ def autotune(
     trial_timeout: Annotated[Optional[float], typer.Option(help="Per-trial limit in seconds.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL; default SQLite in --out.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results directory; default autotuning.results_dir.")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="tpe | grid | random | nsga2")] = None,
-    objective: Annotated[Optional[str], typer.Option(help="throughput | latency | memory | pareto")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=" | ".join(SAMPLERS))] = None,
+    objective: Annotated[Optional[str], typer.Option(help=" | ".join(OBJECTIVES))] = None,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Resume the study of the same name, "
                                          "or start a new one beside it (nothing is deleted).")] = True,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value.")] = None,
@@ -80,7 +79,7 @@ def autotune(
         model_name=model, nnodes=nnodes, nproc_per_node=nproc_per_node, launch_dir=Path.cwd(),
         script=(str(script), *(script_args or ())) if script is not None else (),
         out_dir=out_dir,
-        objective=_choice(objective, OBJECTIVES, "--objective") or block.metric,
+        objective=_choice(objective, tuple(OBJECTIVES), "--objective") or block.metric,
         max_trials=max_trials or block.max_trials, timeout_s=timeout or block.time_budget_s,
         trial_timeout_s=trial_timeout or block.trial_timeout_s, warmup_steps=block.warmup_steps,
         measured_steps=block.measured_steps, storage=storage or block.storage, study_name=block.study_name,
@@ -153,7 +152,7 @@ def report(
     directory: Annotated[Path, typer.Argument(help="Results directory of `zeroplan autotune`.")],
     storage: Annotated[Optional[str], typer.Option(help="Storage URL; default the directory's study.db.")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name; default the only (or newest) one.")] = None,
-    objective: Annotated[str, typer.Option(help="throughput | latency | memory | pareto")] = "throughput",
+    objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVES))] = "throughput",
 ) -> None:
     """Re-render trials.csv, report.md, report.html and best_plan.json from a stored study."""
     import optuna
@@ -171,5 +170,5 @@ def report(
             raise ConfigError(f"no study in {masked(url)}")
         name = study or max(summaries, key=lambda s: s.datetime_start or datetime.datetime.min).study_name
         loaded = optuna.load_study(study_name=name, storage=rdb)
-    write_results(loaded, out_dir=directory, objective=_choice(objective, OBJECTIVES, "--objective"))
+    write_results(loaded, out_dir=directory, objective=_choice(objective, tuple(OBJECTIVES), "--objective"))
     typer.echo(f"wrote {directory / 'report.md'} for study {name}")
