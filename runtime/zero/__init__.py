@@ -105,7 +105,7 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
                                   overlap=zero.overlap_comm,
                                   predivide=predivide, grad_shard=built.grad,
                                   accumulate=isinstance(built, (Stage2, Stage3)),
-                                  source=built.source)
+                                  source=built.source, in_place=stage == 0 and reduce_dtype == grad.dtype)
     built.attach()
     return built
 
