@@ -47,6 +47,7 @@ from .comm import Collective, stage_collectives
 from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
 from .shapes import StageShape, persistent_elements, stage_shapes
+from .shards import reduces_in_place
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
@@ -160,7 +161,8 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     accumulation buffer (read e_p, read and write 4); stages 2-3 pack it into reduce buckets
     (read e_p, write e_r) and add the reduced slice into the fp32 shard (read e_r, read and
     write 4, over the shard). At the boundary, stages 0-1 pack the accumulated gradient
-    (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1).
+    (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1),
+    except that stage 0 reducing in place only averages the buffer (read and write 4).
     After the step the parameters are rewritten: from the master at stage 0 (read 4, write
     e_p), from the gathered buffer at stages 1-2 (read and write e_p). Stage 3 writes each
     gathered buffer, forward and backward of every micro-step.
@@ -168,7 +170,10 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     z, accum, dp = plan.zero, plan.batch.gradient_accumulation_steps, plan.parallel.dp
     e_p, e_r, psi = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype], shape.params
     shard = -(-psi // dp) if z.stage >= 1 else psi
-    if z.stage <= 1:
+    if reduces_in_place(stage=z.stage, reduce_bytes=e_r):
+        per_micro = psi * (e_p + e_p + 8)
+        boundary = psi * 8
+    elif z.stage <= 1:
         per_micro = psi * (e_p + e_p + 8)
         boundary = psi * (4 + e_r) + shard * (e_r + 4)
     else:
