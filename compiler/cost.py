@@ -14,9 +14,10 @@ Terms, in seconds per optimizer step on the busiest rank:
   the cluster has one (gloo's all-gather and reduce-scatter are several times slower than its
   all-reduce). Stage 3 gathers each module's parameters on its own, forward and backward of
   every micro-step, so its calls, and their latency, grow with modules x micro-steps. Gradient reductions overlap the backward when
-  overlap_comm is on, ZeRO-3's parameter gathers overlap compute when prefetching; what does
-  not fit under the compute, and at least the last bucket, stays exposed. On CPU ranks nothing
-  overlaps (the collectives run on the compute's cores).
+  overlap_comm is on (always at stage 0 reducing in place: runtime/zero/comm.py), ZeRO-3's
+  parameter gathers overlap compute when prefetching; what does not fit under the compute, and
+  at least the last bucket, stays exposed. On CPU ranks nothing overlaps (the collectives run
+  on the compute's cores).
 - optimizer step: memory-bound (Adam reads master, gradient and two moments, writes three
   of them and the 16-bit copy), at device memory bandwidth, host memory bandwidth when
   offloaded, plus NVMe reads and writes of the swapped state.
@@ -83,7 +84,8 @@ def _overlappable(plan: Plan, c: Collective) -> bool:
         return False
     if c.op == "all_gather":  # ZeRO-3 prefetch
         return plan.zero.prefetch_bucket_size > 0
-    return plan.zero.overlap_comm
+    return plan.zero.overlap_comm or reduces_in_place(stage=plan.zero.stage,
+                                                      reduce_bytes=BYTES[plan.precision.reduce_dtype])
 
 
 def exposed_comm(plan: Plan, cluster: ClusterSpec, collectives: list[Collective], *,

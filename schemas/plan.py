@@ -105,7 +105,9 @@ class ZeroPlan(FrozenModel):
     allgather_bucket_size: int = Field(ge=1)
     """Elements per all-gather of updated parameters (stages 1-2)."""
     overlap_comm: bool
-    """Launch gradient collectives asynchronously during backward."""
+    """Launch gradient collectives asynchronously during backward (a bucket buffer each in
+    flight). Stage 0 reducing in fp32 always does: its buckets are the gradient buffer itself
+    (compiler.shards.reduces_in_place), so there is no buffer to save by waiting."""
     reduce_scatter: bool = True
     """Stages 1-2: reduce-scatter gradients (True) or all-reduce them, each rank keeping its slice."""
     prefetch_bucket_size: int = Field(ge=0)

@@ -17,7 +17,7 @@ bucket launch, arXiv:2006.15704, section 4.2):
 
 Every buffer is a pass over memory, and on the CPU a fresh one of 1 MiB or more also costs a
 page fault per page (runtime/host_memory.py), so: at stage 0 the gradient buffer is the bucket
-(`in_place`: all-reduced where backward accumulated it, no copy); elsewhere, without
+(`in_place`: all-reduced where backward accumulated it, no copy, during backward); elsewhere, without
 `overlap_comm` (one bucket in flight), the buckets of one backward share one scratch buffer,
 as the parameter groups of one `publish` share one gather buffer.
 """
@@ -66,7 +66,11 @@ class BucketReducer:
     `accumulate` adds results into the gradient shard (stages 2-3 reduce every micro-batch)
     instead of assigning them (stages 0-1 reduce once, at the accumulation boundary).
     `in_place`: every source is already `grad_shard`'s own range of its slot (stage 0, W = 1),
-    so each bucket is all-reduced and averaged right there, without a copy.
+    so each bucket is all-reduced and averaged right there, without a copy. A bucket in flight
+    then holds no buffer, so it is always launched asynchronously and waited at the end of
+    backward, whatever `overlap` says: what overlap_comm trades (buffers in flight for hidden
+    communication, DDP's all-reduce during backward, arXiv:2006.15704 section 3.2.3) costs
+    nothing here.
     """
 
     def __init__(self, *, layout: ShardLayout, coll: Collectives, bucket_size: int, reduce_dtype: torch.dtype,
@@ -77,7 +81,7 @@ class BucketReducer:
                              f"false) over a W = 1 layout in the gradient's dtype; got scatter={scatter}, "
                              f"accumulate={accumulate}, W={layout.world}, reduce {reduce_dtype} into "
                              f"{grad_shard.dtype}")
-        self.layout, self.coll, self.scatter, self.overlap = layout, coll, scatter, overlap
+        self.layout, self.coll, self.scatter, self.overlap = layout, coll, scatter, overlap or in_place
         self.accumulate, self.in_place = accumulate, in_place
         self.reduce_dtype, self.predivide = reduce_dtype, predivide
         self.grad_shard, self.source = grad_shard, source
