@@ -14,7 +14,8 @@ Terms, in seconds per optimizer step on the busiest rank:
   the cluster has one (gloo's all-gather and reduce-scatter are several times slower than its
   all-reduce). Stage 3 gathers each module's parameters on its own, forward and backward of
   every micro-step, so its calls, and their latency, grow with modules x micro-steps. Gradient reductions overlap the backward when
-  overlap_comm is on (always at stage 0 reducing in place: runtime/zero/comm.py), ZeRO-3's
+  overlap_comm is on (always at stage 0 reducing in place: runtime/zero/comm.py; without it
+  the runtime keeps one bucket in flight, counted here as exposed), ZeRO-3's
   parameter gathers overlap compute when prefetching; what does not fit under the compute, and
   at least the last bucket, stays exposed. On CPU ranks nothing overlaps (the collectives run
   on the compute's cores).

@@ -12,14 +12,20 @@ bucket launch, arXiv:2006.15704, section 4.2):
      issue the same collectives in the same order even when some parameters got no gradient;
   2. `flush` (end of backward) launches the buckets still waiting, with zeros for parameters
      that got no gradient on this rank;
-  3. `wait` (before the optimizer step) waits for asynchronous collectives (`overlap_comm`)
-     and adds each result, averaged over ranks, into the fp32 gradient shard.
+  3. `wait` (end of backward) waits for the collectives still in flight and adds each result,
+     averaged over ranks, into the fp32 gradient shard.
+
+Every collective is launched asynchronously. With `overlap_comm` each bucket has a buffer of its
+own and every bucket may be in flight at once; without it one bucket is in flight: its
+collective runs while backward fills the next bucket, whose launch first waits for it and then
+reuses its buffer, so the memory is one bucket's, as a synchronous reduction's, and ranks that
+reach a bucket at different times do not wait for each other at every bucket.
 
 Every buffer is a pass over memory, and on the CPU a fresh one of 1 MiB or more also costs a
 page fault per page (runtime/host_memory.py), so: at stage 0 the gradient buffer is the bucket
-(`in_place`: all-reduced where backward accumulated it, no copy, during backward); elsewhere, without
-`overlap_comm` (one bucket in flight), the buckets of one backward share one scratch buffer,
-as the parameter groups of one `publish` share one gather buffer.
+(`in_place`: all-reduced where backward accumulated it, no copy); elsewhere without
+`overlap_comm` the buckets of one backward share one scratch buffer, as the parameter groups
+of one `publish` share one gather buffer.
 """
 
 from __future__ import annotations
@@ -67,10 +73,9 @@ class BucketReducer:
     instead of assigning them (stages 0-1 reduce once, at the accumulation boundary).
     `in_place`: every source is already `grad_shard`'s own range of its slot (stage 0, W = 1),
     so each bucket is all-reduced and averaged right there, without a copy. A bucket in flight
-    then holds no buffer, so it is always launched asynchronously and waited at the end of
-    backward, whatever `overlap` says: what overlap_comm trades (buffers in flight for hidden
-    communication, DDP's all-reduce during backward, arXiv:2006.15704 section 3.2.3) costs
-    nothing here.
+    then holds no buffer, so every bucket may be in flight at once, whatever `overlap` says:
+    what overlap_comm trades (buffers in flight for hidden communication, DDP's all-reduce
+    during backward, arXiv:2006.15704 section 3.2.3) costs nothing here.
     """
 
     def __init__(self, *, layout: ShardLayout, coll: Collectives, bucket_size: int, reduce_dtype: torch.dtype,
@@ -81,7 +86,7 @@ class BucketReducer:
                              f"false) over a W = 1 layout in the gradient's dtype; got scatter={scatter}, "
                              f"accumulate={accumulate}, W={layout.world}, reduce {reduce_dtype} into "
                              f"{grad_shard.dtype}")
-        self.layout, self.coll, self.scatter, self.overlap = layout, coll, scatter, overlap or in_place
+        self.layout, self.coll, self.scatter, self.overlap = layout, coll, scatter, overlap
         self.accumulate, self.in_place = accumulate, in_place
         self.reduce_dtype, self.predivide = reduce_dtype, predivide
         self.grad_shard, self.source = grad_shard, source
@@ -89,7 +94,7 @@ class BucketReducer:
         self._bucket_of = {i: b for b, (s, e) in enumerate(self.buckets) for i in range(s, e)}
         self._pending: list[tuple[object, torch.Tensor | None, torch.Tensor, int, int]] = []
         self._scratch: torch.Tensor | None = None
-        """Without overlap: the buffer the buckets of this backward share (dropped by `wait`)."""
+        """Without overlap: the buffer the buckets of this backward share in turn (dropped by `wait`)."""
         self.reset()
 
     def reset(self) -> None:
@@ -118,12 +123,12 @@ class BucketReducer:
             buf, out = None, self.grad_shard[offset:offset + length]
             if self.predivide != 1.0:
                 out.div_(self.predivide)
-            work = self.coll.all_reduce(out, async_op=self.overlap)
+            work = self.coll.all_reduce(out, async_op=True)
         else:
+            if not self.overlap:
+                self._finish()  # one bucket in flight: the previous one's buffer becomes this one's
             buf, out, work = self._copy_and_reduce(start, end, offset, length)
         self._pending.append((work, buf, out, offset, length))  # buf stays alive until waited
-        if not self.overlap:
-            self._finish()
 
     def _copy_and_reduce(self, start: int, end: int, offset: int, length: int):
         world = self.layout.world
@@ -136,10 +141,10 @@ class BucketReducer:
             buf.div_(self.predivide)
         if self.scatter:
             out = whole[world * length:]
-            work = self.coll.reduce_scatter(out, buf.view(-1), async_op=self.overlap, scratch_input=True)
+            work = self.coll.reduce_scatter(out, buf.view(-1), async_op=True, scratch_input=True)
         else:
             out = buf.view(-1)
-            work = self.coll.all_reduce(out, async_op=self.overlap)
+            work = self.coll.all_reduce(out, async_op=True)
         return whole, out, work
 
     def _buffer(self, numel: int) -> torch.Tensor:
