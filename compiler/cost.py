@@ -14,9 +14,11 @@ Terms, in seconds per optimizer step on the busiest rank:
   the cluster has one (gloo's all-gather and reduce-scatter are several times slower than its
   all-reduce). Stage 3 gathers each module's parameters on its own, forward and backward of
   every micro-step, so its calls, and their latency, grow with modules x micro-steps. Gradient reductions overlap the backward when
-  overlap_comm is on, ZeRO-3's parameter gathers overlap compute when prefetching; what does
-  not fit under the compute, and at least the last bucket, stays exposed. On CPU ranks nothing
-  overlaps (the collectives run on the compute's cores).
+  overlap_comm is on (always at stage 0 reducing in place: runtime/zero/comm.py; without it
+  the runtime keeps one bucket in flight, counted here as exposed), ZeRO-3's
+  parameter gathers overlap compute when prefetching; what does not fit under the compute, and
+  at least the last bucket, stays exposed. On CPU ranks nothing overlaps (the collectives run
+  on the compute's cores).
 - optimizer step: memory-bound (Adam reads master, gradient and two moments, writes three
   of them and the 16-bit copy), at device memory bandwidth, host memory bandwidth when
   offloaded, plus NVMe reads and writes of the swapped state.
@@ -47,6 +49,7 @@ from .comm import Collective, stage_collectives
 from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
 from .shapes import StageShape, persistent_elements, stage_shapes
+from .shards import reduces_in_place
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
@@ -82,7 +85,8 @@ def _overlappable(plan: Plan, c: Collective) -> bool:
         return False
     if c.op == "all_gather":  # ZeRO-3 prefetch
         return plan.zero.prefetch_bucket_size > 0
-    return plan.zero.overlap_comm
+    return plan.zero.overlap_comm or reduces_in_place(stage=plan.zero.stage,
+                                                      reduce_bytes=BYTES[plan.precision.reduce_dtype])
 
 
 def exposed_comm(plan: Plan, cluster: ClusterSpec, collectives: list[Collective], *,
@@ -160,7 +164,8 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     accumulation buffer (read e_p, read and write 4); stages 2-3 pack it into reduce buckets
     (read e_p, write e_r) and add the reduced slice into the fp32 shard (read e_r, read and
     write 4, over the shard). At the boundary, stages 0-1 pack the accumulated gradient
-    (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1).
+    (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1),
+    except that stage 0 reducing in place only averages the buffer (read and write 4).
     After the step the parameters are rewritten: from the master at stage 0 (read 4, write
     e_p), from the gathered buffer at stages 1-2 (read and write e_p). Stage 3 writes each
     gathered buffer, forward and backward of every micro-step.
@@ -168,7 +173,10 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     z, accum, dp = plan.zero, plan.batch.gradient_accumulation_steps, plan.parallel.dp
     e_p, e_r, psi = BYTES[plan.precision.param_dtype], BYTES[plan.precision.reduce_dtype], shape.params
     shard = -(-psi // dp) if z.stage >= 1 else psi
-    if z.stage <= 1:
+    if reduces_in_place(stage=z.stage, reduce_bytes=e_r):
+        per_micro = psi * (e_p + e_p + 8)
+        boundary = psi * 8
+    elif z.stage <= 1:
         per_micro = psi * (e_p + e_p + 8)
         boundary = psi * (4 + e_r) + shard * (e_r + 4)
     else:

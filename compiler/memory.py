@@ -49,6 +49,7 @@ from zeroplan.schemas import ModelSpec, Plan
 
 from .calibration import DEVICE_CATEGORIES, HOST_CATEGORIES, Calibration
 from .shapes import StageShape, persistent_elements, stage_shapes
+from .shards import reduces_in_place
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
@@ -251,7 +252,8 @@ class CommBuffers:
     reduction: int
     """At a gradient bucket's launch: its [W, chunk] buffer and the reduce-scatter's output (1/W
     of it) at stages 1-3 (the collectives work in place, gloo's too: runtime/comm.py); doubled
-    when overlap_comm keeps two buckets in flight. The gradients a bucket gathers are copied into it
+    when overlap_comm keeps two buckets in flight; none when the gradient buffer is the bucket
+    (stage 0 reducing in fp32, compiler.shards.reduces_in_place). The gradients a bucket gathers are copied into it
     and let go (stages 2-3) or live in the flat fp32 buffer (stages 0-1, model states)."""
     publish: int
     """After the optimizer step, stages 1-2: the all-gather's output of updated parameters."""
@@ -269,7 +271,8 @@ def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> CommBuff
     if p.dp > 1:
         bucket = min(z.reduce_bucket_size, shape.params)
         scatter = z.stage >= 1
-        reduction = int(bucket * e_r * (1 + (1 / p.dp if scatter else 0)) * (2 if z.overlap_comm else 1))
+        if not reduces_in_place(stage=z.stage, reduce_bytes=e_r):
+            reduction = int(bucket * e_r * (1 + (1 / p.dp if scatter else 0)) * (2 if z.overlap_comm else 1))
         overlap = max(0.0, 1 - bucket / shape.params) if shape.params else 0.0
         if z.stage in (1, 2):
             publish = min(z.allgather_bucket_size, shape.params) * e_p

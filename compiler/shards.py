@@ -37,3 +37,11 @@ def pack_buckets(numels: Sequence[int], *, world: int, max_elements: int, revers
             groups.append([i])
             size = n
     return [(min(g), max(g) + 1) for g in groups]
+
+
+def reduces_in_place(*, stage: int, reduce_bytes: int) -> bool:
+    """Whether gradient buckets are reduced where the gradients already lie, with no bucket
+    buffer: at stage 0 every rank keeps the whole gradient in one flat fp32 buffer, laid out as
+    the buckets are, so a reduction in fp32 (4-byte elements) runs on it directly; any other
+    stage or reduce dtype packs each bucket into a buffer of its own."""
+    return stage == 0 and reduce_bytes == 4

@@ -109,7 +109,10 @@ class ZeroPlan(FrozenModel):
     allgather_bucket_size: int = Field(ge=1)
     """Elements per all-gather of updated parameters (stages 1-2)."""
     overlap_comm: bool
-    """Launch gradient collectives asynchronously during backward."""
+    """Every gradient bucket may be in flight during backward, each with a buffer of its own;
+    false: one bucket in flight, its collective overlapping the backward that fills the next,
+    which reuses its buffer (runtime/zero/comm.py). Stage 0 reducing in fp32 has every bucket in
+    flight either way: its buckets are the gradient buffer itself (compiler.shards.reduces_in_place)."""
     reduce_scatter: bool = True
     """Stages 1-2: reduce-scatter gradients (True) or all-reduce them, each rank keeping its slice."""
     prefetch_bucket_size: int = Field(ge=0)

@@ -71,7 +71,8 @@ class ZeroConfig(StrictModel):
     contiguous_gradients: Flag = True
     """Copy gradients into one contiguous buffer as they are produced."""
     overlap_comm: AutoFlag = False
-    """Launch gradient collectives asynchronously, overlapping backward compute."""
+    """Let every gradient bucket's collective run during backward, a buffer each; false keeps one
+    bucket in flight at a time, in one buffer (DeepSpeed's memory without it; runtime/zero/comm.py)."""
     reduce_scatter: Flag = True
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
     reduce_bucket_size: count(ge=1, auto=True) = 500_000_000

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from zeroplan.compiler.shapes import persistent_tensors
+from zeroplan.compiler.shards import reduces_in_place
 from zeroplan.schemas.plan import ZeroPlan
 
 from ..comm import Collectives
@@ -105,7 +106,8 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
                                   overlap=zero.overlap_comm,
                                   predivide=predivide, grad_shard=built.grad,
                                   accumulate=isinstance(built, (Stage2, Stage3)),
-                                  source=built.source)
+                                  source=built.source,
+                                  in_place=reduces_in_place(stage=stage, reduce_bytes=reduce_dtype.itemsize))
     built.attach()
     return built
 

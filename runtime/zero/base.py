@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..comm import Collectives
-from .comm import BucketReducer, gather_groups, gather_slots
+from .comm import BucketReducer, GatherHandle, gather_groups, gather_slots
 from .layout import ShardLayout
 
 
@@ -169,13 +169,23 @@ class ZeroStage(ABC):
         return lambda offset, length: shard[offset:offset + length]
 
     def gather_into_model(self, ranges: list[tuple[int, int]]) -> None:
-        """All-gather the updated shard for slot ranges into the model's parameters."""
+        """All-gather the updated shard for slot ranges into the model's parameters: with
+        `overlap_comm` all launched before any is written, else one at a time through one
+        gather buffer (a fresh buffer per range costs a page fault per page on the CPU)."""
         part = self.publish_parts()
 
         def write(i: int, full: torch.Tensor) -> None:
             self.layout.params[i].data.copy_(full)
 
-        handles = [gather_slots(layout=self.layout, coll=self.coll, part=part(*self.layout.span(s, e)), start=s,
-                                end=e, async_op=self.overlap) for s, e in ranges]
-        for h in handles:
-            h.finish(write)
+        def launch(s: int, e: int, scratch: torch.Tensor | None = None) -> GatherHandle:
+            return gather_slots(layout=self.layout, coll=self.coll, part=part(*self.layout.span(s, e)), start=s,
+                                end=e, async_op=self.overlap, scratch=scratch)
+
+        if self.overlap:
+            for h in [launch(s, e) for s, e in ranges]:
+                h.finish(write)
+            return
+        longest = max((self.layout.span(s, e)[1] for s, e in ranges), default=0)
+        scratch = torch.empty(self.layout.world * longest, dtype=self.param_dtype, device=self.grad.device)
+        for s, e in ranges:
+            launch(s, e, scratch).finish(write)

@@ -7,9 +7,11 @@ fp32 buffer over the micro-batches of a step (so bf16/fp16 gradients are not sum
 precision); at the accumulation boundary each `reduce_bucket_size` bucket is all-reduced as
 soon as backward has produced it.
 
-Communication per step: all_reduce of every gradient bucket (phase 1 async when
-`overlap_comm`, phase 2 waited at the end of backward); no parameter collective, the
-updated master is copied into the model locally.
+Communication per step: all_reduce of every gradient bucket; reducing in fp32, each bucket is
+its range of the gradient buffer, all-reduced in place and asynchronously during backward
+(phase 1; no buffer is held, so overlap costs nothing: BucketReducer's `in_place`), waited at
+the end of backward (phase 2); in bf16/fp16 through a bucket copy, async when `overlap_comm`.
+No parameter collective: the updated master is copied into the model locally.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ whole on every rank.
 Stage 1 phases (ZeRO paper, arXiv:1910.02054, P_os):
   1. gradients accumulate in a full fp32 buffer over the micro-batches of a step;
   2. at the boundary, reduce_scatter each `reduce_bucket_size` bucket as backward produces it
-     (async with `overlap_comm`, waited at the end of backward); each rank keeps its slice;
+     (async: every bucket in flight with `overlap_comm`, else one; runtime/zero/comm.py), the
+     last waited at the end of backward; each rank keeps its slice;
   3. step on the shard; all_gather the updated shard in `allgather_bucket_size` groups.
 Stage 2 (P_os+g) reduce-scatters in phase 2 at every micro-batch and releases each
 parameter's gradient once it is in a launched bucket, so no rank ever holds a full

@@ -122,6 +122,15 @@ def test_reduction_buffers_are_the_bucket_and_its_output_on_every_device(tiny, c
     assert _buffers(cpu, tiny).publish == 4 * n < _buffers(cpu, tiny).reduction
 
 
+def test_stage_0_reduces_its_fp32_gradient_buffer_without_a_bucket(tiny, compile_dict):
+    """Stage 0's flat fp32 gradient buffer is its buckets (compiler.shards.reduces_in_place);
+    reducing in bf16 needs a bucket of its own again."""
+    data = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    assert _buffers(compile_dict(data, nproc_per_node=2), tiny).reduction == 0
+    bf16 = {**data, "bf16": {"enabled": True}, "communication_data_type": "bf16"}
+    assert _buffers(compile_dict(bf16, nproc_per_node=2), tiny).reduction > 0
+
+
 def test_the_peak_is_the_largest_phase_and_its_categories_sum_to_it(tiny, compile_dict):
     """One micro-batch of the tiny model: the gradient reduction (one bucket for the whole
     model, launched after backward has freed every activation, two in flight with

@@ -11,7 +11,8 @@ from rt_plans import make_plan
 from zeroplan.runtime.models import GPT, MarkovChainData
 from zeroplan.runtime.precision import DynamicLossScaler, LossScaleAtMinimum
 from zeroplan.runtime.schedulers import OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
-from zeroplan.runtime.zero.comm import read_rows, write_rows
+from zeroplan.runtime.grad_norm import squared_norm_of_runs
+from zeroplan.runtime.zero.comm import BucketReducer, read_rows, write_rows
 from zeroplan.runtime.zero.layout import ShardLayout
 from zeroplan.schemas import MODEL_PRESETS, ConfigError
 
@@ -124,6 +125,28 @@ def test_layout_pads_and_buckets():
     write_rows(region, torch.arange(5.0))
     assert region.tolist() == [[0, 1], [2, 3], [4, 0], [0, 0]]
     assert read_rows(region, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_in_place_reduction_refuses_buckets_that_are_not_the_gradient_buffer():
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate((5, 7))]
+    common = dict(bucket_size=16, overlap=False, predivide=1.0, source=lambda i: None, coll=None, in_place=True)
+    with pytest.raises(ValueError, match="W=2"):  # a sharded layout's buckets are rank-major copies
+        BucketReducer(layout=ShardLayout(params=params, world=2), reduce_dtype=torch.float32, scatter=False,
+                      grad_shard=torch.zeros(6), accumulate=False, **common)
+    with pytest.raises(ValueError, match="bfloat16"):  # reducing in another dtype needs a copy
+        BucketReducer(layout=ShardLayout(params=params, world=1), reduce_dtype=torch.bfloat16, scatter=False,
+                      grad_shard=torch.zeros(12), accumulate=False, **common)
+
+
+# -- gradient norm ---------------------------------------------------------------------------------
+def test_squared_norm_of_runs_sums_in_float64_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(1000, generator=g) * 1e3
+    runs = [(0, 10), (15, 1000)]
+    want = sum(float((flat[lo:hi].double() ** 2).sum()) for lo, hi in runs)
+    got = squared_norm_of_runs(flat, runs, chunk=64)
+    assert got.dtype == torch.float64 and math.isclose(float(got), want, rel_tol=1e-13)
+    assert float(squared_norm_of_runs(flat, [])) == 0.0
 
 
 # -- built-in model and data ---------------------------------------------------------------------
