@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 
 from . import memory_model, optimizer_kernels, throughput
 from .budget import Budget
-from .launch import exit_on_sigterm
+from .launch import start_main
 from .report import RESULTS, result_path
 from .throughput import DEFAULT_SYSTEMS
 
@@ -63,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-by-preset", nargs="+", default=[], metavar="PRESET=N", type=throughput.preset_steps,
                    help="throughput steps for a preset instead of --steps, e.g. medium=3 (warm-up <= N - 1)")
     args = p.parse_args(argv)
-    exit_on_sigterm()
-    command = ("python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command, log = start_main("bench", argv)
     budget = Budget(args.budget_s)
     start = time.monotonic()
     tp, memory_argv, kernel_argv = sections(args)

@@ -17,13 +17,11 @@ Usage: python -m bench.head_to_head [--presets small medium] [--pairs 7] [--step
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .launch import Measurement, exit_on_sigterm, launch
+from .launch import Measurement, launch, start_main
 from .pairs import Interval, Pairs, interleave, median_interval
 from .report import machine_lines, mib, result_path, table, write
 from .systems import get_system
@@ -108,9 +106,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[HeadToHead]:
     args = parser().parse_args(argv)
-    exit_on_sigterm()
-    command = "python -m bench.head_to_head " + shlex.join(argv if argv is not None else sys.argv[1:])
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command, log = start_main("bench.head_to_head", argv)
     workloads = {p: preset_workload(p, steps=args.steps, warmup=min(args.warmup, args.steps - 1))
                  for p in args.presets}
     path = args.out or result_path("head_to_head")

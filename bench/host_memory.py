@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import exit_on_sigterm, launch
+from .launch import launch, start_main
 from .pairs import interleave, median_interval
 from .report import machine_lines, mib, result_path, table, write
 from .workload import Workload
@@ -97,9 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[Comparison]:
     args = parser().parse_args(argv)
-    exit_on_sigterm()
-    command = "python -m bench.host_memory " + shlex.join(argv if argv is not None else sys.argv[1:])
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command, log = start_main("bench.host_memory", argv)
     results = []
     for ac in {"off": (False,), "on": (True,), "both": (False, True)}[args.activation_checkpointing]:
         workload = Workload(preset=args.preset, micro_batch_size=args.micro, steps=args.steps,

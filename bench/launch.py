@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from zeroplan.runtime import procs as runtime_procs
 
@@ -35,6 +37,14 @@ class Measurement:
     """The worker's result of every rank, in rank order."""
     wall_s: float
     notes: list[str] = field(default_factory=list)
+
+
+def start_main(module: str, argv: list[str] | None) -> tuple[str, Callable[[str], None]]:
+    """What every benchmark's `main` does first: SIGTERM exits cleanly (`exit_on_sigterm`);
+    returns the command line to record in the results and a logger to stderr."""
+    exit_on_sigterm()
+    command = f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return command.strip(), lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
 def exit_on_sigterm() -> None:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from zeroplan.compiler import Calibration, estimate_memory
 from zeroplan.compiler.memory import RUNTIME_OVERHEAD
 
 from .budget import STARTUP_S, Budget, work_per_sample
-from .launch import LaunchError, exit_on_sigterm, launch
+from .launch import LaunchError, start_main, launch
 from .report import RESULTS, machine_lines, mib, result_path, table, write
 from .systems.zeroplan import Zeroplan
 from .workload import Workload, compile_plan
@@ -270,9 +268,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, budget: Budget | None = None, command: str | None = None) -> list[MemoryRow]:
     """`budget` and `command` are given when `python -m bench` runs this section."""
     args = parser().parse_args(argv)
-    exit_on_sigterm()
-    command = command or "python -m bench.memory_model " + shlex.join(argv if argv is not None else sys.argv[1:])
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    given, log = start_main("bench.memory_model", argv)
+    command = command or given
     if args.from_json:
         rows, notes, measured_by = load_rows(Path(args.from_json))
         command = f"{measured_by}`, re-predicted by `{command.strip()}" if measured_by else command

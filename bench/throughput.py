@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .budget import STARTUP_S, Budget, work_per_sample
-from .launch import LaunchError, exit_on_sigterm, Measurement, launch
+from .launch import LaunchError, Measurement, launch, start_main
 from .report import machine_lines, mib, result_path, table, write
 from .systems import SYSTEMS, get_system
 from .workload import Workload
@@ -312,12 +310,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[PresetResult]:
     args = parser().parse_args(argv)
-    exit_on_sigterm()
-    command = "python -m bench.throughput " + shlex.join(argv if argv is not None else sys.argv[1:])
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    command, log = start_main("bench.throughput", argv)
     results = run(presets=args.presets, systems=args.systems, steps=args.steps, warmup=args.warmup, reps=args.reps,
                   budget=Budget(args.budget_s), log=log, steps_by_preset=dict(args.steps_by_preset))
-    path, raw = save(results, command=command.strip(), systems=args.systems, out=Path(args.out) if args.out else None)
+    path, raw = save(results, command=command, systems=args.systems, out=Path(args.out) if args.out else None)
     print(path.read_text())
     log(f"written to {path} and {raw}")
     return results
