@@ -49,7 +49,7 @@ from .comm import Collective, stage_collectives
 from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
 from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import reduces_in_place
+from .shards import gradient_stage, params_view_master, reduces_in_place
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
@@ -165,9 +165,11 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     (read e_p, write e_r) and add the reduced slice into the fp32 shard (read e_r, read and
     write 4, over the shard). At the boundary, stages 0-1 pack the accumulated gradient
     (read 4, write e_r) and write the result back (read e_r, write 4; a shard at stage 1),
-    except that stage 0 reducing in place only averages the buffer (read and write 4).
+    except that stage 0 reducing in place only averages the buffer (read and write 4); stage 1
+    with one micro-batch per step takes stage 2's path (`gradient_stage`).
     After the step the parameters are rewritten: from the master at stage 0 (read 4, write
-    e_p), from the gathered buffer at stages 1-2 (read and write e_p). Stage 3 writes each
+    e_p; nothing where they are its views, `params_view_master`), from the gathered buffer at
+    stages 1-2 (read and write e_p). Stage 3 writes each
     gathered buffer, forward and backward of every micro-step.
     """
     z, accum, dp = plan.zero, plan.batch.gradient_accumulation_steps, plan.parallel.dp
@@ -176,13 +178,15 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     if reduces_in_place(stage=z.stage, reduce_bytes=e_r):
         per_micro = psi * (e_p + e_p + 8)
         boundary = psi * 8
-    elif z.stage <= 1:
+    elif gradient_stage(stage=z.stage, accumulation=accum) <= 1:
         per_micro = psi * (e_p + e_p + 8)
         boundary = psi * (4 + e_r) + shard * (e_r + 4)
     else:
         per_micro = psi * (e_p + e_p + e_r) + shard * (e_r + 8)
         boundary = 0
     publish = {0: psi * (4 + e_p), 1: 2 * psi * e_p, 2: 2 * psi * e_p, 3: 0}[z.stage]
+    if params_view_master(stage=z.stage, param_bytes=e_p):
+        publish = 0
     gathered = 0
     if z.stage == 3 and dp > 1:
         gathered = 2 * accum * (psi - persistent_elements(shape, threshold=z.param_persistence_threshold,

@@ -49,7 +49,7 @@ from zeroplan.schemas import ModelSpec, Plan
 
 from .calibration import DEVICE_CATEGORIES, HOST_CATEGORIES, Calibration
 from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import reduces_in_place
+from .shards import gradient_stage, params_view_master, reduces_in_place
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
@@ -124,10 +124,10 @@ def model_states(*, params: int, dp: int, stage: int, param_dtype: str, optimize
     shard = -(-params // dp)
     state = optimizer_state_bytes(optimizer=optimizer, momentum=momentum)
     opt_elems = shard if stage >= 1 else params
-    grads = {0: params, 1: params + shard if accumulation > 1 else shard}.get(stage, shard)
+    grads = {0: params, 1: params + shard}.get(gradient_stage(stage=stage, accumulation=accumulation), shard)
     if stage == 3:
         parameters = (persistent + (0 if param_dtype == "fp32" else shard)) * e
-    elif stage == 0 and param_dtype == "fp32":  # the parameters are views of the master
+    elif params_view_master(stage=stage, param_bytes=e):
         parameters = 0
     else:
         parameters = params * e

@@ -45,3 +45,16 @@ def reduces_in_place(*, stage: int, reduce_bytes: int) -> bool:
     the buckets are, so a reduction in fp32 (4-byte elements) runs on it directly; any other
     stage or reduce dtype packs each bucket into a buffer of its own."""
     return stage == 0 and reduce_bytes == 4
+
+
+def gradient_stage(*, stage: int, accumulation: int) -> int:
+    """The stage whose gradient path runs: stage 1 with one micro-batch per step has nothing to
+    accumulate, so it reduce-scatters straight from the gradients as stage 2 does
+    (zero/stage12.py's `Stage1Direct`); its optimizer state and publish stay stage 1's."""
+    return 2 if stage == 1 and accumulation == 1 else stage
+
+
+def params_view_master(*, stage: int, param_bytes: int) -> bool:
+    """Whether the parameters are views of the flat fp32 master (stage 0 training in fp32,
+    zero/stage0.py): nothing is copied into them after the step, and they cost no memory beside it."""
+    return stage == 0 and param_bytes == 4

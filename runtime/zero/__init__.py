@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from zeroplan.compiler.shapes import persistent_tensors
-from zeroplan.compiler.shards import reduces_in_place
+from zeroplan.compiler.shards import gradient_stage, reduces_in_place
 from zeroplan.schemas.plan import ZeroPlan
 
 from ..comm import Collectives
@@ -91,7 +91,7 @@ def _build(*, model: nn.Module, zero: ZeroPlan, layout: ShardLayout, rank: int, 
     grad = torch.zeros(layout.numel, dtype=torch.float32, device=device)
     if stage == 0:
         built = Stage0(grad=grad, **common)
-    elif stage == 1 and accumulation > 1:
+    elif gradient_stage(stage=stage, accumulation=accumulation) == 1:
         total = sum(s.numel for s in layout.slots)
         built = Stage1(grad=grad, accumulation=torch.zeros(total, dtype=torch.float32, device=device), **common)
     elif stage in (1, 2):

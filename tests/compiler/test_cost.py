@@ -136,3 +136,27 @@ def test_probe_measures_framework_overheads():
 
     per_micro_step, per_block = framework_overheads(device="cpu")
     assert per_block > 0 and per_micro_step >= 0 and per_block < 1.0
+
+
+def test_gradient_traffic_follows_the_path_the_runtime_takes(compile_dict, tiny):
+    """Stage 1 with one micro-batch per step runs stage 2's gradient path (Stage1Direct), and
+    stage 0 in fp32 rewrites no parameters after the step (they are the master's views)."""
+    from zeroplan.compiler.cost import gradient_bytes
+    from zeroplan.compiler.shapes import stage_shapes
+
+    def traffic(stage, micro, dtype=None):
+        data = {**BASE, "train_micro_batch_size_per_gpu": micro, "zero_optimization": {"stage": stage}}
+        if dtype:
+            data[dtype] = {"enabled": True}
+        plan = compile_dict(data, nproc_per_node=2)
+        return gradient_bytes(plan, stage_shapes(tiny, tp=1, pp=1)[0]), plan.batch.gradient_accumulation_steps
+
+    (one_1, accum_1), (one_2, _) = traffic(1, 8), traffic(2, 8)
+    assert accum_1 == 1 and one_1 == one_2
+    (many_1, accum_many), (many_2, _) = traffic(1, 1), traffic(2, 1)
+    assert accum_many == 8 and many_1 != many_2
+    psi = stage_shapes(tiny, tp=1, pp=1)[0].params
+    fp32_0, accum = traffic(0, 8)
+    assert fp32_0 == accum * psi * 16 + psi * 8  # per micro-step and the in-place average; no publish
+    bf16_0, _ = traffic(0, 8, "bf16")
+    assert bf16_0 > fp32_0
