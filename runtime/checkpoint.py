@@ -34,7 +34,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from zeroplan.schemas import ConfigError, Problem
+from zeroplan.schemas.atomic import atomic_write
 
 from .agree import Agreement, by_reason
 from .checkpoint_records import FORMAT, FileRecord, GroupLayout, Identity, seal
@@ -134,18 +134,8 @@ def sha256_file(path: str | Path) -> FileRecord:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> FileRecord:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        record = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return record
+    """Written atomically (schemas/atomic.py), then its record read back from the file in place."""
+    return sha256_file(atomic_write(path, write))
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None) -> FileRecord:
