@@ -84,19 +84,14 @@ def _knob_options(data: dict, autos: list[str], model: ModelSpec, cluster: Clust
                                                 if get_path(data, f"zero_optimization.{b}.nvme_path")),
                           global_batch=glob if isinstance(glob, int) else None)
     derived = {k: None for k in autos if BY_KEY[k].compile == "derived"}
-    micro_key = "train_micro_batch_size_per_gpu"
-    given = [get_path(data, k) for k in ("train_batch_size", "gradient_accumulation_steps")]
+    batch_fixed = all(isinstance(get_path(data, k), int) for k in ("train_batch_size", "gradient_accumulation_steps"))
     for knob in KNOBS:
-        key = knob.key
-        if key not in autos or knob.degree or knob.compile != "search":
+        if knob.key not in autos or knob.degree or knob.compile != "search":
             continue
-        if key == micro_key and all(isinstance(v, int) for v in given):
-            derived[key] = None
+        if knob.key == "train_micro_batch_size_per_gpu" and batch_fixed:
+            derived[knob.key] = None  # the global batch and accumulation fix it
             continue
-        options = [{key: v} for v in candidates(key, context=context)]
-        knobs.append([{**derived, **o} for o in options] if key == micro_key else options)
-        if key == micro_key:
-            derived = {}
+        knobs.append([{knob.key: v} for v in candidates(knob.key, context=context)])
     if derived:
         knobs.append([derived])
     return knobs
