@@ -5,11 +5,13 @@ neither always runs first; each pair gives one ratio, taken within the pair (bot
 apart, under the same load). The result is the median ratio with a 90% percentile-bootstrap
 interval of that median (10,000 resamples of the pair ratios, seeded, so a result file
 reproduces from its ratios). An interval that holds 1.0 is "not separated": neither a win nor
-a loss, whatever the median says.
+a loss, whatever the median says. One pair has no spread to resample, so its interval is
+unbounded: never separated.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import statistics
@@ -39,6 +41,8 @@ class Interval:
         return above if self.low > 1.0 else below
 
     def text(self) -> str:
+        if math.isinf(self.high):
+            return f"{self.median:.2f}x (one pair: no interval)"
         return f"{self.median:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
 
@@ -47,6 +51,8 @@ def median_interval(ratios: Sequence[float], *, level: float = LEVEL, resamples:
     """The median of `ratios` and its percentile-bootstrap interval at `level`."""
     if not ratios:
         raise ValueError("no ratios")
+    if len(ratios) == 1:
+        return Interval(median=ratios[0], low=0.0, high=math.inf)
     rng = random.Random(seed)
     n = len(ratios)
     medians = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(resamples))

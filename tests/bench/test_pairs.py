@@ -15,6 +15,12 @@ def test_interval_holds_the_median_and_separates_only_a_consistent_difference():
     assert slower.high < 1.0 and slower.verdict(above="faster", below="slower") == "slower"
 
 
+def test_one_pair_is_never_separated():
+    one = median_interval([0.9996])
+    assert not one.separated and one.verdict(above="faster", below="slower") == "not separated"
+    assert one.text() == "1.00x (one pair: no interval)"
+
+
 def test_interval_is_reproducible_from_the_ratios():
     ratios = [0.93, 1.04, 0.99, 1.21, 0.88, 1.02]
     assert median_interval(ratios) == median_interval(list(ratios))
