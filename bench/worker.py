@@ -52,6 +52,20 @@ def ru_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def profiled_step(step, *, top: int = 25) -> dict:
+    """One call of `step` under torch.profiler (CPU): its wall time and the operators that took
+    the most self time, summed over threads (gloo's collectives run on threads of their own)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"wall_ms": wall * 1e3, "self_ms_total": sum(e.self_cpu_time_total for e in ops) / 1e3,
+            "ops": [{"name": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in ops[:top]]}
+
+
 def run(system_name: str, workload_json: str) -> dict:
     from zeroplan.runtime.models import GPT, MarkovChainData
 
@@ -81,12 +95,17 @@ def run(system_name: str, workload_json: str) -> dict:
         mean = loss.detach().float().reshape(1).clone()
         dist.all_reduce(mean)
         losses.append(float(mean.item()) / world)
+    profile = None
+    if workload.profile:
+        batches = data.micro_batches(step=workload.steps, global_batch_size=workload.global_batch_size,
+                                     micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
+        profile = profiled_step(lambda: system.train_step(batches))
     own = system.results()
     system.close()
     return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
             "baseline_rss_bytes": baseline, "after_setup_rss_bytes": after_setup, "peak_rss_bytes": peak_rss(),
             "setup_peak_rss_bytes": setup_peak, "peak_by_step": peaks,
-            "ru_maxrss_bytes": ru_maxrss(), **own}
+            "ru_maxrss_bytes": ru_maxrss(), **({"profile": profile} if profile else {}), **own}
 
 
 def main(argv: list[str]) -> int:

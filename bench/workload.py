@@ -35,6 +35,9 @@ class Workload:
     """Global gradient-norm clip (0 disables)."""
     activation_checkpointing: bool = False
     """zeroplan's plans recompute each block in backward (the other systems ignore it)."""
+    profile: bool = False
+    """After the timed steps, every rank runs one more step under torch.profiler and reports
+    where its time went (bench/step_profile.py); the timed steps are not profiled."""
 
     @property
     def global_batch_size(self) -> int:

@@ -46,14 +46,31 @@ class ZeroplanHeap(Zeroplan):
         super().setup(model=model, workload=workload)
 
 
+class ZeroplanHugePages(Zeroplan):
+    """zeroplan's runtime with torch's THP_MEM_ALLOC_ENABLE=1: host tensors of at least 2 MiB
+    are aligned to 2 MiB and advised onto transparent huge pages (when the kernel's THP mode is
+    `madvise` or `always`), so a fresh activation faults once per 2 MiB instead of once per
+    4 KiB page. torch reads the variable at its first allocation, so it must be in the rank's
+    environment from the start: a launcher's choice, measured here before any launcher makes it."""
+
+    @classmethod
+    def env(cls) -> dict[str, str]:
+        return {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
 def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
     return stage_variant(Zeroplan, prefix="zeroplan", stage=stage, offload=offload)
 
 
 STAGES = [_stage(s) for s in range(4)]
 OFFLOAD = [_stage(s, "cpu") for s in range(1, 4)]
-HEAP = [type(f"ZeroplanHeapZ{s}", (ZeroplanHeap, cls), {"name": f"{cls.name}-heap"}) for s, cls in enumerate(STAGES)]
 """Optimizer offload to CPU at stages 1-3 (the compiler refuses it at stage 0)."""
+HEAP = [type(f"ZeroplanHeapZ{s}", (ZeroplanHeap, cls), {"name": f"{cls.name}-heap"}) for s, cls in enumerate(STAGES)]
+HUGE_PAGES = [type(f"ZeroplanHugePagesZ{s}", (ZeroplanHugePages, cls), {"name": f"{cls.name}-thp"})
+              for s, cls in enumerate(STAGES)]
+"""Each stage on transparent huge pages (bench/results/huge_pages-*.md compares it with the stage as shipped)."""
+
+
 class ShardedPeak:
     """Records the high-water mark once the model is built and sharded, just before the
     optimizer allocates its states (Offload.master_optimizer): the part of the start-up that
