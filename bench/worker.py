@@ -84,12 +84,16 @@ def run(system_name: str, workload_json: str) -> dict:
     system.setup(model=model, workload=workload)
     after_setup, setup_peak = current_rss(), peak_rss()
     data = MarkovChainData(vocab=workload.spec.vocab, seq_len=workload.spec.seq_len, seed=workload.seed)
+
+    def batches(step: int):
+        return data.micro_batches(step=step, global_batch_size=workload.global_batch_size,
+                                  micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
+
     times, losses, peaks = [], [], []
     for step in range(workload.steps):
-        batches = data.micro_batches(step=step, global_batch_size=workload.global_batch_size,
-                                     micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
+        micro_batches = batches(step)
         t0 = time.perf_counter()
-        loss = system.train_step(batches)
+        loss = system.train_step(micro_batches)
         times.append(time.perf_counter() - t0)
         peaks.append(peak_rss())
         mean = loss.detach().float().reshape(1).clone()
@@ -97,9 +101,8 @@ def run(system_name: str, workload_json: str) -> dict:
         losses.append(float(mean.item()) / world)
     profile = None
     if workload.profile:
-        batches = data.micro_batches(step=workload.steps, global_batch_size=workload.global_batch_size,
-                                     micro_batch_size=workload.micro_batch_size, dp=world, dp_rank=rank)
-        profile = profiled_step(lambda: system.train_step(batches))
+        micro_batches = batches(workload.steps)
+        profile = profiled_step(lambda: system.train_step(micro_batches))
     own = system.results()
     system.close()
     return {"system": system_name, "rank": rank, "world_size": world, "step_times_s": times, "losses": losses,
