@@ -45,11 +45,11 @@ from zeroplan.schemas import ClusterSpec, ModelSpec, Plan
 from zeroplan.schemas.layout import Topology, crossing_dims
 from zeroplan.schemas.plan import ParallelPlan
 
-from .comm import Collective, stage_collectives
+from .comm import Collective, publishing, stage_collectives
 from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
 from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import gradient_stage, params_view_master, reduces_in_place
+from .shards import chunk, collectives_per_rank, gathered_in_place, gradient_stage, params_view_master, reduces_in_place
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
@@ -169,7 +169,8 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     with one micro-batch per step takes stage 2's path (`gradient_stage`).
     After the step the parameters are rewritten: from the master at stage 0 (read 4, write
     e_p; nothing where they are its views, `params_view_master`), from the gathered buffer at
-    stages 1-2 (read and write e_p). Stage 3 writes each
+    stages 1-2 (read and write e_p; only this rank's chunk where a parameter is gathered into
+    its own storage, `_rewritten`). Stage 3 writes each
     gathered buffer, forward and backward of every micro-step.
     """
     z, accum, dp = plan.zero, plan.batch.gradient_accumulation_steps, plan.parallel.dp
@@ -184,7 +185,8 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
     else:
         per_micro = psi * (e_p + e_p + e_r) + shard * (e_r + 8)
         boundary = 0
-    publish = {0: psi * (4 + e_p), 1: 2 * psi * e_p, 2: 2 * psi * e_p, 3: 0}[z.stage]
+    publish = {0: psi * (4 + e_p), 1: 2 * _rewritten(plan, shape) * e_p, 2: 2 * _rewritten(plan, shape) * e_p,
+               3: 0}[z.stage]
     if params_view_master(stage=z.stage, param_bytes=e_p):
         publish = 0
     gathered = 0
@@ -192,6 +194,15 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
         gathered = 2 * accum * (psi - persistent_elements(shape, threshold=z.param_persistence_threshold,
                                                           cap=z.model_persistence_threshold)) * e_p
     return accum * per_micro + boundary + publish + gathered
+
+
+def _rewritten(plan: Plan, shape: StageShape) -> int:
+    """Elements stages 1-2 copy into the parameters when publishing them: a bucket's whole
+    result from its gather buffer; of a parameter gathered into its own storage, this rank's
+    chunk (compiler.comm.publishing)."""
+    n, per_rank = plan.parallel.dp, collectives_per_rank(plan.world.backend)
+    return sum(chunk(shape.tensors[s], n) if gathered_in_place(shape.tensors, (s, e), world=n, per_rank=per_rank)
+               else sum(shape.tensors[s:e]) for s, e in publishing(plan, shape))
 
 
 def bubble_fraction(parallel: ParallelPlan) -> float:

@@ -49,7 +49,8 @@ from zeroplan.schemas import ModelSpec, Plan
 
 from .calibration import DEVICE_CATEGORIES, HOST_CATEGORIES, Calibration
 from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import gradient_stage, params_view_master, reduces_in_place
+from .shards import (collectives_per_rank, gathered_in_place, gradient_stage, pack_buckets, padded,
+                     params_view_master, publish_gathers, reduces_in_place)
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
@@ -275,7 +276,7 @@ def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> CommBuff
             reduction = int(bucket * e_r * (1 + (1 / p.dp if scatter else 0)) * (2 if z.overlap_comm else 1))
         overlap = max(0.0, 1 - bucket / shape.params) if shape.params else 0.0
         if z.stage in (1, 2):
-            publish = min(z.allgather_bucket_size, shape.params) * e_p
+            publish = _publish_buffers(plan, shape) * e_p
         if z.stage == 3:
             unit = max(shape.units)
             live = unit + min(z.prefetch_bucket_size, shape.params - unit)
@@ -283,6 +284,17 @@ def comm_buffers(plan: Plan, shape: StageShape, *, model: ModelSpec) -> CommBuff
     if p.pp > 1:
         pipeline = 2 * e_p * model.seq_len * plan.batch.micro_batch_size * model.hidden
     return CommBuffers(pipeline=pipeline, gathered=gathered, reduction=reduction, publish=publish, overlap=overlap)
+
+
+def _publish_buffers(plan: Plan, shape: StageShape) -> int:
+    """Elements of stages 1-2's gather buffers while the step's parameters are published
+    (runtime/zero/base.py `gather_into_model`): every bucket's at once with overlap_comm, else
+    the largest; none for parameters gathered into their own storage."""
+    n, per_rank = plan.parallel.dp, collectives_per_rank(plan.world.backend)
+    buckets = pack_buckets(shape.tensors, world=n, max_elements=plan.zero.allgather_bucket_size, reverse=False)
+    sizes = [padded(shape.tensors[s:e], world=n) for s, e in publish_gathers(shape.tensors, buckets, world=n, per_rank=per_rank)
+             if not gathered_in_place(shape.tensors, (s, e), world=n, per_rank=per_rank)]
+    return sum(sizes) if plan.zero.overlap_comm else max(sizes, default=0)
 
 
 def training_phases(*, activations: int, after_loss: int, buffers: CommBuffers,

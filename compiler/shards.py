@@ -39,6 +39,59 @@ def pack_buckets(numels: Sequence[int], *, world: int, max_elements: int, revers
     return [(min(g), max(g) + 1) for g in groups]
 
 
+def collectives_per_rank(backend: str) -> bool:
+    """Whether reduce-scatter and all-gather run as one reduce / broadcast per rank instead of
+    the flat collectives: on gloo, which stages its flat forms through copies of the whole
+    buffer (runtime/comm.py)."""
+    return backend == "gloo"
+
+
+IN_PLACE_MIN = 1 << 20
+"""Elements from which a rank-major tensor is all-gathered into its own storage where the
+collectives run per rank (`publish_gathers`): each such gather is one more call per rank, and
+on gloo a call costs about what copying a few MiB does, so smaller tensors share a bucket's one
+call and its copy back (bench/results/publish_in_place-*.md measures both ways)."""
+
+
+def rank_major(numel: int, world: int) -> bool:
+    """Whether a whole tensor of `numel` elements, viewed as [world, numel / world], is its
+    ranks' chunks in rank order: sharded over more than one rank and needing no padding."""
+    return world > 1 and numel % world == 0
+
+
+def gathers_in_place(numel: int, *, world: int, per_rank: bool) -> bool:
+    """Whether publishing all-gathers a tensor of `numel` elements into its own storage."""
+    return per_rank and numel >= IN_PLACE_MIN and rank_major(numel, world)
+
+
+def publish_gathers(numels: Sequence[int], ranges: Sequence[tuple[int, int]], *, world: int,
+                    per_rank: bool) -> list[tuple[int, int]]:
+    """The all-gathers that publish the tensors of `ranges` (all-gather buckets, in order)
+    after the step, one [start, end) each. A bucket goes in one call, through a buffer its
+    result is copied back from. Where the collectives run `per_rank` (gloo: an all-gather is
+    one broadcast per rank), a large rank-major tensor (`gathers_in_place`) is gathered on its
+    own instead, into its own storage, all such gathers in flight at once: no buffer to fault
+    in and no copy back (runtime/zero/base.py `gather_into_model`); the tensors of the bucket
+    between them keep one call per run."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        run = start
+        for i in range(start, end):
+            if gathers_in_place(numels[i], world=world, per_rank=per_rank):
+                out += [(run, i)] if run < i else []
+                out.append((i, i + 1))
+                run = i + 1
+        if run < end:
+            out.append((run, end))
+    return out
+
+
+def gathered_in_place(numels: Sequence[int], gather: tuple[int, int], *, world: int, per_rank: bool) -> bool:
+    """Whether one of `publish_gathers`' gathers writes its tensor's own storage (no buffer)."""
+    start, end = gather
+    return end == start + 1 and gathers_in_place(numels[start], world=world, per_rank=per_rank)
+
+
 def reduces_in_place(*, stage: int, reduce_bytes: int) -> bool:
     """Whether gradient buckets are reduced where the gradients already lie, with no bucket
     buffer: at stage 0 every rank keeps the whole gradient in one flat fp32 buffer, laid out as

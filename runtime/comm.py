@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from zeroplan.compiler.shards import collectives_per_rank
+
 # Newer torch names the flat-tensor collectives *_single and deprecates the older names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -54,8 +56,9 @@ class CommsLogger:
         self.bytes.clear()
 
 
-class _Works:
-    """Several collectives in flight, waited as one; `then` runs once all are done."""
+class Pending:
+    """Several collectives in flight (each anything with `wait`), waited as one; `then` runs
+    once all are done."""
 
     def __init__(self, works: list, then=None):
         self.works, self.then = works, then
@@ -67,6 +70,14 @@ class _Works:
         if self.then is not None:
             then, self.then = self.then, None
             then()
+
+
+def _settle(pending: Pending, *, async_op: bool) -> Pending | None:
+    """`pending` itself when the caller waits on it later, else waited now (None)."""
+    if async_op:
+        return pending
+    pending.wait()
+    return None
 
 
 class PrefixedLogger:
@@ -88,7 +99,7 @@ class Collectives:
         self.logger = logger
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.per_rank = dist.get_backend(group) == "gloo"
+        self.per_rank = collectives_per_rank(dist.get_backend(group))
         """Whether reduce-scatter and all-gather run as one reduce / broadcast per rank (above)."""
 
     def close(self) -> None:
@@ -115,29 +126,31 @@ class Collectives:
         pieces = work.view(self.size, n)
         works = [dist.reduce(pieces[i], dst=dist.get_global_rank(self.group, i), group=self.group, async_op=True)
                  for i in range(self.size)]
-        pending = _Works(works, then=lambda: out.copy_(pieces[self.rank]))
-        if async_op:
-            return pending
-        pending.wait()
-        return None
+        pending = Pending(works, then=lambda: out.copy_(pieces[self.rank]))
+        return _settle(pending, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, *, async_op: bool = False):
         """Concatenate every rank's `inp` (equal sizes: shards are padded) into `out`, rank-major."""
+        if self.per_rank or self.size == 1:
+            rows = out.view(self.size, inp.numel())
+            rows[self.rank].copy_(inp)
+            return self.all_gather_rows(rows, async_op=async_op)
         self.logger.record("all_gather_into_tensor", out)
+        return _all_gather_flat(out, inp, group=self.group, async_op=async_op)
+
+    def all_gather_rows(self, rows: torch.Tensor, *, async_op: bool = False):
+        """All-gather in place: this rank's row of a rank-major [size, n] tensor is its part;
+        the other rows receive theirs. A whole parameter whose length is a multiple of the
+        group size is gathered into its own storage this way. NCCL runs the flat collective
+        (an in-place all-gather: the input is the output's own slice)."""
+        self.logger.record("all_gather_into_tensor", rows)
         if self.size == 1:
-            out.copy_(inp)
             return None
         if not self.per_rank:
-            return _all_gather_flat(out, inp, group=self.group, async_op=async_op)
-        rows = out.view(self.size, inp.numel())
-        rows[self.rank].copy_(inp)
+            return _all_gather_flat(rows.view(-1), rows[self.rank], group=self.group, async_op=async_op)
         works = [dist.broadcast(rows[i], src=dist.get_global_rank(self.group, i), group=self.group, async_op=True)
                  for i in range(self.size)]
-        pending = _Works(works)
-        if async_op:
-            return pending
-        pending.wait()
-        return None
+        return _settle(Pending(works), async_op=async_op)
 
     def broadcast(self, tensor: torch.Tensor, *, src: int = 0) -> None:
         self.logger.record("broadcast", tensor)

@@ -7,6 +7,7 @@
 | `*-zN-offload-cpu`| stage N  | either, optimizer states and step on the CPU (stages 1-3)   |
 | `zeroplan-zN-heap`| stage N  | zeroplan with glibc's dynamic mmap threshold (host_memory)  |
 | `zeroplan-zN-thp` | stage N  | zeroplan with torch's THP_MEM_ALLOC_ENABLE=1 (huge pages)   |
+| `zeroplan-zN-staged`| stage N | zeroplan publishing through gather buffers only (no in-place gathers) |
 | `zeroplan-z3-peak`| stage 3  | zeroplan-z3 recording the peak before the optimizer states   |
 | `zeroplan-z3-meta`| stage 3  | the same, the model built on meta and materialised shard-wise |
 | `ddp`             | stage 0  | torch DistributedDataParallel                               |
@@ -25,7 +26,7 @@ from .zero_optimizer import ZeroOptimizer
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
     for cls in [*zeroplan.STAGES, *deepspeed.STAGES, DDP, ZeroOptimizer, FSDP2, *zeroplan.OFFLOAD, *deepspeed.OFFLOAD,
-                *zeroplan.HEAP, *zeroplan.HUGE_PAGES, *zeroplan.META]
+                *zeroplan.HEAP, *zeroplan.HUGE_PAGES, *zeroplan.STAGED, *zeroplan.META]
 }
 """Every system by name, in the order tables list them."""
 

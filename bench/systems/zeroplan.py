@@ -58,6 +58,19 @@ class ZeroplanHugePages(Zeroplan):
         return {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
+class ZeroplanStaged(Zeroplan):
+    """zeroplan's runtime publishing every all-gather bucket through a gather buffer, as on
+    NCCL, even where gloo could gather a large parameter into its own storage
+    (compiler.shards.publish_gathers): the reference bench/results/publish_in_place-*.md
+    measures the in-place gathers against."""
+
+    def setup(self, *, model: nn.Module, workload: Workload) -> None:
+        base = importlib.import_module("zeroplan.runtime.zero.base")
+        base.publish_gathers = lambda numels, ranges, **_: list(ranges)
+        base.gathered_in_place = lambda *_, **__: False
+        super().setup(model=model, workload=workload)
+
+
 def _stage(stage: int, offload: str = "none") -> type[Zeroplan]:
     return stage_variant(Zeroplan, prefix="zeroplan", stage=stage, offload=offload)
 
@@ -69,6 +82,9 @@ HEAP = [type(f"ZeroplanHeapZ{s}", (ZeroplanHeap, cls), {"name": f"{cls.name}-hea
 HUGE_PAGES = [type(f"ZeroplanHugePagesZ{s}", (ZeroplanHugePages, cls), {"name": f"{cls.name}-thp"})
               for s, cls in enumerate(STAGES)]
 """Each stage on transparent huge pages (bench/results/huge_pages-*.md compares it with the stage as shipped)."""
+STAGED = [type(f"ZeroplanStagedZ{s}", (ZeroplanStaged, cls), {"name": f"{cls.name}-staged"})
+          for s, cls in enumerate(STAGES)]
+"""Each stage publishing through gather buffers only (bench/results/publish_in_place-*.md)."""
 
 
 class ShardedPeak:

@@ -23,7 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..comm import Collectives
+from zeroplan.compiler.shards import gathered_in_place, publish_gathers
+
+from ..comm import Collectives, Pending
 from .comm import BucketReducer, GatherHandle, gather_groups, gather_slots
 from .layout import ShardLayout
 
@@ -169,10 +171,20 @@ class ZeroStage(ABC):
         return lambda offset, length: shard[offset:offset + length]
 
     def gather_into_model(self, ranges: list[tuple[int, int]]) -> None:
-        """All-gather the updated shard for slot ranges into the model's parameters: with
-        `overlap_comm` all launched before any is written, else one at a time through one
-        gather buffer (a fresh buffer per range costs a page fault per page on the CPU)."""
+        """All-gather the updated shard for slot ranges (all-gather buckets) into the model's
+        parameters, as compiler.shards.publish_gathers cuts them: a bucket through a gather
+        buffer, with `overlap_comm` all launched before any is written, else one at a time
+        through one buffer (a fresh buffer per bucket costs a page fault per page on the CPU);
+        a rank-major parameter where the collectives run per rank (gloo) straight into its own
+        storage, every one in flight at once: one call per parameter rather than per bucket,
+        but no buffer and no copy back."""
         part = self.publish_parts()
+        numels = [slot.numel for slot in self.layout.slots]
+        world, per_rank = self.layout.world, self.coll.per_rank
+        gathers = publish_gathers(numels, ranges, world=world, per_rank=per_rank)
+        in_place = [g for g in gathers if gathered_in_place(numels, g, world=world, per_rank=per_rank)]
+        pending = [self._gather_in_place(s, part(*self.layout.span(s, e))) for s, e in in_place]
+        staged = [g for g in gathers if g not in in_place]
 
         def write(i: int, full: torch.Tensor) -> None:
             self.layout.params[i].data.copy_(full)
@@ -182,10 +194,24 @@ class ZeroStage(ABC):
                                 end=e, async_op=self.overlap, scratch=scratch)
 
         if self.overlap:
-            for h in [launch(s, e) for s, e in ranges]:
+            for h in [launch(s, e) for s, e in staged]:
                 h.finish(write)
-            return
-        longest = max((self.layout.span(s, e)[1] for s, e in ranges), default=0)
-        scratch = torch.empty(self.layout.world * longest, dtype=self.param_dtype, device=self.grad.device)
-        for s, e in ranges:
-            launch(s, e, scratch).finish(write)
+        elif staged:
+            longest = max(self.layout.span(s, e)[1] for s, e in staged)
+            scratch = torch.empty(self.layout.world * longest, dtype=self.param_dtype, device=self.grad.device)
+            for s, e in staged:
+                launch(s, e, scratch).finish(write)
+        for work in pending:
+            work.wait()
+
+    def _gather_in_place(self, index: int, values: torch.Tensor):
+        """Launch the in-place all-gather of rank-major parameter `index`, this rank's chunk
+        being `values`: written into its row of the parameter viewed [W, chunk], the other rows
+        received (a non-contiguous parameter is gathered beside it and copied in)."""
+        param, world = self.layout.params[index], self.layout.world
+        whole = param.data.is_contiguous()
+        rows = (param.data if whole else torch.empty_like(param.data, memory_format=torch.contiguous_format))
+        rows = rows.view(world, -1)
+        rows[self.rank].copy_(values)
+        work = self.coll.all_gather_rows(rows, async_op=True)
+        return work if whole else Pending([work], then=lambda: param.data.copy_(rows.view(param.shape)))

@@ -12,6 +12,7 @@ from zeroplan.compiler.memory import (comm_buffers, head_activation_bytes, layer
                                       loss_backward_bytes, model_states, stage_activations,
                                       training_phases)
 from zeroplan.compiler.shapes import stage_shapes
+from zeroplan.compiler.shards import IN_PLACE_MIN, pack_buckets, padded
 from zeroplan.schemas import ConfigError, ModelSpec
 
 P = 1_000_000  # divisible by every dp used below, so shards are exact
@@ -119,7 +120,40 @@ def test_reduction_buffers_are_the_bucket_and_its_output_on_every_device(tiny, c
     gpu = compile_dict(data, cluster="h100-80", nproc_per_node=2)
     n = tiny.total_params
     assert _buffers(cpu, tiny).reduction == _buffers(gpu, tiny).reduction == int(4 * n * (1 + 1 / 2))
-    assert _buffers(cpu, tiny).publish == 4 * n < _buffers(cpu, tiny).reduction
+    assert _buffers(cpu, tiny).publish == _buffers(gpu, tiny).publish == 4 * n < _buffers(cpu, tiny).reduction
+
+
+def test_parameters_gathered_into_their_own_storage_need_no_publish_buffer(compile_dict):
+    """The small preset on cpu (gloo): its embedding matrix (IN_PLACE_MIN elements or more) is
+    published into its own storage, so the publish buffer is the largest run of the rest."""
+    spec = ModelSpec.load("small")
+    shape = stage_shapes(spec, tp=1, pp=1)[0]
+    data = {"train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 2, "allgather_bucket_size": shape.params}}
+    cpu = compile_dict(data, model="small", nproc_per_node=2)
+    gpu = compile_dict(data, model="small", cluster="h100-80", nproc_per_node=2)
+    largest = max(shape.tensors)
+    assert largest >= IN_PLACE_MIN and [n >= IN_PLACE_MIN for n in shape.tensors].count(True) == 1
+    before = sum(shape.tensors[:shape.tensors.index(largest)])
+    after = shape.params - before - largest
+    assert _buffers(gpu, spec).publish == 4 * shape.params
+    assert _buffers(cpu, spec).publish == 4 * max(before, after)
+
+
+def test_publish_buffers_are_every_bucket_with_overlap_else_the_largest(tiny, compile_dict):
+    """Stage 2 on a GPU, all-gather buckets of about a quarter of the model: one buffer at a
+    time without overlap_comm (the largest bucket's), every bucket's at once with it."""
+    shape = stage_shapes(tiny, tp=1, pp=1)[0]
+    quarter = shape.params // 4
+    sizes = {}
+    for overlap in (False, True):
+        data = {"train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 2, "allgather_bucket_size": quarter, "overlap_comm": overlap}}
+        plan = compile_dict(data, cluster="h100-80", nproc_per_node=2)
+        buckets = pack_buckets(shape.tensors, world=2, max_elements=quarter, reverse=False)
+        sizes[overlap] = [padded(shape.tensors[s:e], world=2) for s, e in buckets]
+        assert len(buckets) > 2
+        assert _buffers(plan, tiny).publish == 4 * (sum if overlap else max)(sizes[overlap])
 
 
 def test_stage_0_reduces_its_fp32_gradient_buffer_without_a_bucket(tiny, compile_dict):

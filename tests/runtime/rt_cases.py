@@ -70,12 +70,33 @@ class Zoo(nn.Module):
         return {"loss": F.cross_entropy(logits.float(), labels), "logits": logits}
 
 
+class Wide(nn.Module):
+    """A matrix of compiler.shards.IN_PLACE_MIN elements between small tensors (on SPEC's
+    tokens): stages 1-2 on gloo publish it into its own storage and the tensors around it
+    through a bucket buffer, in one step (compiler.shards.publish_gathers)."""
+
+    def __init__(self, vocab: int = SPEC.vocab, width: int = 1024):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.wide = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids, labels):
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.wide(h))
+        logits = self.head(self.norm(h))
+        return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())}
+
+
 def build(kind: str) -> nn.Module:
-    """"gpt", "zoo", or "gpt-torch-checkpoint": the GPT recomputing its blocks with torch's own
-    checkpoint, as a user's model would (early stop on)."""
+    """"gpt", "zoo", "wide", or "gpt-torch-checkpoint": the GPT recomputing its blocks with
+    torch's own checkpoint, as a user's model would (early stop on)."""
     torch.manual_seed(1234)
     if kind == "zoo":
         return Zoo()
+    if kind == "wide":
+        return Wide()
     model = GPT(SPEC)
     if kind == "gpt-torch-checkpoint":
         model.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)

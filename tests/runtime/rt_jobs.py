@@ -136,14 +136,14 @@ def metrics_after_training(*, stage: int) -> dict:
     return out
 
 
-def compiled_step_comms(*, plan_json: str, every_rank: bool = False) -> dict | list | None:
-    """One optimizer step of the tiny GPT under a compiled plan; rank 0's logged collectives, or
+def compiled_step_comms(*, plan_json: str, every_rank: bool = False, model: str = "tiny") -> dict | list | None:
+    """One optimizer step of a preset GPT under a compiled plan; rank 0's logged collectives, or
     with `every_rank` each rank's, with its pipeline stage and parameter tensors' sizes."""
     from zeroplan.runtime.models import GPT, MarkovChainData
     from zeroplan.schemas import MODEL_PRESETS, Plan
 
     plan = Plan.model_validate_json(plan_json)
-    spec = MODEL_PRESETS["tiny"]
+    spec = MODEL_PRESETS[model]
     torch.manual_seed(0)
     engine = initialize(GPT(spec), plan=plan)
     data = MarkovChainData(vocab=spec.vocab, seq_len=spec.seq_len).iterate(
@@ -164,7 +164,7 @@ def compiled_step_comms(*, plan_json: str, every_rank: bool = False) -> dict | l
 def per_rank_collectives() -> dict:
     """Collectives' per-rank reduce-scatter and all-gather (gloo) against torch's flat forms on
     the same inputs: the values, the caller's input left alone unless it is scratch, and the
-    asynchronous handles."""
+    asynchronous handles; the in-place all-gather (a parameter's own storage) both ways."""
     from zeroplan.runtime.comm import Collectives, CommsLogger
 
     coll = Collectives(group=dist.group.WORLD, logger=CommsLogger())
@@ -185,6 +185,14 @@ def per_rank_collectives() -> dict:
     dist.all_gather_into_tensor(gathered_native, part)
     gathered = torch.full((world * 333,), float("nan"))
     coll.all_gather(gathered, part, async_op=True).wait()
-    return {"per_rank": coll.per_rank, "untouched": untouched,
+    logged, per_rank_form = coll.logger.snapshot(), coll.per_rank
+    in_place = {}
+    for per_rank in (True, False):  # the in-place all-gather, per rank and as gloo's flat collective
+        coll.per_rank = per_rank
+        rows = torch.full((world, 333), float("nan"))
+        rows[rank] = part
+        coll.all_gather_rows(rows, async_op=True).wait()
+        in_place[per_rank] = torch.equal(rows.view(-1), gathered_native)
+    return {"per_rank": per_rank_form, "untouched": untouched,
             "rs_diff": (out - native).abs().max().item(), "rs_async_equal": torch.equal(out, later),
-            "ag_equal": torch.equal(gathered, gathered_native), "logged": coll.logger.snapshot()}
+            "ag_equal": torch.equal(gathered, gathered_native), "ag_in_place_equal": in_place, "logged": logged}

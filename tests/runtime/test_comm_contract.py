@@ -1,6 +1,8 @@
 """The plan's communication estimate is what the runtime does: for compiled plans of the tiny
 GPT (ZeRO 0-3, with and without tensor parallelism, with sequence parallelism and recomputed
-blocks, tp-partitioned checkpoints, fp16 (with tp too), reduce_scatter off, Lamb's per-tensor norms), one optimizer
+blocks, tp-partitioned checkpoints, fp16 (with tp too), reduce_scatter off, Lamb's per-tensor
+norms) and of the small one (whose embedding matrix is published into its own storage at
+stages 1 and 3), one optimizer
 step's logged collectives equal `estimates.comm_messages_per_step` call for call and
 `comm_bytes_per_step` byte for byte (the logged tensor sizes through the compiler's ring
 accounting). Bucket packing and ZeRO-3's persistence and gather order come from one
@@ -32,7 +34,7 @@ OPS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "a
 
 def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = False, method: str = "parameters",
           sp: bool = False, checkpointing: bool = False, partition: bool | None = None, optimizer: dict | None = None,
-          **zero):
+          model: str = "tiny", **zero):
     parallel = {"tp": tp, "pp": pp, "pipeline": {"partition_method": method}}
     data = {"train_batch_size": 4 * dp, "train_micro_batch_size_per_gpu": 2, "parallel": parallel,
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 200_000, "allgather_bucket_size": 300_000,
@@ -48,7 +50,7 @@ def _plan(stage: int, *, tp: int = 1, dp: int = 2, pp: int = 1, fp16: bool = Fal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
         config = validate_config(data)
-    return compile_plan(config, MODEL_PRESETS["tiny"], CLUSTER_PRESETS["cpu"], nproc_per_node=dp * tp * pp)
+    return compile_plan(config, MODEL_PRESETS[model], CLUSTER_PRESETS["cpu"], nproc_per_node=dp * tp * pp)
 
 
 CASES = {
@@ -56,7 +58,10 @@ CASES = {
         "z2-fp16": functools.partial(_plan, 2, fp16=True), "z1-all-reduce": functools.partial(_plan, 1, reduce_scatter=False),
         "z3-no-prefetch": functools.partial(_plan, 3, stage3_prefetch_bucket_size=0),
         "z3-tp2-sp": functools.partial(_plan, 3, dp=1, tp=2, sp=True),
-        "z2-lamb": functools.partial(_plan, 2, optimizer={"type": "Lamb"})},
+        "z2-lamb": functools.partial(_plan, 2, optimizer={"type": "Lamb"}),
+        # the small preset's embedding matrix is published into its own storage (IN_PLACE_MIN)
+        "z1-small": functools.partial(_plan, 1, model="small"),
+        "z3-small-persistent": functools.partial(_plan, 3, model="small", stage3_param_persistence_threshold=10**7)},
     4: {**{f"z{s}-tp2": functools.partial(_plan, s, tp=2) for s in range(4)},
         **{f"z{s}-tp2-sp": functools.partial(_plan, s, tp=2, sp=True) for s in range(4)},
         "z1-tp2-sp-checkpointing": functools.partial(_plan, 1, tp=2, sp=True, checkpointing=True),
@@ -82,7 +87,8 @@ def _plans(world: int) -> dict:
 def _spawned(world: int) -> dict:
     """Every case of this world size in one spawn."""
     return spawn_jobs(world, [(name, "compiled_step_comms", {"plan_json": plan.to_json(),
-                                                             "every_rank": name in PP_CASES[world]})
+                                                             "every_rank": name in PP_CASES[world],
+                                                             "model": "small" if "small" in name else "tiny"})
                               for name, plan in _plans(world).items()])
 
 

@@ -128,5 +128,6 @@ def test_gloo_collectives_per_rank_equal_torch_flat_forms(results):
     assert got["untouched"], "reduce_scatter changed an input the caller did not mark scratch"
     assert got["rs_diff"] == 0.0, "a sum over two ranks does not depend on the order"
     assert got["rs_async_equal"] and got["ag_equal"]
+    assert got["ag_in_place_equal"] == {True: True, False: True}, "the in-place all-gather (per rank, flat)"
     assert got["logged"] == {"all_gather_into_tensor": {"count": 1, "bytes": 2 * 333 * 4},
                              "reduce_scatter_tensor": {"count": 2, "bytes": 2 * 2 * 1001 * 4}}

@@ -9,7 +9,9 @@ drift bound derived in rt_tolerance, on every CPU.
 
 bf16 (and the models that break naive ZeRO) are compared with a single-process reference that
 runs the same micro-batches in the same dtype with fp32 master weights, fp32 gradient sums and
-torch.optim.AdamW on the masters. The zoo is fp32 and held to 1e-5. In bf16 the same
+torch.optim.AdamW on the masters. The zoo is fp32 and held to 1e-5, as is the wide model
+(rt_cases.Wide: one matrix published into its own storage, the tensors around it through a
+bucket; `published_gap` checks the parameters equal the masters exactly). In bf16 the same
 arithmetic agrees to about 1e-8, but a kernel that sums in another order (another vector unit,
 another alignment) flips bf16 roundings, and Adam spreads them: bf16 is held to an RMS of 1e-4
 per tensor, with every element within the drift bound. Those bounds hold between references
@@ -50,8 +52,9 @@ CASES = {
     + [_case(s, 2, 3, model="zoo", persistence=10) for s in range(4)]
     + [_case(s, 2, 3, overlap=True) for s in (0, 2, 3)]
     + [_case(2, 2, 1, optimizer=SGD), _case(3, 2, 1, optimizer=ADAM), _case(2, 2, 3, optimizer=PREDIVIDE)]
-    + [_case(1, 2, 3, optimizer=PRESCALE), _case(1, 2, 3, reduce_scatter=False), _case(2, 2, 3, reduce_scatter=False)],
-    4: [_case(3, 4, 3), _case(1, 4, 1), _case(2, 4, 3, dtype="bf16")],
+    + [_case(1, 2, 3, optimizer=PRESCALE), _case(1, 2, 3, reduce_scatter=False), _case(2, 2, 3, reduce_scatter=False)]
+    + [_case(1, 2, 1, model="wide"), _case(2, 2, 3, model="wide", overlap=True)],
+    4: [_case(3, 4, 3), _case(1, 4, 1), _case(2, 4, 3, dtype="bf16"), _case(1, 4, 1, model="wide")],
 }
 ALL = [c for cases in CASES.values() for c in cases]
 
