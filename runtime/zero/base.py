@@ -175,9 +175,9 @@ class ZeroStage(ABC):
         parameters, as compiler.shards.publish_gathers cuts them: a bucket through a gather
         buffer, with `overlap_comm` all launched before any is written, else one at a time
         through one buffer (a fresh buffer per bucket costs a page fault per page on the CPU);
-        a rank-major parameter where the collectives run per rank (gloo) straight into its own
-        storage, every one in flight at once: one call per parameter rather than per bucket,
-        but no buffer and no copy back."""
+        where the collectives run per rank (gloo), a large rank-major parameter
+        (compiler.shards.gathers_in_place) straight into its own storage, every such gather in
+        flight at once: a call of its own, but no buffer and no copy back."""
         part = self.publish_parts()
         numels = [slot.numel for slot in self.layout.slots]
         world, per_rank = self.layout.world, self.coll.per_rank
