@@ -181,10 +181,10 @@ class ZeroStage(ABC):
         part = self.publish_parts()
         numels = [slot.numel for slot in self.layout.slots]
         world, per_rank = self.layout.world, self.coll.per_rank
-        gathers = publish_gathers(numels, ranges, world=world, per_rank=per_rank)
-        in_place = [g for g in gathers if gathered_in_place(numels, g, world=world, per_rank=per_rank)]
+        in_place, staged = [], []
+        for g in publish_gathers(numels, ranges, world=world, per_rank=per_rank):
+            (in_place if gathered_in_place(numels, g, world=world, per_rank=per_rank) else staged).append(g)
         pending = [self._gather_in_place(s, part(*self.layout.span(s, e))) for s, e in in_place]
-        staged = [g for g in gathers if g not in in_place]
 
         def write(i: int, full: torch.Tensor) -> None:
             self.layout.params[i].data.copy_(full)
