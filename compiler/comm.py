@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from zeroplan.schemas import ModelSpec, Plan
 
 from .memory import BYTES
-from .shapes import StageShape, embedding_tensors, persistent_tensors, stage_shapes, tp_replicated_tensors
-from .shards import chunk, collectives_per_rank, pack_buckets, padded, publish_gathers
+from .shapes import StageShape, embedding_tensors, persistent_tensors, publishing, stage_shapes, tp_replicated_tensors
+from .shards import chunk, pack_buckets, padded
 
 
 @dataclass(frozen=True)
@@ -124,37 +124,12 @@ def _stage3_gathers(plan: Plan, shape: StageShape) -> list[Collective]:
     embeddings = len(shape.embedding_modules)
     forward = [padded(m, world=n) for m in gathered if m]
     backward = [padded(m, world=n) for m in gathered[embeddings:] if m]
-    steps = [padded(shape.tensors[s:e_], world=n) for s, e_ in publishing(plan, shape)]
+    steps = [padded(shape.tensors[g.start:g.end], world=n) for g in publishing(plan, shape)]
     return [Collective("dp", "all_gather", "forward", n, accum * ring_bytes("all_gather", sum(forward) * e, n),
                        accum * len(forward)),
             Collective("dp", "all_gather", "backward", n, accum * ring_bytes("all_gather", sum(backward) * e, n),
                        accum * len(backward)),
             Collective("dp", "all_gather", "step", n, ring_bytes("all_gather", sum(steps) * e, n), len(steps))]
-
-
-def publishing(plan: Plan, shape: StageShape) -> list[tuple[int, int]]:
-    """The all-gathers that publish the stage's tensors after the step, as index ranges
-    (compiler.shards.publish_gathers, which the runtime's `gather_into_model` runs): stages
-    1-2 every tensor, by all-gather bucket; stage 3 the persistent ones, by runs of
-    consecutive ones within a bucket."""
-    z, n = plan.zero, plan.parallel.dp
-    buckets = pack_buckets(shape.tensors, world=n, max_elements=z.allgather_bucket_size, reverse=False)
-    if z.stage == 3:
-        flags = persistent_tensors(shape.tensors, threshold=z.param_persistence_threshold,
-                                   cap=z.model_persistence_threshold)
-        buckets = [(max(s, a), min(e, b)) for s, e in _runs(flags) for a, b in buckets if max(s, a) < min(e, b)]
-    return publish_gathers(shape.tensors, buckets, world=n, per_rank=collectives_per_rank(plan.world.backend))
-
-
-def _runs(flags: list[bool]) -> list[tuple[int, int]]:
-    """Maximal index ranges [start, end) where `flags` holds."""
-    out: list[tuple[int, int]] = []
-    for i, flag in enumerate(flags):
-        if flag and out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        elif flag:
-            out.append((i, i + 1))
-    return out
 
 
 def _tp_collectives(plan: Plan, model: ModelSpec, shape: StageShape) -> list[Collective]:

@@ -45,11 +45,11 @@ from zeroplan.schemas import ClusterSpec, ModelSpec, Plan
 from zeroplan.schemas.layout import Topology, crossing_dims
 from zeroplan.schemas.plan import ParallelPlan
 
-from .comm import Collective, publishing, stage_collectives
+from .comm import Collective, stage_collectives
 from .flops import peak_flops, step_flops
 from .memory import BYTES, MASTER_BYTES, optimizer_state_bytes
-from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import chunk, collectives_per_rank, gathered_in_place, gradient_stage, params_view_master, reduces_in_place
+from .shapes import StageShape, persistent_elements, publishing, stage_shapes
+from .shards import chunk, gradient_stage, params_view_master, reduces_in_place
 
 
 def _spans_nodes(plan: Plan, dim: str) -> bool:
@@ -199,10 +199,9 @@ def gradient_bytes(plan: Plan, shape: StageShape) -> int:
 def _rewritten(plan: Plan, shape: StageShape) -> int:
     """Elements stages 1-2 copy into the parameters when publishing them: a bucket's whole
     result from its gather buffer; of a parameter gathered into its own storage, this rank's
-    chunk (compiler.comm.publishing)."""
-    n, per_rank = plan.parallel.dp, collectives_per_rank(plan.world.backend)
-    return sum(chunk(shape.tensors[s], n) if gathered_in_place(shape.tensors, (s, e), world=n, per_rank=per_rank)
-               else sum(shape.tensors[s:e]) for s, e in publishing(plan, shape))
+    chunk (compiler.shapes.publishing)."""
+    return sum(chunk(shape.tensors[g.start], plan.parallel.dp) if g.in_place else sum(shape.tensors[g.start:g.end])
+               for g in publishing(plan, shape))
 
 
 def bubble_fraction(parallel: ParallelPlan) -> float:

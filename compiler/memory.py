@@ -48,9 +48,8 @@ from fractions import Fraction
 from zeroplan.schemas import ModelSpec, Plan
 
 from .calibration import DEVICE_CATEGORIES, HOST_CATEGORIES, Calibration
-from .shapes import StageShape, persistent_elements, stage_shapes
-from .shards import (collectives_per_rank, gathered_in_place, gradient_stage, pack_buckets, padded,
-                     params_view_master, publish_gathers, reduces_in_place)
+from .shapes import StageShape, persistent_elements, publishing, stage_shapes
+from .shards import gradient_stage, padded, params_view_master, reduces_in_place
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = 4
@@ -290,10 +289,8 @@ def _publish_buffers(plan: Plan, shape: StageShape) -> int:
     """Elements of stages 1-2's gather buffers while the step's parameters are published
     (runtime/zero/base.py `gather_into_model`): every bucket's at once with overlap_comm, else
     the largest; none for parameters gathered into their own storage."""
-    n, per_rank = plan.parallel.dp, collectives_per_rank(plan.world.backend)
-    buckets = pack_buckets(shape.tensors, world=n, max_elements=plan.zero.allgather_bucket_size, reverse=False)
-    sizes = [padded(shape.tensors[s:e], world=n) for s, e in publish_gathers(shape.tensors, buckets, world=n, per_rank=per_rank)
-             if not gathered_in_place(shape.tensors, (s, e), world=n, per_rank=per_rank)]
+    sizes = [padded(shape.tensors[g.start:g.end], world=plan.parallel.dp)
+             for g in publishing(plan, shape) if not g.in_place]
     return sum(sizes) if plan.zero.overlap_comm else max(sizes, default=0)
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from zeroplan.schemas import ModelSpec
+from zeroplan.schemas import ModelSpec, Plan
 from zeroplan.schemas.parallel import parse_partition_method
 
 from .partition import partition_layers
+from .shards import Gather, collectives_per_rank, pack_buckets, publish_gathers
 
 PIPELINE_LAYER_CLASSES = ("Embeddings", "Block", "Head")
 """Class names of the built-in GPT's pipeline layers (runtime/models/gpt.py, `pipeline_layers`):
@@ -201,3 +202,27 @@ def persistent_elements(shape: StageShape, *, threshold: int, cap: int) -> int:
     flags = persistent_tensors(shape.tensors, threshold=threshold, cap=cap)
     return sum(n for n, keep in zip(shape.tensors, flags) if keep)
 
+
+def publishing(plan: Plan, shape: StageShape) -> list[Gather]:
+    """The all-gathers that publish the stage's tensors after the step, in order
+    (shards.publish_gathers, which the runtime's `gather_into_model` runs): stages
+    1-2 every tensor, by all-gather bucket; stage 3 the persistent ones, by runs of
+    consecutive ones within a bucket."""
+    z, n = plan.zero, plan.parallel.dp
+    buckets = pack_buckets(shape.tensors, world=n, max_elements=z.allgather_bucket_size, reverse=False)
+    if z.stage == 3:
+        flags = persistent_tensors(shape.tensors, threshold=z.param_persistence_threshold,
+                                   cap=z.model_persistence_threshold)
+        buckets = [(max(s, a), min(e, b)) for s, e in _runs(flags) for a, b in buckets if max(s, a) < min(e, b)]
+    return publish_gathers(shape.tensors, buckets, world=n, per_rank=collectives_per_rank(plan.world.backend))
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """Maximal index ranges [start, end) where `flags` holds."""
+    out: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        elif flag:
+            out.append((i, i + 1))
+    return out

@@ -10,6 +10,7 @@ ranks' elements, as DeepSpeed's count the unsharded gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 
 def chunk(numel: int, world: int) -> int:
@@ -64,32 +65,35 @@ def gathers_in_place(numel: int, *, world: int, per_rank: bool) -> bool:
     return per_rank and numel >= IN_PLACE_MIN and rank_major(numel, world)
 
 
+class Gather(NamedTuple):
+    """One all-gather of `publish_gathers`: tensors [start, end), into the tensor's own
+    storage (`in_place`, then exactly one tensor) or through a buffer copied back from."""
+
+    start: int
+    end: int
+    in_place: bool
+
+
 def publish_gathers(numels: Sequence[int], ranges: Sequence[tuple[int, int]], *, world: int,
-                    per_rank: bool) -> list[tuple[int, int]]:
+                    per_rank: bool) -> list[Gather]:
     """The all-gathers that publish the tensors of `ranges` (all-gather buckets, in order)
-    after the step, one [start, end) each. A bucket goes in one call, through a buffer its
-    result is copied back from. Where the collectives run `per_rank` (gloo: an all-gather is
-    one broadcast per rank), a large rank-major tensor (`gathers_in_place`) is gathered on its
-    own instead, into its own storage, all such gathers in flight at once: no buffer to fault
-    in and no copy back (runtime/zero/base.py `gather_into_model`); the tensors of the bucket
-    between them keep one call per run."""
-    out: list[tuple[int, int]] = []
+    after the step. A bucket goes in one call, through a buffer its result is copied back
+    from. Where the collectives run `per_rank` (gloo: an all-gather is one broadcast per rank),
+    a large rank-major tensor (`gathers_in_place`) is gathered on its own instead, into its own
+    storage, all such gathers in flight at once: no buffer to fault in and no copy back
+    (runtime/zero/base.py `gather_into_model`); the tensors of the bucket between them keep one
+    call per run."""
+    out: list[Gather] = []
     for start, end in ranges:
         run = start
         for i in range(start, end):
             if gathers_in_place(numels[i], world=world, per_rank=per_rank):
-                out += [(run, i)] if run < i else []
-                out.append((i, i + 1))
+                out += [Gather(run, i, False)] if run < i else []
+                out.append(Gather(i, i + 1, True))
                 run = i + 1
         if run < end:
-            out.append((run, end))
+            out.append(Gather(run, end, False))
     return out
-
-
-def gathered_in_place(numels: Sequence[int], gather: tuple[int, int], *, world: int, per_rank: bool) -> bool:
-    """Whether one of `publish_gathers`' gathers writes its tensor's own storage (no buffer)."""
-    start, end = gather
-    return end == start + 1 and gathers_in_place(numels[start], world=world, per_rank=per_rank)
 
 
 def reduces_in_place(*, stage: int, reduce_bytes: int) -> bool:

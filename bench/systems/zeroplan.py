@@ -65,9 +65,9 @@ class ZeroplanStaged(Zeroplan):
     measures the in-place gathers against."""
 
     def setup(self, *, model: nn.Module, workload: Workload) -> None:
+        shards = importlib.import_module("zeroplan.compiler.shards")
         base = importlib.import_module("zeroplan.runtime.zero.base")
-        base.publish_gathers = lambda numels, ranges, **_: list(ranges)
-        base.gathered_in_place = lambda *_, **__: False
+        base.publish_gathers = lambda numels, ranges, **_: [shards.Gather(s, e, False) for s, e in ranges]
         super().setup(model=model, workload=workload)
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from zeroplan.compiler.shards import gathered_in_place, publish_gathers
+from zeroplan.compiler.shards import publish_gathers
 
 from ..comm import Collectives, Pending
 from .comm import BucketReducer, GatherHandle, gather_groups, gather_slots
@@ -179,12 +179,10 @@ class ZeroStage(ABC):
         (compiler.shards.gathers_in_place) straight into its own storage, every such gather in
         flight at once: a call of its own, but no buffer and no copy back."""
         part = self.publish_parts()
-        numels = [slot.numel for slot in self.layout.slots]
-        world, per_rank = self.layout.world, self.coll.per_rank
-        in_place, staged = [], []
-        for g in publish_gathers(numels, ranges, world=world, per_rank=per_rank):
-            (in_place if gathered_in_place(numels, g, world=world, per_rank=per_rank) else staged).append(g)
-        pending = [self._gather_in_place(s, part(*self.layout.span(s, e))) for s, e in in_place]
+        gathers = publish_gathers([slot.numel for slot in self.layout.slots], ranges, world=self.layout.world,
+                                  per_rank=self.coll.per_rank)
+        pending = [self._gather_in_place(g.start, part(*self.layout.span(g.start, g.end))) for g in gathers if g.in_place]
+        staged = [(g.start, g.end) for g in gathers if not g.in_place]
 
         def write(i: int, full: torch.Tensor) -> None:
             self.layout.params[i].data.copy_(full)

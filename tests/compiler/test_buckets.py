@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zeroplan.compiler.buckets import BUCKETS, DEEPSPEED_DEFAULT, derived_bucket, latency_floor
-from zeroplan.compiler.shards import IN_PLACE_MIN, gathered_in_place, publish_gathers
+from zeroplan.compiler.shards import IN_PLACE_MIN, publish_gathers
 from zeroplan.schemas import ClusterSpec, ModelSpec
 
 
@@ -53,10 +53,15 @@ def test_large_rank_major_tensors_are_published_in_place_where_collectives_run_p
     big, small = IN_PLACE_MIN, 6
     numels = [small, big, small, small, big, big + 1, big, small]  # big + 1 needs padding over 2 ranks
     buckets = [(0, 4), (4, 8)]
+
+    def ranges(gathers):
+        return [(g.start, g.end) for g in gathers]
+
     gloo = publish_gathers(numels, buckets, world=2, per_rank=True)
-    assert gloo == [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
-    assert [gathered_in_place(numels, g, world=2, per_rank=True) for g in gloo] == [
-        False, True, False, True, False, True, False]
-    assert publish_gathers(numels, buckets, world=2, per_rank=False) == buckets
-    assert publish_gathers(numels, buckets, world=1, per_rank=True) == buckets, "one rank shards nothing"
-    assert publish_gathers([big - 2, big - 2], [(0, 2)], world=2, per_rank=True) == [(0, 2)], "below IN_PLACE_MIN"
+    assert ranges(gloo) == [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
+    assert [g.in_place for g in gloo] == [False, True, False, True, False, True, False]
+    nccl = publish_gathers(numels, buckets, world=2, per_rank=False)
+    assert ranges(nccl) == buckets and not any(g.in_place for g in nccl)
+    assert ranges(publish_gathers(numels, buckets, world=1, per_rank=True)) == buckets, "one rank shards nothing"
+    assert ranges(publish_gathers([big - 2, big - 2], [(0, 2)], world=2, per_rank=True)) == [(0, 2)], \
+        "below IN_PLACE_MIN"
