@@ -64,8 +64,16 @@ class Pending:
         self.works, self.then = works, then
 
     def wait(self) -> None:
+        """Raises torch.distributed.DistError for a collective that failed: a gloo work raises a
+        bare RuntimeError ("Application timeout caused pair closure"), from no torch.distributed
+        frame, which runtime/failure.py could not tell from any other error."""
         for work in self.works:
-            work.wait()
+            try:
+                work.wait()
+            except dist.DistError:
+                raise
+            except RuntimeError as e:
+                raise dist.DistError(str(e)) from e
         self.works = []
         if self.then is not None:
             then, self.then = self.then, None
